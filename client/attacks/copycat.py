@@ -11,6 +11,10 @@ from client.attacks.base import Attack, answer_targets
 
 class Copycat(Attack):
     name = "copycat"
+    needs = ("pool",)
+    answers = "probabilities"
+    needs = ("pool",)
+    params: dict = {}
 
     def __init__(self, oracle, budget, *, pool: data.Split, labels_only: bool = False, **kw):
         super().__init__(oracle, budget, **kw)
@@ -36,6 +40,7 @@ class CopycatLabels(Copycat):
     """Label-only variant: trains on the returned labels even when probabilities come back."""
 
     name = "copycat-labels"
+    answers = "labels"
 
     def __init__(self, oracle, budget, **kw):
         kw["labels_only"] = True

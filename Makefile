@@ -1,0 +1,78 @@
+# modelguard: `make serve` and `make test` do all set-up themselves on a fresh clone.
+PYTHON    ?= python3.11
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+PY        := $(BIN)/python
+STAMP     := $(VENV)/.installed
+ARTIFACTS ?= artifacts
+PORT      ?= 50051
+HOST      ?= 127.0.0.1
+ARGS      ?=
+# Data directory (torchvision layout: FashionMNIST/raw, MNIST/raw); an environment value wins.
+export MODELGUARD_DATA ?= data
+export MODELGUARD_ARTIFACTS := $(ARTIFACTS)
+export PYTHONPATH := $(CURDIR)
+
+STUBS := protos/inference_pb2.py protos/inference_pb2_grpc.py protos/inference_pb2.pyi
+TARGET_CKPT := $(ARTIFACTS)/target.pt
+POOL_STAMP := $(ARTIFACTS)/pool/.complete
+
+.PHONY: help venv protos train models serve test attack attacks bench eval clean distclean
+
+help:
+	@echo "make serve    set up everything and serve on $(HOST):$(PORT) (PORT=..., ARGS=...)"
+	@echo "make test     set up and run the test suite"
+	@echo "make train    train the target model (if missing)"
+	@echo "make models   train the defences' model pool (if missing)"
+	@echo "make attack   run the original copycat attack against a running server"
+	@echo "make bench    monitor cost + attack table + defence table (long)"
+	@echo "make eval     end-to-end evaluation against a live server (long)"
+	@echo "make clean    remove generated stubs and caches; distclean also venv, artifacts, results"
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(STAMP)
+
+$(STUBS) &: protos/inference.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/inference.proto
+
+protos: $(STUBS)
+
+$(TARGET_CKPT): | $(STAMP)
+	$(PY) -m service train --out $@
+
+train: $(TARGET_CKPT)
+
+$(POOL_STAMP): $(TARGET_CKPT) | $(STAMP)
+	$(PY) -m service.defences train-pool --artifacts $(ARTIFACTS)
+	touch $@
+
+models: $(POOL_STAMP)
+
+serve: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
+	$(PY) -m service serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: $(STUBS)
+	$(PY) -m pytest -q $(ARGS)
+
+attack: $(STUBS) $(TARGET_CKPT)
+	$(PY) -m client copycat --address $(HOST):$(PORT) --budget 5000 --json results/copycat.json $(ARGS)
+
+bench: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
+	$(PY) -m monitor.bench
+	$(PY) -m client.bench_attacks
+	$(PY) -m service.defences bench
+
+eval: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
+	$(PY) -m client.evaluation_run --out results
+
+clean:
+	rm -f $(STUBS)
+	find . -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .pytest_cache .hypothesis
+
+distclean: clean
+	rm -rf $(VENV) $(ARTIFACTS) results *.egg-info

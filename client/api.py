@@ -1,0 +1,110 @@
+"""Python client for the modelguard API, and the :class:`RemoteOracle` every attack uses.
+
+    with ModelClient("127.0.0.1:50051", api_key="alice") as c:
+        answer = c.predict(images)          # uint8 or float32 (N, 28, 28)
+        answer.labels, answer.probs         # probs is None when the defence withholds them
+"""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from common.types import Answer, AnswerKind
+from client.oracle import Oracle
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from service.codec import encode_images
+
+
+class ApiError(RuntimeError):
+    """A call failed; ``code`` is the gRPC status code, the message is the server's."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ModelClient:
+    def __init__(self, address: str = "127.0.0.1:50051", api_key: str | None = None,
+                 batch_size: int = 256, timeout: float = 60.0, max_message_bytes: int = 8 << 20):
+        self.address = address
+        self.batch_size = batch_size
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.metadata = (("x-api-key", api_key),) if api_key else ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, metadata=self.metadata, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise ApiError(exc.code(), exc.details()) from None
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def ready(self) -> bool:
+        return self._call(self.stub.ServerReady, pb.ServerReadyRequest()).ready
+
+    def model_metadata(self) -> pb.ModelMetadataResponse:
+        return self._call(self.stub.ModelMetadata, pb.ModelMetadataRequest())
+
+    def predict_batch(self, images: np.ndarray, labels_only: bool = False,
+                      request_id: str = "") -> tuple[Answer, str]:
+        """One Predict call (at most the server's batch limit)."""
+        dtype, shape, raw = encode_images(images)
+        req = pb.PredictRequest(id=request_id, datatype=dtype, shape=shape, raw_input=raw,
+                                output=pb.OUTPUT_LABEL if labels_only else pb.OUTPUT_PROBABILITIES)
+        resp = self._call(self.stub.Predict, req)
+        labels = np.array([p.label for p in resp.predictions], dtype=np.int64)
+        if resp.kind == pb.ANSWER_PROBABILITIES:
+            probs = np.array([p.probabilities for p in resp.predictions], dtype=np.float32)
+            return Answer(labels, probs, AnswerKind.PROBABILITIES), resp.id
+        return Answer(labels, None, AnswerKind.LABEL_ONLY), resp.id
+
+    def predict(self, images: np.ndarray, labels_only: bool = False) -> Answer:
+        """Predict any number of images, in calls of ``batch_size``."""
+        x = np.asarray(images)
+        if x.ndim == 2:
+            x = x[None]
+        parts = [self.predict_batch(x[i:i + self.batch_size], labels_only)[0]
+                 for i in range(0, len(x), self.batch_size)]
+        if not parts:
+            raise ValueError("no images to predict")
+        if len(parts) == 1:
+            return parts[0]
+        labels = np.concatenate([a.labels for a in parts])
+        if all(a.probs is not None for a in parts):
+            return Answer(labels, np.concatenate([a.probs for a in parts]),
+                          AnswerKind.PROBABILITIES)
+        # mixed: the defence changed mid-way; label-only for all keeps the type honest
+        return Answer(labels, None, AnswerKind.LABEL_ONLY)
+
+
+class RemoteOracle(Oracle):
+    """The attacker's budgeted query function over the real gRPC API."""
+
+    def __init__(self, address: str, api_key: str, budget: int | None = None,
+                 labels_only: bool = False, batch_size: int = 256):
+        super().__init__(budget)
+        self.api_key = api_key
+        self.labels_only = labels_only
+        self.client = ModelClient(address, api_key, batch_size=batch_size)
+
+    def _query(self, images: np.ndarray) -> Answer:
+        return self.client.predict(images, labels_only=self.labels_only)
+
+    def close(self) -> None:
+        self.client.close()

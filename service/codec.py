@@ -1,0 +1,57 @@
+"""Decoding and encoding of image batches as raw row-major bytes (Open Inference Protocol style).
+
+Wire format: datatype "UINT8" (values 0..255) or "FP32" (little-endian, values in [0, 1]), shape
+[N, 28, 28] or [N, 1, 28, 28]. Decoding validates everything and returns float32 (N, 28, 28) in
+[0, 1]; every malformed case raises :class:`~service.errors.InvalidInput` naming what is wrong.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from service.errors import InvalidInput
+
+DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
+H = W = 28
+
+
+def decode_images(datatype: str, shape, raw: bytes, max_batch: int) -> np.ndarray:
+    if datatype not in DTYPES:
+        raise InvalidInput(f"unknown datatype {datatype!r}; expected one of {sorted(DTYPES)}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (3, 4) or shape[-2:] != (H, W) or (len(shape) == 4 and shape[1] != 1):
+        raise InvalidInput(f"shape {list(shape)} is not [N, 28, 28] or [N, 1, 28, 28]")
+    n = shape[0]
+    if n <= 0:
+        raise InvalidInput(f"empty batch: shape {list(shape)} has N = {n}; send at least one image")
+    if n > max_batch:
+        raise InvalidInput(f"batch of {n} images exceeds the limit of {max_batch}; split it")
+    dtype = DTYPES[datatype]
+    expected = n * H * W * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidInput(f"raw_input has {len(raw)} bytes; shape {list(shape)} of {datatype} "
+                           f"needs {expected}")
+    x = np.frombuffer(raw, dtype=dtype).reshape(n, H, W)
+    if datatype == "UINT8":
+        return x.astype(np.float32) / np.float32(255.0)
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = int(np.argwhere(~finite.reshape(n, -1).all(1))[0, 0])
+        raise InvalidInput(f"FP32 input has NaN or infinite values (first in image {bad})")
+    if x.min() < 0.0 or x.max() > 1.0:
+        raise InvalidInput(f"FP32 pixel values must lie in [0, 1]; got range "
+                           f"[{float(x.min()):.4g}, {float(x.max()):.4g}]")
+    return x.astype(np.float32, copy=True)
+
+
+def encode_images(images: np.ndarray) -> tuple[str, list[int], bytes]:
+    """(datatype, shape, raw) for a batch: uint8 stays UINT8, anything else goes as FP32."""
+    x = np.asarray(images)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim != 3 or x.shape[1:] != (H, W):
+        raise ValueError(f"images must have shape (N, 28, 28); got {x.shape}")
+    if x.dtype == np.uint8:
+        return "UINT8", list(x.shape), np.ascontiguousarray(x).tobytes()
+    return "FP32", list(x.shape), np.ascontiguousarray(x, dtype="<f4").tobytes()

@@ -1,0 +1,136 @@
+"""The data plane (KServe's split): everything the service does per request, free of gRPC.
+
+For each Predict: ask the monitor for the client's level, run the target, answer through the
+defence policy for that level (plus the watermark), hand the query and the answer to the monitor,
+return the answer. The gRPC servicer (service/servicer.py) only decodes, calls this and encodes.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import training
+from common.types import CLASS_NAMES, Answer, AnswerKind, Level
+from service.errors import NotReady, PermissionDenied
+
+log = logging.getLogger("modelguard.dataplane")
+
+
+class TargetModel:
+    """The hidden classifier: float images (N, 28, 28) in [0, 1] -> probabilities (N, 10)."""
+
+    def __init__(self, module: torch.nn.Module, meta: dict):
+        self.module = module.eval()
+        self.meta = meta
+        self.name = "target"
+        self.version = str(meta.get("version") or meta.get("fingerprint") or "1")
+
+    @classmethod
+    def load(cls, path: Path) -> "TargetModel":
+        module, meta = training.load_checkpoint(path)
+        meta.setdefault("version", hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12])
+        return cls(module, meta)
+
+    @torch.inference_mode()
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        return torch.softmax(self.module(torch.from_numpy(images)), 1).numpy()
+
+
+@dataclass
+class PredictResult:
+    request_id: str
+    answer: Answer
+    level: Level
+
+
+class DataPlane:
+    def __init__(self, model: TargetModel, monitor, policies: dict, watermark, key: bytes,
+                 max_batch: int):
+        """monitor: monitor.Monitor; policies: {Level: AnswerPolicy}; watermark: Watermark|None."""
+        missing = [lvl.name for lvl in Level if lvl != Level.BLOCK and lvl not in policies]
+        if missing:
+            raise ValueError(f"no answer policy configured for levels {missing}")
+        self.model = model
+        self.monitor = monitor
+        self.policies = policies
+        self.watermark = watermark
+        self.key = key
+        self.max_batch = max_batch
+        self._ready = threading.Event()
+        self._ready.set()
+
+    # -- readiness -----------------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def shutdown(self) -> None:
+        self._ready.clear()
+
+    def metadata(self) -> dict:
+        return {
+            "name": self.model.name,
+            "version": self.model.version,
+            "inputs": [{"name": "images", "datatype": "UINT8|FP32", "shape": [-1, 28, 28]}],
+            "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]},
+                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
+            "classes": list(CLASS_NAMES),
+            "max_batch_size": self.max_batch,
+        }
+
+    # -- prediction ----------------------------------------------------------------------------
+    def _context(self, client_id: str, request_id: str):
+        from service.defences import PolicyContext
+
+        digest = hmac.new(self.key, f"{client_id}\0{request_id}".encode(), hashlib.sha256)
+        rng = np.random.default_rng(int.from_bytes(digest.digest()[:16], "little"))
+        return PolicyContext(client_id=client_id, key=self.key, rng=rng)
+
+    def predict(self, client_id: str, request_id: str | None, images: np.ndarray,
+                want_probabilities: bool = True) -> PredictResult:
+        if not self.ready():
+            raise NotReady("the server is not ready (starting up or shutting down)")
+        request_id = request_id or uuid.uuid4().hex
+        level = self.monitor.level(client_id)
+        if level >= Level.BLOCK:
+            raise PermissionDenied(f"client {client_id!r} is blocked by the monitor")
+        probs = self.model.predict_proba(images)
+        ctx = self._context(client_id, request_id)
+        answer = self.policies[level].answer(images, probs, ctx)
+        if self.watermark is not None:
+            answer = self.watermark.apply(images, answer, ctx)
+        if not want_probabilities and answer.probs is not None:
+            answer = Answer(answer.labels, None, AnswerKind.LABEL_ONLY, answer.model,
+                            answer.watermarked)
+        self.monitor.observe(client_id, request_id, images, probs, answer, level)
+        return PredictResult(request_id, answer, level)
+
+    def close(self) -> None:
+        self.shutdown()
+        self.monitor.close()
+
+
+def build_dataplane(cfg) -> DataPlane:
+    """Load the target, the monitor and the defence policies named in the monitor's config."""
+    from monitor import Monitor
+    from service.defences import Watermark, build_policy
+
+    torch.set_num_threads(cfg.torch_threads)
+    model = TargetModel.load(cfg.target)
+    mon = Monitor.from_file(cfg.monitor_config, cfg.monitor_db)
+    key = cfg.secret.encode()
+    policies = {Level.parse(lvl): build_policy(spec, artifacts=cfg.artifacts)
+                for lvl, spec in mon.config.policies.items() if Level.parse(lvl) != Level.BLOCK}
+    wm = Watermark.from_spec(dict(mon.config.watermark or {}), key)
+    log.info("model %s version %s (test accuracy %s); policies %s; watermark %s",
+             model.name, model.version, model.meta.get("test_accuracy"),
+             {lvl.name: p.name for lvl, p in policies.items()},
+             "off" if wm is None else f"rate {wm.rate}")
+    return DataPlane(model, mon, policies, wm, key, cfg.max_batch)
