@@ -38,7 +38,7 @@ def train_target(out: Path, *, epochs: int = DEFAULTS["epochs"],
         "train_items": len(train), "train_seconds": round(seconds, 1),
         "test_accuracy": training.accuracy(pred, test.y),
         "eval_accuracy": training.accuracy(training.predict_proba(model, ev.x).argmax(1), ev.y),
-        "data_fingerprint": data.fingerprint(train), "torch": torch.__version__,
+        "data_fingerprint": data.fingerprint(train), "torch": str(torch.__version__),
     }
     training.save_checkpoint(out, model, "mlp", {}, meta)
     return meta
