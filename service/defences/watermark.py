@@ -1,0 +1,147 @@
+"""DAWN-style watermarking (Szyller et al.) and its verifier.
+
+Selection: HMAC-SHA256(key, 'watermark' || uint8 image); the item is watermarked when the first
+16 bits are < 2^16 * rate. The selection depends on the image only (not the client), so every
+client and every repeat gets the same answer for the same image. A watermarked item gets a
+deterministic wrong label: (label + 1 + (next 8 bytes of the digest mod 9)) mod 10, i.e. one of
+the 9 other classes chosen pseudo-randomly by the keyed hash. When probabilities are sent, the
+confidences of the true and the wrong label are swapped, so the vector still looks natural.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.types import Answer, NUM_CLASSES
+from service.defences.base import PolicyContext, digest_uint, keyed_digests, quantise
+
+DEFAULT_RATE = 0.005
+WM_DOMAIN = b"watermark"
+
+
+class WatermarkSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    rate: float = Field(DEFAULT_RATE, gt=0.0, le=0.5)
+
+
+class Watermark:
+    def __init__(self, key: bytes, rate: float = DEFAULT_RATE):
+        if not key:
+            raise ValueError("the watermark needs a non-empty key")
+        if not 0.0 < rate <= 0.5:
+            raise ValueError(f"watermark rate must be in (0, 0.5], got {rate}")
+        self.key = key
+        self.rate = float(rate)
+        self.threshold = int(round(2 ** 16 * self.rate))
+
+    @classmethod
+    def from_spec(cls, spec: dict | None, key: bytes) -> "Watermark | None":
+        try:
+            s = WatermarkSpec.model_validate(spec or {})
+        except ValidationError as exc:
+            raise ValueError(f"bad watermark spec {spec!r}: {exc}") from None
+        return cls(key, s.rate) if s.enabled else None
+
+    def select(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(selected bool (N,), offset int (N,) in 1..9) for each image."""
+        digests = keyed_digests(self.key, images, WM_DOMAIN)
+        sel = np.array([digest_uint(d, 0, 2) < self.threshold for d in digests], dtype=bool)
+        off = np.array([1 + digest_uint(d, 2, 8) % (NUM_CLASSES - 1) for d in digests],
+                       dtype=np.int64)
+        return sel, off
+
+    def apply(self, images: np.ndarray, answer: Answer, ctx: PolicyContext | None = None) -> Answer:
+        sel, off = self.select(images)
+        labels = answer.labels.copy()
+        wrong = (labels + off) % NUM_CLASSES
+        probs = None if answer.probs is None else answer.probs.copy()
+        if sel.any():
+            rows = np.flatnonzero(sel)
+            labels[rows] = wrong[rows]
+            if probs is not None:
+                orig = answer.labels[rows]
+                a, b = probs[rows, orig].copy(), probs[rows, wrong[rows]].copy()
+                probs[rows, orig], probs[rows, wrong[rows]] = b, a
+        prev = answer.watermarked if answer.watermarked is not None else np.zeros(len(labels), bool)
+        return Answer(labels, probs, answer.kind, list(answer.model), prev | sel)
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------
+
+NULL_RATE = 1.0 / (NUM_CLASSES - 1)
+
+
+@dataclass
+class VerifyResult:
+    matches: int
+    total: int
+    duplicates_dropped: int
+    match_rate: float
+    p0: float
+    p_value: float
+    alpha: float
+    stolen: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verdict = ("OWNERSHIP SHOWN: the suspect reproduces the watermark far above chance"
+                   if self.stolen else "no evidence of theft at this alpha")
+        return (f"{self.matches}/{self.total} watermark labels reproduced "
+                f"(rate {self.match_rate:.3f} vs null <= {self.p0:.4f}); "
+                f"binomial p-value {self.p_value:.3g}; alpha {self.alpha:g}: {verdict}")
+
+
+def dedupe(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Keep one record per distinct (quantised) image: repeats are not independent trials."""
+    q = quantise(images)
+    seen: set[bytes] = set()
+    keep = []
+    for i in range(len(q)):
+        h = hashlib.sha256(q[i].tobytes()).digest()
+        if h not in seen:
+            seen.add(h)
+            keep.append(i)
+    keep = np.array(keep, dtype=np.int64)
+    return np.asarray(images)[keep], np.asarray(labels)[keep], len(q) - len(keep)
+
+
+def verify(suspect_labels: np.ndarray | None = None, labels_sent: np.ndarray | None = None, *,
+           images: np.ndarray | None = None, predict=None, alpha: float = 1e-6,
+           p0: float = NULL_RATE) -> VerifyResult:
+    """Binomial test: does the suspect reproduce the watermark's wrong labels above chance?
+
+    Either pass ``suspect_labels`` (the suspect's predictions on the watermarked images), or
+    ``images`` and ``predict`` (images -> labels or (N,10) probabilities); repeated images are
+    then counted once. Null hypothesis: the suspect was not trained on our watermarked answers.
+    The wrong label is one of the 9 classes other than the honest label, picked by a keyed hash
+    the suspect cannot know, so a suspect independent of our answers hits it with probability
+    P(suspect != honest label) / 9 <= 1/9 per item: p0 = 1/9 is a conservative null rate.
+    """
+    dropped = 0
+    if suspect_labels is None:
+        if images is None or predict is None:
+            raise ValueError("pass suspect_labels, or images and predict")
+        images, labels_sent, dropped = dedupe(images, labels_sent)
+        out = np.asarray(predict(images)) if len(images) else np.zeros(0, np.int64)
+        suspect_labels = out.argmax(1) if out.ndim == 2 else out
+    suspect_labels = np.asarray(suspect_labels, dtype=np.int64)
+    labels_sent = np.asarray(labels_sent, dtype=np.int64)
+    if suspect_labels.shape != labels_sent.shape:
+        raise ValueError(f"{suspect_labels.shape} suspect labels vs {labels_sent.shape} records")
+    n = int(len(labels_sent))
+    k = int(np.sum(suspect_labels == labels_sent))
+    if n == 0:
+        pv = 1.0
+    else:
+        from scipy.stats import binomtest
+        pv = float(binomtest(k, n, p0, alternative="greater").pvalue)
+    return VerifyResult(k, n, dropped, k / n if n else math.nan, p0, pv, alpha, pv < alpha)

@@ -1,0 +1,135 @@
+"""DAWN-style watermark: selection, wrong labels, and the verifier telling a copy trained on
+watermarked answers from an independent model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common import nets, training
+from common.types import Answer, AnswerKind
+from service.defences import PolicyContext, Watermark, build_policy, verify
+from service.defences.watermark import dedupe
+
+
+def ctx():
+    return PolicyContext("alice", b"secret", np.random.default_rng(0))
+
+
+def synthetic(n: int, seed: int):
+    """Learnable toy images: 10 fixed class prototypes plus noise; uint8 (n, 28, 28)."""
+    proto = np.random.default_rng(12345).random((10, 28, 28))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    x = np.clip(0.6 * proto[y] + 0.4 * rng.random((n, 28, 28)), 0, 1)
+    return (x * 255).round().astype(np.uint8), y.astype(np.int64)
+
+
+def test_selection_rate_and_determinism():
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (4000, 28, 28))
+    images = (grey / 255).astype(np.float32)
+    wm = Watermark(b"secret", rate=0.05)
+    sel, off = wm.select(images)
+    assert 0.04 < sel.mean() < 0.06
+    assert np.all((off >= 1) & (off <= 9))
+    sel2, off2 = Watermark(b"secret", rate=0.05).select(images)
+    assert np.array_equal(sel, sel2) and np.array_equal(off, off2)
+    sel3, _ = Watermark(b"other", rate=0.05).select(images)
+    assert not np.array_equal(sel, sel3)
+    # the wrong labels are spread over the 9 offsets
+    assert len(np.unique(off[sel])) == 9
+    # float noise below half a grey level does not change the selection; uint8 input works too
+    sel4, _ = wm.select(images + rng.uniform(-0.4, 0.4, images.shape).astype(np.float32) / 255)
+    assert np.array_equal(sel, sel4)
+    sel4, _ = wm.select(grey.astype(np.uint8))
+    assert np.array_equal(sel, sel4)
+
+
+def test_from_spec():
+    assert Watermark.from_spec({"enabled": False, "rate": 0.01}, b"k") is None
+    assert Watermark.from_spec({}, b"k") is None
+    wm = Watermark.from_spec({"enabled": True}, b"k")
+    assert wm.rate == 0.005
+    assert Watermark.from_spec({"enabled": True, "rate": 0.02}, b"k").rate == 0.02
+    with pytest.raises(ValueError):
+        Watermark.from_spec({"enabled": True, "rate": 2.0}, b"k")
+    with pytest.raises(ValueError):
+        Watermark.from_spec({"enabled": True, "ratio": 0.1}, b"k")
+
+
+@pytest.mark.parametrize("spec", [{"policy": "identity"}, {"policy": "label_only"},
+                                  {"policy": "gaussian", "sigma": 0.1}])
+def test_apply_sets_wrong_consistent_labels(spec):
+    rng = np.random.default_rng(1)
+    images = rng.random((2000, 28, 28)).astype(np.float32)
+    probs = rng.dirichlet(np.full(10, 0.3), 2000).astype(np.float32)
+    base = build_policy(spec).answer(images, probs, ctx())
+    wm = Watermark(b"secret", rate=0.1)
+    a = wm.apply(images, base, ctx())
+    sel = a.watermarked
+    assert 0.07 < sel.mean() < 0.13
+    assert np.all(a.labels[sel] != base.labels[sel])
+    assert np.array_equal(a.labels[~sel], base.labels[~sel])
+    assert a.kind == base.kind and a.model == base.model
+    if base.probs is not None:
+        np.testing.assert_allclose(a.probs.sum(1), 1, atol=1e-5)
+        assert np.array_equal(a.probs[~sel], base.probs[~sel])
+        assert np.array_equal(a.probs[sel].argmax(1), a.labels[sel])     # consistent probs
+        # a swap: same multiset of confidences
+        np.testing.assert_array_equal(np.sort(a.probs[sel], 1), np.sort(base.probs[sel], 1))
+    # the same images get the same watermark again (repeats cannot reveal it by disagreement)
+    b = wm.apply(images, build_policy(spec).answer(images, probs, ctx()), ctx())
+    assert np.array_equal(a.labels, b.labels)
+
+
+def test_dedupe_counts_repeats_once():
+    x, _ = synthetic(5, 0)
+    xs = np.concatenate([x, x[:2], x[:1]])
+    imgs, labels, dropped = dedupe(xs, np.arange(len(xs)))
+    assert len(imgs) == 5 and dropped == 3 and list(labels) == [0, 1, 2, 3, 4]
+
+
+def test_verify_arithmetic():
+    labels = np.arange(40) % 10
+    r = verify(labels, labels)
+    assert r.matches == 40 and r.stolen and r.p_value < 1e-30
+    r = verify((labels + 1) % 10, labels)
+    assert r.matches == 0 and not r.stolen and r.p_value == 1.0
+    r = verify(np.zeros(0), np.zeros(0))
+    assert r.total == 0 and not r.stolen
+
+
+def test_verifier_tells_stolen_from_independent():
+    torch.set_num_threads(1)
+    key = b"owner-secret"
+    wm = Watermark(key, rate=0.05)
+    pol = build_policy({"policy": "identity"})
+    # the owner's model
+    x_own, y_own = synthetic(2000, 1)
+    owner = training.train(nets.build("mlp", hidden=64), x_own, y_own,
+                           training.TrainConfig(epochs=5, progress=False, seed=1))
+    # an attacker queries 1500 images through the watermarked API and trains on the answers
+    x_q, _ = synthetic(1500, 2)
+    images = x_q.astype(np.float32) / 255
+    ans = wm.apply(images, pol.answer(images, training.predict_proba(owner, x_q), ctx()), ctx())
+    assert ans.watermarked.sum() >= 50
+    stolen = training.train(nets.build("mlp", hidden=256), x_q, ans.probs,
+                            training.TrainConfig(epochs=60, lr=3e-3, progress=False, seed=2))
+    # an independent model trained on the same kind of data (true labels, no watermark)
+    x_ind, y_ind = synthetic(1500, 3)
+    indep = training.train(nets.build("mlp", hidden=256), x_ind, y_ind,
+                           training.TrainConfig(epochs=60, lr=3e-3, progress=False, seed=3))
+    # the records: the watermarked items as the monitor logs them (image, label sent)
+    rec_x, rec_y = images[ans.watermarked], ans.labels[ans.watermarked]
+
+    def predictor(m):
+        return lambda x: training.predict_proba(m, x)
+
+    r_stolen = verify(images=rec_x, labels_sent=rec_y, predict=predictor(stolen))
+    r_indep = verify(images=rec_x, labels_sent=rec_y, predict=predictor(indep))
+    r_owner = verify(images=rec_x, labels_sent=rec_y, predict=predictor(owner))
+    print(r_stolen.summary(), r_indep.summary(), r_owner.summary(), sep="\n")
+    assert r_stolen.stolen and r_stolen.p_value < 1e-6, r_stolen.summary()
+    assert not r_indep.stolen and r_indep.p_value > 1e-3, r_indep.summary()
+    assert not r_owner.stolen, r_owner.summary()   # the owner's model never says the wrong label
