@@ -1,0 +1,10 @@
+"""modelguard monitor: per-client query log, extraction detectors and the escalation ladder.
+
+See docs/monitor.md. The service calls only ``Monitor.level``, ``Monitor.observe`` and
+``Monitor.close``.
+"""
+from monitor.config import ConfigError, MonitorConfig, load_config
+from monitor.core import Monitor
+from monitor.log import QueryLog
+
+__all__ = ["Monitor", "MonitorConfig", "load_config", "QueryLog", "ConfigError"]

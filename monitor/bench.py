@@ -1,0 +1,245 @@
+"""Monitor benchmark and calibration: ``python -m monitor.bench``.
+
+Reports
+  1. calibration on real Fashion-MNIST with the given config (default: monitor/default.toml):
+     honest streams of the 5,000 pool images (in order, shuffled, sampled with repeats, class
+     skewed) must never escalate; a Papernot JBDA stream from 150 seeds (stand-in generator
+     below) and a Knockoff-style MNIST stream: queries until each level is reached;
+  2. per-query observe() cost with 1k and 100k queries of one client's history.
+
+The target is artifacts/target.pt when present (``--target``), else a quick MLP trained here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.types import Answer, AnswerKind, Level
+
+
+class FakeClock:
+    """Deterministic request timestamps: ``step`` seconds per call."""
+
+    def __init__(self, start: float = 1.7e9, step: float = 0.05):
+        self.t, self.step = start, step
+
+    def __call__(self) -> float:
+        self.t += self.step
+        return self.t
+
+
+def get_target(path: str | None, seed: int = 0):
+    import torch
+
+    from common import data, nets, training
+    torch.set_num_threads(1)
+    if path and Path(path).exists():
+        model, _ = training.load_checkpoint(path)
+        return model, f"checkpoint {path}"
+    tr = data.load("fashion", "train")
+    m = nets.build("mlp")
+    training.train(m, tr.x, tr.y, training.TrainConfig(epochs=3, batch_size=128, seed=seed,
+                                                       progress=False))
+    return m, "quick MLP trained by monitor.bench (3 epochs)"
+
+
+def proba(model, x: np.ndarray) -> np.ndarray:
+    from common import training
+    return training.predict_proba(model, x).astype(np.float32)
+
+
+def to_float(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+# --- streams ---------------------------------------------------------------------------------
+def honest_streams(seed: int = 0) -> dict[str, np.ndarray]:
+    from common import data
+    pool = data.attack_pool()
+    x, y = to_float(pool.x), pool.y
+    rng = np.random.default_rng(seed)
+    skew_w = np.where(y < 3, 5.0, 1.0)  # classes 0-2 five times as likely
+    skew_w /= skew_w.sum()
+    return {
+        "honest-in-order": x,
+        "honest-shuffled": x[rng.permutation(len(x))],
+        "honest-with-repeats": x[rng.integers(0, len(x), len(x))],
+        "honest-class-skew": x[rng.choice(len(x), len(x), p=skew_w)],
+    }
+
+
+def papernot_stream(target, n_seeds: int = 150, rounds: int = 6, lam: float = 0.1,
+                    seed: int = 0) -> np.ndarray:
+    """Papernot et al. 2017 JBDA (stand-in): seeds from the pool, a small surrogate trained on
+    target labels, x + lam * sign(grad of the surrogate's predicted-class score), clipped to
+    [0,1]; every round augments the whole current set. Returns the queries in order."""
+    import torch
+
+    from common import data, nets, training
+    pool = data.attack_pool()
+    rng = np.random.default_rng(seed)
+    X = to_float(pool.x[rng.choice(len(pool), n_seeds, replace=False)])
+    stream = [X]
+    Y = proba(target, X).argmax(1)
+    for r in range(rounds):
+        sur = nets.build("mlp", hidden=64)
+        training.train(sur, X, Y, training.TrainConfig(epochs=10, batch_size=32, seed=seed + r,
+                                                       progress=False))
+        xt = torch.from_numpy(X).requires_grad_(True)
+        logits = sur(xt)
+        logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+        new = np.clip(X + lam * np.sign(xt.grad.numpy()), 0.0, 1.0).astype(np.float32)
+        stream.append(new)
+        X = np.concatenate([X, new])
+        Y = np.concatenate([Y, proba(target, new).argmax(1)])
+    return np.concatenate(stream)
+
+
+def mnist_stream(n: int = 5000, seed: int = 0) -> np.ndarray:
+    from common import data
+    m = data.ood_pool()
+    rng = np.random.default_rng(seed)
+    return to_float(m.x[rng.permutation(len(m))[:n]])
+
+
+def random_perturbation_stream(n: int = 3000, eps: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Pool images plus uniform noise in [-eps, eps] (the 'random perturbation' attack)."""
+    from common import data
+    pool = data.attack_pool()
+    rng = np.random.default_rng(seed)
+    base = to_float(pool.x[rng.integers(0, len(pool), n)])
+    return np.clip(base + rng.uniform(-eps, eps, base.shape), 0, 1).astype(np.float32)
+
+
+# --- running a stream through the monitor -------------------------------------------------------
+def fake_answer(probs: np.ndarray) -> Answer:
+    return Answer(probs.argmax(1), probs, AnswerKind.PROBABILITIES)
+
+
+def run_stream(monitor, client: str, x: np.ndarray, probs: np.ndarray, batch: int = 50) -> Level:
+    """Feed a stream in batches of ``batch``, as a client would; returns the final level."""
+    lvl = Level.NORMAL
+    for i in range(0, len(x), batch):
+        lvl = monitor.level(client)
+        lvl = monitor.observe(client, f"r{i}", x[i:i + batch], probs[i:i + batch],
+                              fake_answer(probs[i:i + batch]), lvl)
+    return lvl
+
+
+def escalations(monitor, client: str) -> list[dict]:
+    monitor.flush()
+    from monitor.log import QueryLog
+    with QueryLog(monitor.db_path) as q:
+        return q.transitions(client)
+
+
+def calibrate(cfg, target, seed: int = 0) -> dict:
+    from monitor import Monitor
+    out = {}
+    streams = dict(honest_streams(seed))
+    t0 = time.time()
+    streams["papernot-150-seeds"] = papernot_stream(target, seed=seed)
+    streams["mnist-knockoff"] = mnist_stream(5000, seed)
+    streams["random-perturbation"] = random_perturbation_stream(3000, 0.1, seed)
+    gen_s = time.time() - t0
+    mon = Monitor(cfg, None, clock=FakeClock())
+    try:
+        for name, x in streams.items():
+            p = proba(target, x)
+            run_stream(mon, name, x, p)
+            trs = escalations(mon, name)
+            eng = mon._engines[name]
+            out[name] = {"queries": len(x), "final_level": eng.level.name,
+                         "first_reached": {tr["to_level"].name: tr["qn"] for tr in trs},
+                         "rules": [f"q{tr['qn']}: {tr['from_level'].name}->{tr['to_level'].name}"
+                                   f" ({tr['rule']})" for tr in trs]}
+    finally:
+        mon.close()
+    out["_stream_generation_seconds"] = round(gen_s, 1)
+    return out
+
+
+def cost(cfg, histories=(1000, 100000), measure: int = 200, seed: int = 0) -> dict:
+    """Mean observe() wall time per query (batches of 1) after `h` queries of one client's
+    history. History: pool images with small noise (so PRADA's growing sets keep growing, the
+    expensive case), probs from a fixed random softmax."""
+    from monitor import Monitor
+    rng = np.random.default_rng(seed)
+    from common import data
+    pool = to_float(data.attack_pool().x)
+    res = {}
+    for h in histories:
+        mon = Monitor(cfg, None, clock=FakeClock(step=0.001))
+        try:
+            total = h + measure
+            for i in range(0, h, 500):
+                n = min(500, h - i)
+                x = np.clip(pool[rng.integers(0, 5000, n)] + rng.normal(0, 0.05, (n, 28, 28)),
+                            0, 1).astype(np.float32)
+                lg = rng.normal(0, 3, (n, 10))
+                p = (np.exp(lg) / np.exp(lg).sum(1, keepdims=True)).astype(np.float32)
+                mon.observe("bench", f"h{i}", x, p, fake_answer(p), Level.NORMAL)
+            mon.flush()
+            x = np.clip(pool[rng.integers(0, 5000, measure)] +
+                        rng.normal(0, 0.05, (measure, 28, 28)), 0, 1).astype(np.float32)
+            lg = rng.normal(0, 3, (measure, 10))
+            p = (np.exp(lg) / np.exp(lg).sum(1, keepdims=True)).astype(np.float32)
+            t0 = time.perf_counter()
+            for i in range(measure):
+                mon.observe("bench", f"m{i}", x[i:i + 1], p[i:i + 1], fake_answer(p[i:i + 1]),
+                            Level.NORMAL)
+            dt = (time.perf_counter() - t0) / measure
+            eng = mon._engines["bench"]
+            gsize = sum(b.n for b in eng.dets["prada"].G) if "prada" in eng.dets else 0
+            res[f"{h}"] = {"ms_per_query": round(dt * 1e3, 3), "history": total - measure,
+                           "prada_growing_set": gsize}
+        finally:
+            mon.close()
+    return res
+
+
+def main(argv=None) -> int:
+    import torch
+    torch.set_num_threads(1)
+    ap = argparse.ArgumentParser(prog="python -m monitor.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="monitor TOML (default monitor/default.toml)")
+    ap.add_argument("--target", default=os.environ.get("MODELGUARD_TARGET", "artifacts/target.pt"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-calibration", action="store_true")
+    ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--histories", default="1000,100000")
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args(argv)
+    from monitor import load_config
+    cfg = load_config(a.config)
+    results: dict = {"config": a.config or "monitor/default.toml"}
+    if not a.skip_calibration:
+        target, desc = get_target(a.target, a.seed)
+        results["target"] = desc
+        results["calibration"] = calibrate(cfg, target, a.seed)
+        print(f"target: {desc}")
+        for name, r in results["calibration"].items():
+            if name.startswith("_"):
+                continue
+            print(f"{name:24s} {r['queries']:6d} queries  final {r['final_level']:10s} "
+                  f"first reached: {r['first_reached'] or '-'}")
+    if not a.skip_cost:
+        hs = tuple(int(h) for h in a.histories.split(","))
+        results["cost"] = cost(cfg, hs)
+        for h, r in results["cost"].items():
+            print(f"observe cost with {int(h):>7,d} queries of history: {r['ms_per_query']:.3f} "
+                  f"ms/query (PRADA growing set {r['prada_growing_set']})")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""The monitor's configuration: detectors, escalation rules, ladder, log, and the per-level
+defence policies that are carried through to the service.
+
+Loaded from TOML (``monitor/default.toml`` ships with the project) and validated with pydantic.
+Every key is documented in ``docs/monitor.md``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.types import Level
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
+DETECTOR_NAMES = ("prada", "ood", "similarity", "volume")
+
+
+class ConfigError(ValueError):
+    """A monitor config file is missing, unreadable or invalid; the message says what and where."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PradaConfig(_Strict):
+    """PRADA (Juuti et al. 2019): alarm when Shapiro-Wilk W of the pooled min-distances < delta."""
+
+    enabled: bool = True
+    delta: float = Field(0.9, gt=0.0, lt=1.0, description="alarm when W < delta")
+    check_every: int = Field(10, ge=1, description="run the test every N queries")
+    min_class_distances: int = Field(10, ge=2, description="pool classes holding >= N distances")
+    min_pooled: int = Field(100, ge=3, description="test only when more than N distances remain")
+    outlier_sigma: float = Field(3.0, gt=0.0, description="drop |d - mean| >= k * std before testing")
+    window: int = Field(5000, ge=100, le=5000,
+                        description="test on the most recent N pooled distances (shapiro caps at 5000)")
+    ignore_duplicates: bool = Field(True, description="exact repeats (d == 0) are not recorded")
+
+
+class OODConfig(_Strict):
+    """Adaptive Misinformation's signal: share of recent queries with top softmax < tau."""
+
+    enabled: bool = True
+    tau: float = Field(0.9, gt=0.0, le=1.0, description="a query is OOD when max prob < tau")
+    window: int = Field(200, ge=1, description="recent queries considered")
+    min_queries: int = Field(200, ge=1, description="no firing before this many queries")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="fires when the OOD share > threshold")
+
+    @model_validator(mode="after")
+    def _min_le_window(self):
+        if self.min_queries < 1:
+            raise ValueError("min_queries must be >= 1")
+        return self
+
+
+class SimilarityConfig(_Strict):
+    """Chen et al. 2019: mean L2 distance to the K nearest earlier queries; fires when low."""
+
+    enabled: bool = True
+    k: int = Field(50, ge=1)
+    history: int = Field(10000, ge=1, description="bounded history of encodings (most recent)")
+    encoding: Literal["raw", "pool2"] = Field("pool2", description="raw pixels or 2x2 mean-pooled")
+    threshold: float = Field(1.0, gt=0.0, description="fires when the kNN mean distance < threshold")
+
+
+class VolumeConfig(_Strict):
+    """Queries in a sliding time window."""
+
+    enabled: bool = True
+    window_seconds: float = Field(3600.0, gt=0.0)
+    threshold: int = Field(20000, ge=1, description="fires when the count in the window > threshold")
+
+
+class DetectorsConfig(_Strict):
+    prada: PradaConfig = PradaConfig()
+    ood: OODConfig = OODConfig()
+    similarity: SimilarityConfig = SimilarityConfig()
+    volume: VolumeConfig = VolumeConfig()
+
+
+class Rule(_Strict):
+    """When every detector in ``detectors`` fires on the same query, for the ``min_hits``-th time
+    in total, the client is raised to ``level`` (never lowered by a rule)."""
+
+    detectors: list[str] = Field(min_length=1)
+    level: Level
+    min_hits: int = Field(1, ge=1)
+    name: str = ""
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _parse_level(cls, v: Any) -> Level:
+        return Level.parse(v)
+
+    @field_validator("detectors", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("detectors")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [d for d in v if d not in DETECTOR_NAMES]
+        if bad:
+            raise ValueError(f"unknown detector(s) {bad}; expected some of {list(DETECTOR_NAMES)}")
+        return v
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{'+'.join(self.detectors)}>={self.min_hits}->{self.level.name}"
+
+
+class LadderConfig(_Strict):
+    monotone: bool = Field(True, description="levels only go up (an attacker cannot wait it out)")
+    cooldown_seconds: float = Field(0.0, ge=0.0,
+                                    description="non-monotone only: step down one level after this "
+                                                "long without any rule condition holding")
+    allow_block: bool = Field(False, description="rules may raise clients to BLOCK")
+
+
+class LogConfig(_Strict):
+    keep_raw: bool = Field(True, description="store inputs (uint8 or float16, zlib) for replay")
+    retention_days: float = Field(0.0, ge=0.0, description="delete log rows older than this; 0 = keep")
+    batch_size: int = Field(512, ge=1, description="writer commits at most this many rows at once")
+    flush_seconds: float = Field(0.2, gt=0.0, description="writer commits at least this often")
+
+
+class MonitorConfig(_Strict):
+    detectors: DetectorsConfig = DetectorsConfig()
+    rules: list[Rule] = Field(default_factory=list)
+    ladder: LadderConfig = LadderConfig()
+    log: LogConfig = LogConfig()
+    policies: dict[Level, dict] = Field(default_factory=dict)
+    watermark: dict = Field(default_factory=dict)
+
+    @field_validator("policies", mode="before")
+    @classmethod
+    def _parse_policies(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("policies must be a table of level -> {policy = ..., ...}")
+        out = {}
+        for k, p in v.items():
+            lvl = Level.parse(k)
+            if lvl in out:
+                raise ValueError(f"level {lvl.name} has two policies")
+            if not isinstance(p, dict) or not isinstance(p.get("policy"), str):
+                raise ValueError(f"policies.{k} must be a table with a string 'policy' key")
+            out[lvl] = dict(p)
+        return out
+
+    @model_validator(mode="after")
+    def _check(self):
+        enabled = {n for n in DETECTOR_NAMES if getattr(self.detectors, n).enabled}
+        for i, r in enumerate(self.rules):
+            off = [d for d in r.detectors if d not in enabled]
+            if off:
+                raise ValueError(f"rules[{i}] ({r.label}) uses disabled detector(s) {off}")
+            if r.level == Level.NORMAL:
+                raise ValueError(f"rules[{i}] ({r.label}) raises to NORMAL, which does nothing")
+            if r.level == Level.BLOCK and not self.ladder.allow_block:
+                raise ValueError(f"rules[{i}] ({r.label}) raises to BLOCK but ladder.allow_block "
+                                 f"is false")
+        for lvl in (Level.NORMAL, Level.NOISE, Level.LABEL_ONLY, Level.SWITCH):
+            if self.policies and lvl not in self.policies:
+                raise ValueError(f"policies: no policy for level {lvl.name}")
+        if self.ladder.cooldown_seconds > 0 and self.ladder.monotone:
+            raise ValueError("ladder.cooldown_seconds > 0 needs ladder.monotone = false")
+        return self
+
+    def detector_hash(self) -> str:
+        """Hash of everything that determines detector state and ladder decisions."""
+        blob = json.dumps({"detectors": self.detectors.model_dump(mode="json"),
+                           "rules": [r.model_dump(mode="json") for r in self.rules],
+                           "ladder": self.ladder.model_dump(mode="json")}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}" + (f" (got {e['input']!r})"
+                                               if "input" in e and not isinstance(e["input"], dict)
+                                               else ""))
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> MonitorConfig:
+    try:
+        return MonitorConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid monitor config {source}:\n{_format_errors(exc)}") from None
+
+
+def load_config(path: str | Path | None = None) -> MonitorConfig:
+    """Read and validate a TOML config; None -> the shipped ``monitor/default.toml``."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"monitor config not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"monitor config {path} is not valid TOML: {exc}") from None
+    return config_from_dict(data, str(path))
