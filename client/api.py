@@ -36,6 +36,7 @@ class ModelClient:
             ("grpc.max_send_message_length", max_message_bytes)])
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.metadata = (("x-api-key", api_key),) if api_key else ()
+        self._server_max_batch: int | None = None
 
     def __enter__(self):
         return self
@@ -74,13 +75,21 @@ class ModelClient:
             return Answer(labels, probs, AnswerKind.PROBABILITIES), resp.id
         return Answer(labels, None, AnswerKind.LABEL_ONLY), resp.id
 
+    def _effective_batch(self) -> int:
+        """``batch_size`` capped by the server's advertised limit (asked once)."""
+        if self._server_max_batch is None:
+            self._server_max_batch = int(self.model_metadata().max_batch_size) or self.batch_size
+        return max(1, min(self.batch_size, self._server_max_batch))
+
     def predict(self, images: np.ndarray, labels_only: bool = False) -> Answer:
-        """Predict any number of images, in calls of ``batch_size``."""
+        """Predict any number of images, in calls of at most ``batch_size`` (and the server's
+        limit)."""
         x = np.asarray(images)
         if x.ndim == 2:
             x = x[None]
-        parts = [self.predict_batch(x[i:i + self.batch_size], labels_only)[0]
-                 for i in range(0, len(x), self.batch_size)]
+        step = self._effective_batch()
+        parts = [self.predict_batch(x[i:i + step], labels_only)[0]
+                 for i in range(0, len(x), step)]
         if not parts:
             raise ValueError("no images to predict")
         if len(parts) == 1:

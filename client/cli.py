@@ -23,8 +23,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default="attacker", help="API key (the client's identity)")
     g.add_argument("--sybil", type=int, default=1, metavar="K",
                    help="split the budget over K API keys (KEY-0 .. KEY-K-1)")
-    g.add_argument("--labels-only", action="store_true",
-                   help="ask the service for labels only")
+    g.add_argument("--ask-labels", dest="ask_labels", action="store_true",
+                   help="request label-only answers from the service")
     g.add_argument("--local", action="store_true",
                    help="query the target checkpoint in process instead of the server")
     a = p.add_argument_group("attack")
@@ -50,12 +50,12 @@ def _oracles(args, budget):
     if args.local:
         target, _ = training.load_checkpoint(args.target_checkpoint)
         return [LocalOracle(lambda x: training.predict_proba(target, x), budget,
-                            labels_only=args.labels_only)]
+                            labels_only=args.ask_labels)]
     from client.api import RemoteOracle
 
     keys = [args.api_key] if args.sybil <= 1 else [f"{args.api_key}-{i}"
                                                   for i in range(args.sybil)]
-    return [RemoteOracle(args.address, k, None, labels_only=args.labels_only,
+    return [RemoteOracle(args.address, k, None, labels_only=args.ask_labels,
                          batch_size=args.query_batch) for k in keys]
 
 
