@@ -117,14 +117,18 @@ class DataPlane:
         self.monitor.close()
 
 
-def build_dataplane(cfg) -> DataPlane:
-    """Load the target, the monitor and the defence policies named in the monitor's config."""
+def build_dataplane(cfg, monitor_config=None) -> DataPlane:
+    """Load the target, the monitor and the defence policies named in the monitor's config
+    (``cfg.monitor_config``'s file, or the ``monitor_config`` object when given)."""
     from monitor import Monitor
     from service.defences import Watermark, build_policy
 
     torch.set_num_threads(cfg.torch_threads)
     model = TargetModel.load(cfg.target)
-    mon = Monitor.from_file(cfg.monitor_config, cfg.monitor_db)
+    if monitor_config is None:
+        mon = Monitor.from_file(cfg.monitor_config, cfg.monitor_db)
+    else:
+        mon = Monitor(monitor_config, cfg.monitor_db)
     key = cfg.secret.encode()
     policies = {Level.parse(lvl): build_policy(spec, artifacts=cfg.artifacts)
                 for lvl, spec in mon.config.policies.items() if Level.parse(lvl) != Level.BLOCK}

@@ -50,22 +50,18 @@ def start_server(target_path: Path, workdir: Path, policies: dict | None = None,
     """Server with the real monitor (shipped default detectors and rules) and the given
     per-level policy specs (default: identity at every level, i.e. undefended answers)."""
     from common.types import Level
-    from monitor import Monitor, load_config
+    from monitor import load_config
     from service.config import ServerConfig
-    from service.dataplane import DataPlane, TargetModel
-    from service.defences import build_policy
+    from service.dataplane import build_dataplane
     from service.server import Server
 
     policies = policies or {lvl: {"policy": "identity"} for lvl in Level if lvl != Level.BLOCK}
     config = load_config(None).model_copy(update={"policies": policies, "watermark": {}})
-    db = workdir / "monitor.db"
-    monitor = Monitor(config, db)
-    plane = DataPlane(TargetModel.load(target_path), monitor,
-                      {lvl: build_policy(spec, artifacts=workdir) for lvl, spec in policies.items()},
-                      None, b"test-secret", max_batch)
     cfg = ServerConfig(port=0, max_batch=max_batch, workers=4, artifacts=workdir,
-                       target=target_path, monitor_db=db, grace_s=1.0)
-    return Server(cfg, plane).start(), plane, db
+                       target=target_path, monitor_db=workdir / "monitor.db", grace_s=1.0,
+                       secret="test-secret")
+    plane = build_dataplane(cfg, config)
+    return Server(cfg, plane).start(), plane, cfg.monitor_db
 
 
 @pytest.fixture(scope="session")

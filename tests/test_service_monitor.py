@@ -1,0 +1,88 @@
+"""The service answers through the monitor's level for each client and logs every query."""
+import tomllib
+
+import grpc
+import numpy as np
+import pytest
+
+from client.api import ApiError
+from common import data
+from common.types import Level
+from monitor import QueryLog
+from monitor.config import DEFAULT_CONFIG_PATH, config_from_dict
+from service.config import ServerConfig
+from service.dataplane import build_dataplane
+from service.server import Server
+
+
+def _server(small_target, tmp_path, volume_threshold, rule_level, allow_block=False):
+    cfg_dict = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
+    cfg_dict["detectors"]["volume"]["threshold"] = volume_threshold
+    cfg_dict["rules"] = [{"detectors": ["volume"], "level": rule_level}]
+    cfg_dict["ladder"] = {"allow_block": allow_block}
+    cfg_dict["policies"] = {"normal": {"policy": "identity"},
+                            "noise": {"policy": "gaussian", "sigma": 0.05},
+                            "label_only": {"policy": "label_only"},
+                            "switch": {"policy": "label_only"}}
+    cfg_dict["watermark"] = {}
+    mcfg = config_from_dict(cfg_dict)
+    cfg = ServerConfig(port=0, max_batch=64, target=small_target[0], artifacts=tmp_path,
+                       monitor_db=tmp_path / "m.db", grace_s=1.0, secret="s")
+    return Server(cfg, build_dataplane(cfg, mcfg)).start()
+
+
+def test_escalation_changes_answers_and_log_is_complete(small_target, tmp_path):
+    from client.api import ModelClient
+
+    server = _server(small_target, tmp_path, volume_threshold=100, rule_level="label_only")
+    x = data.attack_pool().x[:300]
+    kinds = []
+    with ModelClient(server.address, "greedy", batch_size=50) as c, \
+            ModelClient(server.address, "quiet", batch_size=50) as q:
+        for i in range(0, 300, 50):
+            kinds.append(c.predict(x[i:i + 50]).probs is not None)
+        quiet = q.predict(x[:20])
+    server.stop(1.0)
+    # the volume rule fires once more than 100 queries were seen: probabilities stop after that
+    assert kinds[:2] == [True, True] and kinds[-1] is False and quiet.probs is not None
+    with QueryLog(tmp_path / "m.db") as log:
+        summary = {s["client"]: s for s in log.summary()}
+        assert summary["greedy"]["queries"] == 300 and summary["quiet"]["queries"] == 20
+        assert summary["greedy"]["level"] == Level.LABEL_ONLY
+        assert summary["quiet"]["level"] == Level.NORMAL
+        tr = log.transitions("greedy")
+        assert len(tr) == 1 and tr[0]["to_level"] == Level.LABEL_ONLY and 100 < tr[0]["qn"] <= 150
+
+
+def test_blocked_client_gets_permission_denied(small_target, tmp_path):
+    from client.api import ModelClient
+
+    server = _server(small_target, tmp_path, volume_threshold=40, rule_level="block",
+                     allow_block=True)
+    x = data.attack_pool().x[:64]
+    try:
+        with ModelClient(server.address, "blocked", batch_size=32) as c:
+            c.predict(x[:32])
+            c.predict(x[32:64])  # crosses the threshold: this answer is still delivered
+            with pytest.raises(ApiError) as err:
+                c.predict(x[:1])
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert "blocked" in err.value.message
+    finally:
+        server.stop(1.0)
+
+
+def test_levels_survive_restart(small_target, tmp_path):
+    from client.api import ModelClient
+
+    x = data.attack_pool().x[:200]
+    server = _server(small_target, tmp_path, volume_threshold=100, rule_level="label_only")
+    with ModelClient(server.address, "persistent", batch_size=100) as c:
+        c.predict(x)
+    server.stop(1.0)
+    server = _server(small_target, tmp_path, volume_threshold=100, rule_level="label_only")
+    try:
+        with ModelClient(server.address, "persistent") as c:
+            assert c.predict(x[:3]).probs is None  # still LABEL_ONLY after the restart
+    finally:
+        server.stop(1.0)
