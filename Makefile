@@ -68,7 +68,7 @@ bench: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
 	$(PY) -m service.defences bench
 
 eval: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
-	$(PY) -m client.evaluation_run --out results
+	$(PY) -m client.campaign --out results/campaign $(ARGS)
 
 clean:
 	rm -f $(STUBS)
