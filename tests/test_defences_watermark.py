@@ -129,7 +129,40 @@ def test_verifier_tells_stolen_from_independent():
     r_stolen = verify(images=rec_x, labels_sent=rec_y, predict=predictor(stolen))
     r_indep = verify(images=rec_x, labels_sent=rec_y, predict=predictor(indep))
     r_owner = verify(images=rec_x, labels_sent=rec_y, predict=predictor(owner))
+    r_stolen_k = verify(images=rec_x, labels_sent=rec_y, predict=predictor(stolen), key=key)
+    r_indep_k = verify(images=rec_x, labels_sent=rec_y, predict=predictor(indep), key=key)
+    assert r_stolen_k.stolen and not r_indep_k.stolen
     print(r_stolen.summary(), r_indep.summary(), r_owner.summary(), sep="\n")
     assert r_stolen.stolen and r_stolen.p_value < 1e-6, r_stolen.summary()
     assert not r_indep.stolen and r_indep.p_value > 1e-3, r_indep.summary()
     assert not r_owner.stolen, r_owner.summary()   # the owner's model never says the wrong label
+
+
+def test_keyed_test_recovers_the_honest_label_and_is_sharper():
+    rng = np.random.default_rng(5)
+    images = (rng.integers(0, 256, (3000, 28, 28)) / 255).astype(np.float32)
+    honest = rng.integers(0, 10, 3000)
+    probs = np.eye(10, dtype=np.float32)[honest] * 0.9 + 0.01
+    wm = Watermark(b"k", rate=0.02)
+    a = wm.apply(images, build_policy({"policy": "identity"}).answer(images, probs, ctx()), ctx())
+    x, sent = images[a.watermarked], a.labels[a.watermarked]
+    n = len(sent)
+    assert n > 30
+    # a suspect that reproduces 8 of the wrong labels and otherwise says the honest label
+    suspect = honest[a.watermarked].copy()
+    suspect[:8] = sent[:8]
+    r_plain = verify(suspect, sent)
+    r_keyed = verify(suspect, sent, images=x, key=b"k")
+    assert r_keyed.disagreements == 8 and r_keyed.matches == 8
+    assert r_keyed.p_value_keyed < 1e-7 < r_plain.p_value
+    assert r_keyed.stolen and not r_plain.stolen
+    # an honest-but-wrong suspect (departs from the honest label at random) is not accused
+    wrong = (honest[a.watermarked] + rng.integers(1, 10, n)) % 10
+    r = verify(wrong, sent, images=x, key=b"k")
+    assert r.disagreements == n and not r.stolen and r.p_value_keyed > 1e-4
+    # the key re-checks the selection: records that were not watermarked are dropped
+    mixed_x = np.concatenate([x, images[~a.watermarked][:20]])
+    mixed_y = np.concatenate([sent, a.labels[~a.watermarked][:20]])
+    r = verify(images=mixed_x, labels_sent=mixed_y, predict=lambda z: np.zeros(len(z), int),
+               key=b"k", rate=0.02)
+    assert r.not_selected_dropped == 20 and r.total == n

@@ -61,7 +61,13 @@ def cmd_verify(args) -> int:
     labels = np.asarray(labels, dtype=np.int64)
     predict = lambda x: training.predict_proba(model, x)  # noqa: E731
     results = {"suspect": str(args.suspect), "client": args.client}
-    res = verify(images=images, labels_sent=labels, predict=predict, alpha=args.alpha)
+    key = None if args.no_key else os.environ.get(args.key_env, "").encode() or None
+    if key is None and not args.no_key:
+        from service.config import DEFAULT_SECRET  # the server's default secret
+        key = DEFAULT_SECRET.encode()
+        print(f"${args.key_env} not set: using the server's default secret for the keyed test")
+    kw = dict(alpha=args.alpha, key=key, rate=args.rate)
+    res = verify(images=images, labels_sent=labels, predict=predict, **kw)
     results["all"] = res.as_dict()
     print(f"suspect {args.suspect} ({meta.get('arch')}), records: {len(labels)}"
           + (f" of client {args.client}" if args.client else ""))
@@ -70,8 +76,7 @@ def cmd_verify(args) -> int:
         results["per_client"] = {}
         for c in sorted(set(cids)):
             keep = np.array([x == c for x in cids], dtype=bool)
-            r = verify(images=images[keep], labels_sent=labels[keep], predict=predict,
-                       alpha=args.alpha)
+            r = verify(images=images[keep], labels_sent=labels[keep], predict=predict, **kw)
             results["per_client"][c] = r.as_dict()
             print(f"  client {c}: " + r.summary())
     if args.json:
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--only", nargs="+", choices=["cnn", "trees", "misinformation"])
     tp.add_argument("--train-size", type=int, default=None, help="first N training images")
     tp.add_argument("--cnn-epochs", type=int, default=2)
-    tp.add_argument("--trees", type=int, default=40, help="trees in the ensemble")
+    tp.add_argument("--trees", type=int, default=30, help="trees in the ensemble")
     tp.add_argument("--misinfo-epochs", type=int, default=3)
     tp.add_argument("--threads", type=int, default=1)
     tp.add_argument("--no-progress", action="store_true")
@@ -110,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--records", type=Path, help=".npz with images, labels[, client_ids]")
     vp.add_argument("--client", default=None, help="only this client's records")
     vp.add_argument("--alpha", type=float, default=1e-6, help="significance level (1e-6)")
+    vp.add_argument("--key-env", default="MODELGUARD_SECRET",
+                    help="environment variable holding the server secret (keyed test)")
+    vp.add_argument("--no-key", action="store_true", help="only the unconditional test")
+    vp.add_argument("--rate", type=float, default=None,
+                    help="the watermark rate the server used: re-check each record's selection")
     vp.add_argument("--json", type=Path, default=None, help="also write the result here")
     vp.add_argument("--exit-code", action="store_true", help="exit 2 when not shown stolen")
     vp.add_argument("--threads", type=int, default=1)

@@ -189,7 +189,7 @@ def train_cnn(path: Path, train, test, *, epochs: int = 2, seed: int = SEEDS["cn
     return meta
 
 
-def train_trees(path: Path, train, test, *, n_estimators: int = 40, min_samples_leaf: int = 2,
+def train_trees(path: Path, train, test, *, n_estimators: int = 30, min_samples_leaf: int = 5,
                 seed: int = SEEDS["trees"], progress: bool = True) -> dict:
     from sklearn.ensemble import ExtraTreesClassifier
     from tqdm.auto import tqdm
@@ -245,7 +245,7 @@ def train_misinformation(path: Path, train, test, *, epochs: int = 3, arch: str 
     t0 = time.perf_counter()
     gen = training.seed_everything(seed)
     model = nets.build(arch)
-    xt, yt = training.to_tensor(train.x), torch.from_numpy(np.asarray(train.y, np.int64))
+    xt, yt = training.to_tensor(train.x), torch.from_numpy(np.array(train.y, np.int64))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     bs = 128
     steps = epochs * math.ceil(len(xt) / bs)
@@ -274,7 +274,7 @@ def train_misinformation(path: Path, train, test, *, epochs: int = 3, arch: str 
 
 
 def train_pool(artifacts: Path, *, force: bool = False, train_size: int | None = None,
-               cnn_epochs: int = 2, trees: int = 40, misinfo_epochs: int = 3,
+               cnn_epochs: int = 2, trees: int = 30, misinfo_epochs: int = 3,
                only: list[str] | None = None, progress: bool = True, data_root=None,
                log: Callable[[str], None] = print) -> dict[str, dict]:
     """Train (or reuse) the pool models into artifacts/pool/. Test accuracy is on the full
