@@ -40,7 +40,8 @@ def _train(args) -> int:
         print(f"{out} exists; use --force to retrain")
         return 0
     meta = train_target(out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.seed, root=args.data, limit=args.limit)
+                        seed=args.seed, root=args.data, limit=args.limit,
+                        threads=args.threads)
     print(json.dumps(meta, indent=2))
     print(f"saved {out}: test accuracy {100 * meta['test_accuracy']:.2f}%")
     return 0
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", help="data directory (default: $MODELGUARD_DATA or ./data)")
     t.add_argument("--limit", type=int, help="train on the first N images only")
+    t.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     t.add_argument("--force", action="store_true")
     t.set_defaults(fn=_train)
     args = p.parse_args(argv)
