@@ -35,6 +35,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     a.add_argument("--train-batch", type=int, default=64)
     a.add_argument("--lr", type=float, default=1e-3)
     a.add_argument("--query-batch", type=int, default=256, help="images per Predict call")
+    a.add_argument("--threads", type=int, default=1, help="torch threads for the surrogate")
     o = p.add_argument_group("evaluation and output")
     o.add_argument("--target-checkpoint", type=Path, default=Path("artifacts/target.pt"),
                    help="the target, loaded locally for evaluation only")
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
                                    help=f"{helptext} (default: {default})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    torch.set_num_threads(args.threads)
     try:
         out = run_attack(args.attack, args)
     except Exception as exc:
