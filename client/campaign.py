@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from common import data, training
-from common.types import Level
 
 log = logging.getLogger("modelguard.campaign")
 
@@ -42,16 +41,6 @@ DEFAULT_PLAN = [
 ]
 
 
-def _monitor_config(scenario: str, config_path: Path | None):
-    from monitor import load_config
-
-    cfg = load_config(config_path)
-    if scenario == "undefended":
-        ident = {lvl: {"policy": "identity"} for lvl in Level if lvl != Level.BLOCK}
-        cfg = cfg.model_copy(update={"policies": ident, "watermark": {}})
-    return cfg
-
-
 def _start(scenario: str, args, workdir: Path):
     from service.config import ServerConfig
     from service.dataplane import build_dataplane
@@ -61,8 +50,9 @@ def _start(scenario: str, args, workdir: Path):
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     cfg = ServerConfig(port=0, target=args.target, artifacts=args.artifacts,
-                       monitor_db=workdir / "monitor.db", workers=4, torch_threads=1)
-    return Server(cfg, build_dataplane(cfg, _monitor_config(scenario, args.config))).start()
+                       monitor_config=args.config, monitor_db=workdir / "monitor.db", workers=4,
+                       torch_threads=1, undefended=scenario == "undefended")
+    return Server(cfg, build_dataplane(cfg)).start()
 
 
 def _client_outcome(db: Path, keys: list[str]) -> dict:

@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     s.add_argument("--monitor-db", dest="monitor_db", type=Path)
     s.add_argument("--api-keys", dest="api_keys", type=Path,
                    help="TOML of name = \"key\"; default: any key is accepted")
+    s.add_argument("--undefended", action="store_true", default=None,
+                   help="answer with the plain target at every level (baseline); the monitor "
+                        "still watches and logs")
     s.set_defaults(fn=_serve)
     t = sub.add_parser("train", help="train the default target model")
     t.add_argument("--out", default=str(ServerConfig().target))

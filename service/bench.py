@@ -31,8 +31,6 @@ def main(argv=None) -> int:
 
     from client.api import ModelClient
     from common import data
-    from common.types import Level
-    from monitor import load_config
     from service.config import ServerConfig
     from service.dataplane import build_dataplane
     from service.server import Server
@@ -50,11 +48,9 @@ def main(argv=None) -> int:
 
     pool = data.attack_pool().x
     tmp = Path(tempfile.mkdtemp(prefix="mg-bench-"))
-    ident = {lvl: {"policy": "identity"} for lvl in Level if lvl != Level.BLOCK}
-    mcfg = load_config(None).model_copy(update={"policies": ident, "watermark": {}})
     cfg = ServerConfig(port=0, target=args.target, monitor_db=tmp / "monitor.db",
-                       workers=args.workers, torch_threads=args.torch_threads)
-    plane = build_dataplane(cfg, mcfg)
+                       workers=args.workers, torch_threads=args.torch_threads, undefended=True)
+    plane = build_dataplane(cfg)
     server = Server(cfg, plane).start()
     out = {"workers": args.workers, "torch_threads": args.torch_threads,
            "cpu_count": os.cpu_count()}

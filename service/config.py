@@ -29,6 +29,8 @@ class ServerConfig(BaseModel):
     secret: str = Field(default_factory=lambda: os.environ.get("MODELGUARD_SECRET",
                                                                DEFAULT_SECRET), repr=False)
     grace_s: float = Field(5.0, ge=0)
+    undefended: bool = Field(False, description="answer with the plain target at every level "
+                                                "(the monitor still watches and logs): a baseline")
 
     @field_validator("host")
     @classmethod

@@ -126,9 +126,14 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
     torch.set_num_threads(cfg.torch_threads)
     model = TargetModel.load(cfg.target)
     if monitor_config is None:
-        mon = Monitor.from_file(cfg.monitor_config, cfg.monitor_db)
-    else:
-        mon = Monitor(monitor_config, cfg.monitor_db)
+        from monitor import load_config
+
+        monitor_config = load_config(cfg.monitor_config)
+    if cfg.undefended:
+        monitor_config = monitor_config.model_copy(update={
+            "policies": {lvl: {"policy": "identity"} for lvl in Level if lvl != Level.BLOCK},
+            "watermark": {}})
+    mon = Monitor(monitor_config, cfg.monitor_db)
     key = cfg.secret.encode()
     policies = {Level.parse(lvl): build_policy(spec, artifacts=cfg.artifacts)
                 for lvl, spec in mon.config.policies.items() if Level.parse(lvl) != Level.BLOCK}
