@@ -166,3 +166,31 @@ def test_keyed_test_recovers_the_honest_label_and_is_sharper():
     r = verify(images=mixed_x, labels_sent=mixed_y, predict=lambda z: np.zeros(len(z), int),
                key=b"k", rate=0.02)
     assert r.not_selected_dropped == 20 and r.total == n
+
+
+def test_verify_cli_on_records(tmp_path, capsys):
+    import json
+
+    from service.defences.__main__ import main
+
+    torch.set_num_threads(1)
+    x, y = synthetic(300, 7)
+    model = training.train(nets.build("mlp", hidden=32), x, y,
+                           training.TrainConfig(epochs=5, progress=False, seed=0))
+    ck = tmp_path / "suspect.pt"
+    training.save_checkpoint(ck, model, "mlp", {"hidden": 32}, {})
+    # records whose 'sent' labels are what the model predicts: it reproduces every one
+    pred = training.predict_proba(model, x[:40]).argmax(1)
+    rec = tmp_path / "records.npz"
+    np.savez(rec, images=x[:40].astype(np.float32) / 255, labels=pred,
+             client_ids=np.array(["a"] * 20 + ["b"] * 20))
+    out_json = tmp_path / "v.json"
+    main(["verify", "--suspect", str(ck), "--records", str(rec), "--no-key",
+          "--json", str(out_json)])
+    res = json.loads(out_json.read_text())
+    assert res["all"]["matches"] == 40 and res["all"]["stolen"]
+    assert set(res["per_client"]) == {"a", "b"}
+    assert "OWNERSHIP SHOWN" in capsys.readouterr().out
+    main(["verify", "--suspect", str(ck), "--records", str(rec), "--no-key", "--client", "b",
+          "--json", str(out_json)])
+    assert json.loads(out_json.read_text())["all"]["total"] == 20

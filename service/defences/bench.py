@@ -55,7 +55,10 @@ def add_arguments(ap) -> None:
     ap.add_argument("--wm-rates", type=float, nargs="+", default=[0.005, 0.02])
     ap.add_argument("--wm-epochs", type=int, default=30,
                     help="surrogate epochs in the watermark demo (the attack's own default)")
+    ap.add_argument("--wm-attacks", nargs="+", default=["copycat", "copycat_labels"],
+                    choices=["copycat", "copycat_labels"])
     ap.add_argument("--independent-epochs", type=int, default=5)
+    ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-progress", action="store_true")
 
@@ -198,6 +201,8 @@ class _Bench:
             wm = Watermark(BENCH_KEY, rate)
             res_rate = {}
             for key, cls in (("copycat", Copycat), ("copycat_labels", CopycatLabels)):
+                if key not in self.args.wm_attacks:
+                    continue
                 oracle = self.oracle(build_policy({"policy": "identity"}), self.args.budget, wm)
                 res = self.attack(cls, oracle, ep)
                 rx = np.concatenate([r[0] for r in oracle.records])
@@ -207,7 +212,7 @@ class _Bench:
                 ev = self.evaluate(res.surrogate)
                 res_rate[key] = {"verify": r.as_dict(), **ev}
                 print(f"watermark rate {rate} {key}: {r.summary()}", flush=True)
-                if key == "copycat":
+                if "nulls" not in res_rate:
                     res_rate["nulls"] = {}
                     for nname, m in nulls.items():
                         rn = verify(images=rx, labels_sent=ry, predict=predictor(m), key=BENCH_KEY,
@@ -218,8 +223,11 @@ class _Bench:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     np.savez_compressed(path, images=rx, labels=ry,
                                         client_ids=np.array(["attacker"] * len(ry)))
-                    res.save_surrogate(self.args.out / f"wm_suspect_rate{rate}.pt")
+                res.save_surrogate(self.args.out / f"wm_suspect_{key}_rate{rate}.pt")
             out["rates"][str(rate)] = res_rate
+        clean_path = self.args.out / "wm_clean_copycat.pt"
+        training.save_checkpoint(clean_path, clean, self.args.surrogate, {},
+                                 {"note": "copycat through the un-watermarked API"})
         training.save_checkpoint(self.args.out / "wm_independent.pt", indep, "mlp", {},
                                  {"note": "independent model for the watermark demo"})
         return out
@@ -258,6 +266,8 @@ def markdown(rows: list[dict], wm: dict | None, args, target_meta: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for rate, res in wm["rates"].items():
             for key in ("copycat", "copycat_labels"):
+                if key not in res:
+                    continue
                 v = res[key]["verify"]
                 lines.append(f"| {rate} | {key} stolen through the watermarked API "
                              f"(stolen acc {_fmt(res[key]['stolen_accuracy'])}) | "
@@ -284,7 +294,7 @@ def main(args) -> int:
               "target": b.target_meta, "rows": rows, "watermark": wm,
               "surrogate_trainings": b.trainings,
               "wall_time_s": round(time.perf_counter() - t0, 1)}
-    suffix = "" if not args.rows else "_partial"
+    suffix = args.tag or ("" if not args.rows else "_partial")
     (args.out / f"defences{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(rows, wm, args, b.target_meta)
     (args.out / f"defences{suffix}.md").write_text(md + "\n")
