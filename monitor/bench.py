@@ -107,13 +107,20 @@ def mnist_stream(n: int = 5000, seed: int = 0) -> np.ndarray:
     return to_float(m.x[rng.permutation(len(m))[:n]])
 
 
-def random_perturbation_stream(n: int = 3000, eps: float = 0.1, seed: int = 0) -> np.ndarray:
-    """Pool images plus uniform noise in [-eps, eps] (the 'random perturbation' attack)."""
+def random_perturbation_stream(n_seeds: int = 150, rounds: int = 5, lam: float = 0.1,
+                               seed: int = 0) -> np.ndarray:
+    """PRADA's random-perturbation baseline: like JBDA but x + lam * (random sign) each round
+    (no surrogate), from ``n_seeds`` pool images. 150 * 2**rounds queries."""
     from common import data
     pool = data.attack_pool()
     rng = np.random.default_rng(seed)
-    base = to_float(pool.x[rng.integers(0, len(pool), n)])
-    return np.clip(base + rng.uniform(-eps, eps, base.shape), 0, 1).astype(np.float32)
+    X = to_float(pool.x[rng.choice(len(pool), n_seeds, replace=False)])
+    stream = [X]
+    for _ in range(rounds):
+        new = np.clip(X + lam * rng.choice([-1.0, 1.0], X.shape), 0, 1).astype(np.float32)
+        stream.append(new)
+        X = np.concatenate([X, new])
+    return np.concatenate(stream)
 
 
 # --- running a stream through the monitor -------------------------------------------------------
@@ -138,23 +145,30 @@ def escalations(monitor, client: str) -> list[dict]:
         return q.transitions(client)
 
 
-def calibrate(cfg, target, seed: int = 0) -> dict:
-    from monitor import Monitor
+def calibrate(cfg, target, seed: int = 0, db_path=None) -> dict:
+    from monitor import Monitor, QueryLog
     out = {}
     streams = dict(honest_streams(seed))
     t0 = time.time()
     streams["papernot-150-seeds"] = papernot_stream(target, seed=seed)
     streams["mnist-knockoff"] = mnist_stream(5000, seed)
-    streams["random-perturbation"] = random_perturbation_stream(3000, 0.1, seed)
+    streams["random-perturbation"] = random_perturbation_stream(seed=seed)
     gen_s = time.time() - t0
-    mon = Monitor(cfg, None, clock=FakeClock())
+    mon = Monitor(cfg, db_path, clock=FakeClock())
     try:
         for name, x in streams.items():
             p = proba(target, x)
             run_stream(mon, name, x, p)
             trs = escalations(mon, name)
             eng = mon._engines[name]
+            with QueryLog(mon.db_path) as q:
+                ser = q.series(name)
+            ood = ser["s_ood"][cfg.detectors.ood.min_queries - 1:]
+            ext = {"min_prada_W": np.nanmin(ser["s_prada"]), "max_ood_share": np.nanmax(ood),
+                   "min_similarity": np.nanmin(ser["s_similarity"]),
+                   "max_volume": np.nanmax(ser["s_volume"])}
             out[name] = {"queries": len(x), "final_level": eng.level.name,
+                         "extremes": {k: round(float(v), 4) for k, v in ext.items()},
                          "first_reached": {tr["to_level"].name: tr["qn"] for tr in trs},
                          "rules": [f"q{tr['qn']}: {tr['from_level'].name}->{tr['to_level'].name}"
                                    f" ({tr['rule']})" for tr in trs]}
@@ -215,6 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--histories", default="1000,100000")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--db", help="keep the calibration streams' log here (for python -m monitor)")
     a = ap.parse_args(argv)
     from monitor import load_config
     cfg = load_config(a.config)
@@ -222,13 +237,14 @@ def main(argv=None) -> int:
     if not a.skip_calibration:
         target, desc = get_target(a.target, a.seed)
         results["target"] = desc
-        results["calibration"] = calibrate(cfg, target, a.seed)
+        results["calibration"] = calibrate(cfg, target, a.seed, a.db)
         print(f"target: {desc}")
         for name, r in results["calibration"].items():
             if name.startswith("_"):
                 continue
             print(f"{name:24s} {r['queries']:6d} queries  final {r['final_level']:10s} "
                   f"first reached: {r['first_reached'] or '-'}")
+            print(" " * 26 + "  ".join(f"{k} {v}" for k, v in r["extremes"].items()))
     if not a.skip_cost:
         hs = tuple(int(h) for h in a.histories.split(","))
         results["cost"] = cost(cfg, hs)

@@ -95,7 +95,7 @@ class Rule(_Strict):
     @field_validator("level", mode="before")
     @classmethod
     def _parse_level(cls, v: Any) -> Level:
-        return Level.parse(v)
+        return Level.parse(int(v) if isinstance(v, str) and v.isdigit() else v)
 
     @field_validator("detectors", mode="before")
     @classmethod
@@ -145,7 +145,7 @@ class MonitorConfig(_Strict):
             raise ValueError("policies must be a table of level -> {policy = ..., ...}")
         out = {}
         for k, p in v.items():
-            lvl = Level.parse(k)
+            lvl = Level.parse(int(k) if isinstance(k, str) and k.isdigit() else k)
             if lvl in out:
                 raise ValueError(f"level {lvl.name} has two policies")
             if not isinstance(p, dict) or not isinstance(p.get("policy"), str):

@@ -21,13 +21,8 @@ log = logging.getLogger("modelguard.monitor")
 
 def rebuild_engine(cfg: MonitorConfig, qlog: QueryLog, client: str) -> ClientEngine:
     """Re-run a client's detectors and ladder over its logged stream (no side effects)."""
-    eng = ClientEngine(cfg, client)
-    for item, t, x, p in qlog.stream(client):
-        if item == 0:
-            eng.begin_batch(t)
-        xd, _ = det_view(x[None])
-        eng.step(xd[0], p, t)
-    return eng
+    from monitor.replay import replay_client
+    return replay_client(cfg, qlog, client)[0]
 
 
 class Monitor:
@@ -60,6 +55,9 @@ class Monitor:
         lc = config.log
         self._writer = Writer(self.db_path, lc.batch_size, lc.flush_seconds, lc.retention_days)
         self._reader = QueryLog(self.db_path, create=True)
+        with self._reader.con:  # the thresholds in force, for `python -m monitor plot/show`
+            self._reader.con.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)",
+                                     (config.model_dump_json(),))
         self._reader_lock = threading.Lock()
         self._engines: dict[str, ClientEngine] = {}
         self._locks: dict[str, threading.Lock] = {}

@@ -1,0 +1,267 @@
+"""``python -m monitor``: inspect the query log, plot detector scores, export, replay.
+
+The database is ``--db PATH``, else $MODELGUARD_MONITOR_DB, else artifacts/monitor.db.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from common.types import Level
+
+DEFAULT_DB = "artifacts/monitor.db"
+SHORT = {"s_prada": "prada W", "s_ood": "ood rate", "s_similarity": "sim kNN", "s_volume": "volume"}
+DETS = ("prada", "ood", "similarity", "volume")
+
+
+class CliError(Exception):
+    pass
+
+
+def _ts(t) -> str:
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt(v, d=3) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-"
+    return f"{v:.0f}" if float(v).is_integer() and abs(v) >= 10 else f"{v:.{d}f}"
+
+
+def _open(db: str):
+    from monitor.log import QueryLog
+    if not Path(db).exists():
+        raise CliError(f"no monitor database at {db} (set --db or MODELGUARD_MONITOR_DB; the "
+                       f"server writes it while answering queries)")
+    return QueryLog(db)
+
+
+def _need_client(q, client: str) -> None:
+    if not q.has_client(client):
+        known = q.client_ids()
+        hint = f"; known clients: {', '.join(known[:20])}" if known else "; the log is empty"
+        raise CliError(f"unknown client {client!r}{hint}")
+
+
+def _live_config(q, path: str | None):
+    """The config given with --config, else the one the monitor last ran with, else default."""
+    from monitor.config import MonitorConfig, load_config
+    if path:
+        return load_config(path)
+    r = q.con.execute("SELECT value FROM meta WHERE key='config'").fetchone()
+    return MonitorConfig.model_validate_json(r[0]) if r else load_config(None)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w[i]) for i, c in enumerate(cells)).rstrip()  # noqa
+    return "\n".join([line(headers), line(["-" * x for x in w])] + [line(r) for r in rows])
+
+
+def _fired_names(mask) -> str:
+    if mask is None:
+        return "-"
+    names = [d for i, d in enumerate(DETS) if int(mask) >> i & 1]
+    return ",".join(names) or "-"
+
+
+# --- commands -----------------------------------------------------------------------------------
+def cmd_clients(a) -> int:
+    with _open(a.db) as q:
+        rows = []
+        for d in q.summary():
+            s = d["scores"]
+            rows.append([d["client"], str(d["queries"]), d["level"].name,
+                         f"{_ts(d['escalated_t'])} (q{d['escalated_qn']})" if d["escalated_t"]
+                         else "-",
+                         *(_fmt(s.get(k)) for k in SHORT), _fired_names(s.get("fired"))])
+        if not rows:
+            print("(no clients in the log)")
+            return 0
+        print(_table(["client", "queries", "level", "escalated", *SHORT.values(), "firing"], rows))
+    return 0
+
+
+def cmd_show(a) -> int:
+    with _open(a.db) as q:
+        _need_client(q, a.client)
+        cfg = _live_config(q, a.config)
+        d = next(x for x in q.summary() if x["client"] == a.client)
+        print(f"client {a.client}: {d['queries']} queries logged "
+              f"({_ts(d['first_t'])} .. {_ts(d['last_t'])}), level {d['level'].name}")
+        det = cfg.detectors
+        th = {"s_prada": f"< {det.prada.delta}", "s_ood": f"> {det.ood.threshold}",
+              "s_similarity": f"< {det.similarity.threshold}", "s_volume": f"> {det.volume.threshold}"}
+        print("latest scores: " + ", ".join(f"{SHORT[k]} {_fmt(d['scores'].get(k))} (fires {th[k]})"
+                                            for k in SHORT))
+        trs = q.transitions(a.client)
+        if not trs:
+            print("no escalation")
+            return 0
+        print(f"escalation timeline ({len(trs)} transitions):")
+        for tr in trs:
+            print(f"  {_ts(tr['t'])}  query {tr['qn']:>7d}  {tr['from_level'].name} -> "
+                  f"{tr['to_level'].name}   rule: {tr['rule']}")
+            for ev in tr["evidence"]:
+                hits = (f", hit {ev['hits']} of {ev['min_hits']} needed" if "hits" in ev else "")
+                print(f"      {ev['detector']}: value {_fmt(ev['value'], 4)}, threshold "
+                      f"{_fmt(ev['threshold'], 4)}{hits}")
+    return 0
+
+
+def cmd_plot(a) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with _open(a.db) as q:
+        _need_client(q, a.client)
+        cfg = _live_config(q, a.config)
+        s = q.series(a.client)
+        trs = q.transitions(a.client)
+    if len(s["qn"]) == 0:
+        raise CliError(f"client {a.client!r} has no logged queries to plot")
+    det = cfg.detectors
+    panels = [("s_prada", "PRADA Shapiro-Wilk W", det.prada.delta, "alarm below"),
+              ("s_ood", f"OOD share (top prob < {det.ood.tau})", det.ood.threshold, "alarm above"),
+              ("s_similarity", f"similarity: mean L2 to {det.similarity.k}-NN",
+               det.similarity.threshold, "alarm below"),
+              ("s_volume", f"volume: queries in {det.volume.window_seconds:g}s",
+               det.volume.threshold, "alarm above")]
+    panels = [p for p in panels if np.isfinite(s[p[0]]).any()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.3 * len(panels) + 0.8), sharex=True,
+                             squeeze=False)
+    colors = {Level.NOISE: "tab:orange", Level.LABEL_ONLY: "tab:red", Level.SWITCH: "tab:purple",
+              Level.BLOCK: "black", Level.NORMAL: "tab:green"}
+    for ax, (col, title, thr, how) in zip(axes[:, 0], panels):
+        ax.plot(s["qn"], s[col], lw=0.9, color="tab:blue")
+        ax.axhline(thr, ls="--", color="gray", lw=1, label=f"threshold {thr:g} ({how})")
+        ax.set_ylabel(title, fontsize=8)
+        ax.legend(loc="best", fontsize=7)
+        ax.grid(alpha=0.3)
+        for tr in trs:
+            ax.axvline(tr["qn"], color=colors[tr["to_level"]], lw=1.2)
+    top = axes[0, 0]
+    for tr in trs:
+        top.annotate(f"{tr['to_level'].name} q{tr['qn']}", (tr["qn"], 1.0), xycoords=("data", "axes fraction"),
+                     xytext=(2, 2), textcoords="offset points", fontsize=8, rotation=0,
+                     color=colors[tr["to_level"]], va="bottom")
+    axes[-1, 0].set_xlabel("client query count")
+    fig.suptitle(f"monitor: client {a.client} ({len(s['qn'])} queries)", y=0.995)
+    fig.tight_layout()
+    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(a.output, dpi=110)
+    print(f"wrote {a.output}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    with _open(a.db) as q:
+        if a.client:
+            _need_client(q, a.client)
+        if a.what == "transitions":
+            rows = [dict(r, from_level=r["from_level"].name, to_level=r["to_level"].name)
+                    for r in q.transitions(a.client)]
+        else:
+            rows = [dict(r, level=Level(r["level"]).name, level_after=Level(r["level_after"]).name)
+                    for r in q.iter_rows(a.client)]
+        out = open(a.output, "w", newline="") if a.output else sys.stdout
+        try:
+            if a.format == "jsonl":
+                for r in rows:
+                    out.write(json.dumps(r) + "\n")
+            else:
+                if rows:
+                    w = csv.DictWriter(out, fieldnames=list(rows[0]))
+                    w.writeheader()
+                    for r in rows:
+                        w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                                    for k, v in r.items()})
+        finally:
+            if a.output:
+                out.close()
+        if a.output:
+            print(f"wrote {len(rows)} {a.what} rows to {a.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_replay(a) -> int:
+    from monitor.config import load_config
+    from monitor.replay import replay
+    cfg = load_config(a.config)
+    with _open(a.db) as q:
+        clients = a.client or q.client_ids()
+        for c in clients:
+            _need_client(q, c)
+        live = {c: q.transitions(c) for c in clients}
+    res = replay(a.db, cfg, clients)
+    fmt_tr = lambda lst: ", ".join(f"{x[1].name}@q{x[0]}" for x in lst) or "never escalated"  # noqa
+    rows = []
+    changed = 0
+    for c in clients:
+        lv = [(t["qn"], t["to_level"]) for t in live[c]]
+        rp = [(t.qn, t.to_level) for t in res[c]["transitions"]]
+        same = lv == rp
+        changed += not same
+        rows.append([c, str(res[c]["queries"]), fmt_tr(lv), fmt_tr(rp), "same" if same else "DIFF"])
+    print(f"replay of {len(clients)} client(s) under {a.config}")
+    print(_table(["client", "queries", "live escalations", "replayed escalations", ""], rows))
+    if a.verbose:
+        for c in clients:
+            for t in res[c]["transitions"]:
+                ev = "; ".join(f"{e['detector']}={_fmt(e['value'], 4)} vs {_fmt(e['threshold'], 4)}"
+                               for e in t.evidence)
+                print(f"  {c}: q{t.qn} {t.from_level.name}->{t.to_level.name} ({t.rule}) {ev}")
+    print(f"{changed} client(s) would be escalated differently")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m monitor", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--db", default=os.environ.get("MODELGUARD_MONITOR_DB", DEFAULT_DB),
+                    help="monitor database (default: $MODELGUARD_MONITOR_DB or %(default)s)")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = sub.add_parser("clients", help="table of clients: queries, level, escalation, latest scores")
+    p.set_defaults(fn=cmd_clients)
+    p = sub.add_parser("show", help="a client's escalation timeline with evidence")
+    p.add_argument("client")
+    p.add_argument("--config", help="thresholds to display (default: those the monitor ran with)")
+    p.set_defaults(fn=cmd_show)
+    p = sub.add_parser("plot", help="detector scores over the query count, thresholds, escalations")
+    p.add_argument("client")
+    p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    p.add_argument("--config", help="thresholds to draw (default: those the monitor ran with)")
+    p.set_defaults(fn=cmd_plot)
+    p = sub.add_parser("export", help="export the query log or the transitions as CSV or JSON Lines")
+    p.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    p.add_argument("--what", choices=("queries", "transitions"), default="queries")
+    p.add_argument("--client", help="only this client")
+    p.add_argument("-o", "--output", help="file (default: stdout)")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("replay", help="re-run detectors and ladder offline under another config")
+    p.add_argument("--config", required=True, help="monitor TOML to evaluate")
+    p.add_argument("--client", action="append", help="only this client (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every replayed transition")
+    p.set_defaults(fn=cmd_replay)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    from monitor.config import ConfigError
+    try:
+        return a.fn(a)
+    except (CliError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
