@@ -30,9 +30,10 @@ class AttackResult:
     wall_time_s: float
     answer_kinds: dict[str, int]
     extra: dict = field(default_factory=dict)
+    surrogate_kwargs: dict = field(default_factory=dict)  # e.g. {"hidden": 131} (equivalent)
 
     def save_surrogate(self, path: str | Path) -> Path:
-        training.save_checkpoint(path, self.surrogate, self.surrogate_arch, {},
+        training.save_checkpoint(path, self.surrogate, self.surrogate_arch, self.surrogate_kwargs,
                                  {"attack": self.attack, "queries": self.queries_used})
         return Path(path)
 
@@ -63,6 +64,14 @@ class Attack(ABC):
     """Base class. Subclasses implement :meth:`steal`."""
 
     name = "attack"
+    # Declarative CLI conventions (read by client/cli.py):
+    #   params: extra constructor keyword arguments, {name: (type, default, help)};
+    #   needs:  data the CLI passes as keyword arguments: "pool" -> data.attack_pool(),
+    #           "ood" -> data.ood_pool();
+    #   answers: "probabilities" if the attack needs them, "labels" if labels suffice.
+    params: dict[str, tuple] = {}
+    needs: tuple[str, ...] = ()
+    answers: str = "labels"
 
     def __init__(self, oracle: Oracle, budget: int, *, seed: int = 0, surrogate: str = "cnn",
                  train_config: training.TrainConfig | None = None, batch_size: int = 256,
@@ -81,6 +90,7 @@ class Attack(ABC):
         self.batch_size = batch_size
         self.progress = progress
         self.extra: dict = {}
+        self.surrogate_kwargs: dict = {}
 
     def new_surrogate(self) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -106,4 +116,5 @@ class Attack(ABC):
         used = self.oracle.queries_used - start_used
         assert used <= self.budget, f"{self.name} used {used} > budget {self.budget}"
         return AttackResult(self.name, model, self.surrogate_arch, used,
-                            time.perf_counter() - t0, dict(self.oracle.kinds), dict(self.extra))
+                            time.perf_counter() - t0, dict(self.oracle.kinds), dict(self.extra),
+                            dict(self.surrogate_kwargs))

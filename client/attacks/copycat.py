@@ -11,7 +11,6 @@ from client.attacks.base import Attack, answer_targets
 
 class Copycat(Attack):
     name = "copycat"
-    needs = ("pool",)
     answers = "probabilities"
     needs = ("pool",)
     params: dict = {}
