@@ -88,3 +88,15 @@ def test_sybil_over_grpc_uses_n_distinct_keys(grpc_target, target):
     assert set(seen) == set(keys)                      # the server saw three clients
     assert sum(seen.values()) == 300 and max(seen.values()) <= 100
     assert agreement(result.surrogate, target) > 0.5
+
+
+def test_honest_clients_over_grpc(grpc_target):
+    from client.honest import HonestConfig, run_honest
+
+    oracles = [grpc_target.oracle(f"honest-e2e-{i}") for i in range(2)]
+    out = run_honest(oracles, data.attack_pool(), seed=0, config=HonestConfig(queries=100))
+    assert out["clients"] == 2 and out["queries"] == sum(o.queries_used for o in oracles)
+    assert out["prob_share"] == 1.0 and out["clients_losing_probabilities"] == 0  # undefended
+    assert out["accuracy"] > 0.5
+    seen = _server_counts(grpc_target.monitor_db, "honest-e2e-", out["queries"])
+    assert sum(seen.values()) == out["queries"] and len(seen) == 2

@@ -10,6 +10,8 @@ from client.attacks.base import Attack, answer_targets
 
 
 class Copycat(Attack):
+    """Copycat: query pool images once each, train on the returned probabilities."""
+
     name = "copycat"
     answers = "probabilities"
     needs = ("pool",)
