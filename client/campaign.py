@@ -100,16 +100,18 @@ def _run_attack(address: str, scenario: str, label: str, name: str, budget: int,
 
 def _run_honest(address: str, scenario: str, n: int, queries: int, seed: int) -> list[dict]:
     from client.api import RemoteOracle
-    from client.honest import HonestClient
+    from client.honest import HonestClient, HonestConfig
 
     pool = data.attack_pool()
     out = []
     for i in range(n):
         key = f"{scenario}/honest-{i}"
         oracle = RemoteOracle(address, key)
-        stats = HonestClient(oracle, pool, seed=seed + i, queries=queries, pacing=0.0).run()
+        stats = HonestClient(oracle, pool, seed + i, HonestConfig(queries=queries),
+                             name=key).run().as_dict()
         oracle.close()
-        out.append({"scenario": scenario, "client": key, **stats})
+        out.append({**stats, "scenario": scenario, "client": key,
+                    "probability_share": stats["prob_share"]})
     return out
 
 
