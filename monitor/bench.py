@@ -212,6 +212,8 @@ def cost(cfg, histories=(1000, 100000), measure: int = 200, seed: int = 0) -> di
             gsize = sum(b.n for b in eng.dets["prada"].G) if "prada" in eng.dets else 0
             res[f"{h}"] = {"ms_per_query": round(dt * 1e3, 3), "history": total - measure,
                            "prada_growing_set": gsize}
+            print(f"observe cost with {h:>7,d} queries of history: {dt * 1e3:.3f} ms/query "
+                  f"(PRADA growing set {gsize})", flush=True)
         finally:
             mon.close()
     return res
@@ -248,9 +250,6 @@ def main(argv=None) -> int:
     if not a.skip_cost:
         hs = tuple(int(h) for h in a.histories.split(","))
         results["cost"] = cost(cfg, hs)
-        for h, r in results["cost"].items():
-            print(f"observe cost with {int(h):>7,d} queries of history: {r['ms_per_query']:.3f} "
-                  f"ms/query (PRADA growing set {r['prada_growing_set']})")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(results, indent=2))
