@@ -58,7 +58,7 @@ def test_attack_over_grpc(grpc_target, target, name, params, budget, min_fid):
         rec = result.surrogate.fc1.weight.detach().numpy()[:result.extra["recovered_units"]]
         cos = np.abs((rec / np.linalg.norm(rec, axis=1, keepdims=True))
                      @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T).max(1)
-        assert len(rec) >= 1 and (cos > 0.999).all(), cos
+        assert len(rec) >= 1 and (cos > 0.995).all(), cos
 
 
 def _server_counts(db, prefix, expect, timeout=10.0):

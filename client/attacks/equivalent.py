@@ -50,14 +50,18 @@ class FunctionallyEquivalent(Attack):
     params = {
         "lines_per_batch": (int, 8, "segments searched between neuron recoveries"),
         "patience": (int, 4, "stop after this many line batches without a new unit"),
-        "fd_step": (float, 0.02, "finite-difference step for the weight rows"),
+        "fd_step": (float, 0.001, "finite-difference step for the weight rows"),
         "fit_queries": (int, 1000, "extra pool images queried for the second-layer fit"),
         "max_units": (int, 0, "stop after recovering this many units (0 = no limit)"),
+        "pca": (int, 32, "pool principal directions used for the linear part of units never "
+                         "seen switching"),
+        "contrast": (float, 0.5, "segment ends: pool images shrunk towards the mean image by a "
+                                 "random factor in [contrast, 1] (1 = raw pool images)"),
     }
 
     def __init__(self, oracle, budget, *, pool: data.Split, lines_per_batch: int = 8,
-                 patience: int = 4, fd_step: float = 0.02, fit_queries: int = 1000,
-                 max_units: int = 0, **kw):
+                 patience: int = 4, fd_step: float = 0.001, fit_queries: int = 1000,
+                 max_units: int = 0, contrast: float = 0.5, pca: int = 32, **kw):
         super().__init__(oracle, budget, **kw)
         self.pool = pool
         self.lines_per_batch = max(1, lines_per_batch)
@@ -65,6 +69,8 @@ class FunctionallyEquivalent(Attack):
         self.fd_step = fd_step
         self.fit_queries = max(0, min(fit_queries, budget // 10))
         self.max_units = max_units
+        self.pca = max(0, pca)
+        self.contrast = float(np.clip(contrast, 0.0, 1.0))
         self.surrogate_arch = "mlp"  # the extracted model has the target's architecture class
 
     # -- oracle access -----------------------------------------------------------------------
@@ -214,8 +220,14 @@ class FunctionallyEquivalent(Attack):
 
     def _known(self, kink: dict) -> bool:
         u = self._unit(kink["jump"])
-        for a_dir, w, b in zip(self._a_dirs, self._w, self._b):
-            if abs(u @ a_dir) > 0.995 and abs(w @ kink["x"] + b) < 0.1:
+        for j, (a_dir, w, b) in enumerate(zip(self._a_dirs, self._w, self._b)):
+            if abs(u @ a_dir) < 0.98 or abs(w @ kink["x"] + b) > 0.1:
+                continue
+            # the jump must also be a_j |w_j . dir| (always towards a_j: one side is active),
+            # a check in 784-dim space that tells apart units with similar output weights
+            pred = self._a_sign[j] * a_dir * abs(float(self._w_raw[j] @ kink["dir"]))
+            if np.linalg.norm(pred - kink["jump"]) < 0.1 * np.linalg.norm(kink["jump"]):
+                self._pts[j].append(kink["x"])  # another point on unit j's hyperplane
                 return True
         return False
 
@@ -279,33 +291,68 @@ class FunctionallyEquivalent(Attack):
             self._rejected += 1
             return False
         # the slope jump seen along the line must equal a_j (w_j . dir) with this w
+        w_raw = w.copy()
         pred = u * float(w @ kink["dir"])
         if np.linalg.norm(pred - kink["jump"]) > 0.05 * np.linalg.norm(kink["jump"]):
             self._rejected += 1
             return False
         w = w / n
         self._ratios.append(ratio)
+        # a unit we already have (its kink escaped the matcher): average the two measurements
+        # of the row instead of adding a copy, and do not count it as new
+        for j, wj in enumerate(self._w):
+            c = float(w @ wj)
+            if abs(c) > 0.998 and abs(float(wj @ kink["x"]) + self._b[j]) < 0.1:
+                self._wsum[j] += np.sign(c) * w
+                self._pts[j].append(kink["x"])
+                self._merged += 1
+                return False
         self._w.append(w)
+        self._w_raw.append(w_raw)
+        self._a_sign.append(float(np.sign(u @ kink["jump"])))
+        self._wsum.append(w.copy())
         self._b.append(-float(w @ kink["x"]))
+        self._pts.append([kink["x"]])
         self._a_dirs.append(u)
         return True
 
+    def _shrink(self, x: np.ndarray, mean_img: np.ndarray) -> np.ndarray:
+        """Segment ends: pool images pulled towards the pool's mean image by a random factor in
+        [contrast, 1]. Lower contrast means less extreme logits, so fewer probabilities underflow
+        float32 (a target confident beyond ~85 nats returns exact zeros, whose logs are lost);
+        the hyperplanes recovered are global, so where they are found does not matter."""
+        if self.contrast >= 1.0:
+            return x
+        a = self._rng.uniform(self.contrast, 1.0, size=(len(x), 1))
+        return mean_img + a * (x - mean_img)
+
     # -- 4. second layer ----------------------------------------------------------------------
     def _fit_second_layer(self, W: np.ndarray, b: np.ndarray):
+        """Least squares of the centred logits on [relu(z), relu(-z), P (x - mu), 1] with
+        z = W x + b, over every answer collected. Both orientations are needed because each
+        recovered row's sign is unknown (relu(z) - relu(-z) = z). P holds the pool's top
+        principal directions: they carry the linear part of units that never switch where we
+        looked (always active there), without the overfitting of a free 784-dim linear term.
+        Returns (A_plus (10, h), A_minus (10, h), L_pca (10, 784), c (10,), samples)."""
         X = np.concatenate(self._fit_x)
         G = np.concatenate(self._fit_g)
-        h = len(W)
-        p = h + 784 + 1
+        h, P, mu = len(W), self._pcs, self._mu
+        k = len(P)
+        p = 2 * h + k + 1
         XtX = np.zeros((p, p))
         XtG = np.zeros((p, NUM_CLASSES))
         for i in range(0, len(X), 4096):
             xb = X[i:i + 4096]
-            F = np.concatenate([np.maximum(xb @ W.T + b, 0), xb, np.ones((len(xb), 1))], 1)
+            z = xb @ W.T + b
+            F = np.concatenate([np.maximum(z, 0), np.maximum(-z, 0), (xb - mu) @ P.T,
+                                np.ones((len(z), 1))], 1)
             XtX += F.T @ F
             XtG += F.T @ G[i:i + 4096]
-        reg = 1e-9 * np.trace(XtX) / p
+        reg = 1e-10 * np.trace(XtX) / p
         coef = np.linalg.solve(XtX + reg * np.eye(p), XtG)
-        return coef[:h].T, coef[h:h + 784].T, coef[-1], len(X)   # A (10,h), L (10,784), c (10,)
+        Lp = coef[2 * h:2 * h + k].T @ P
+        c = coef[-1] - Lp @ mu
+        return coef[:h].T, coef[h:2 * h].T, Lp, c, len(X)
 
     def steal(self):
         from tqdm.auto import tqdm
@@ -313,10 +360,15 @@ class FunctionallyEquivalent(Attack):
         self._start = self.oracle.queries_used
         self._rng = np.random.default_rng(self.seed)
         self._fit_x, self._fit_g = [], []
-        self._w, self._b, self._a_dirs, self._ratios = [], [], [], []
+        self._w, self._b, self._a_dirs, self._ratios, self._pts = [], [], [], [], []
+        self._wsum, self._merged, self._w_raw, self._a_sign = [], 0, [], []
         self._clipped = self._retried = self._rejected = 0
         self._bar = None
         pool = self.pool.x.reshape(len(self.pool), -1).astype(np.float64) / 255.0
+        mean_img = pool.mean(0)
+        self._mu = mean_img
+        _, _, vt = np.linalg.svd(pool - mean_img, full_matrices=False)
+        self._pcs = vt[:self.pca]
         order = self._rng.permutation(len(pool))
         fit_idx, line_idx = order[:self.fit_queries], order[self.fit_queries:]
         with tqdm(total=self.budget, desc="equivalent extraction", disable=not self.progress,
@@ -332,8 +384,8 @@ class FunctionallyEquivalent(Attack):
                 if pos + 2 * m > len(line_idx):
                     pos = 0
                     line_idx = self._rng.permutation(line_idx)
-                starts = pool[line_idx[pos:pos + m]]
-                ends = pool[line_idx[pos + m:pos + 2 * m]]
+                starts = self._shrink(pool[line_idx[pos:pos + m]], mean_img)
+                ends = self._shrink(pool[line_idx[pos + m:pos + 2 * m]], mean_img)
                 pos += 2 * m
                 kinks = self._search_lines(starts, ends)
                 lines_used += m
@@ -352,18 +404,30 @@ class FunctionallyEquivalent(Attack):
             self._bar = None
         if not self._w:
             raise RuntimeError(f"no hidden unit recovered within {self.budget} queries")
-        W, b = np.array(self._w), np.array(self._b)
-        A, L, c, n_fit = self._fit_second_layer(W, b)
-        # sign fix: a flipped unit j adds -A_j w_j^T to the linear term; solve for which ones
-        M = np.stack([-np.outer(A[:, j], W[j]).ravel() for j in range(len(W))], 1)
-        t, *_ = np.linalg.lstsq(M, L.ravel(), rcond=None)
-        flip = t > 0.5
-        if flip.any():
-            W[flip], b[flip] = -W[flip], -b[flip]
-            A, L, c, n_fit = self._fit_second_layer(W, b)
-        # remaining linear term -> extra always-active units (v.x + B > 0 on [0, 1]^784)
+        W = np.array([v / np.linalg.norm(v) for v in self._wsum])
+        b = np.array([-float(np.median(np.array(P) @ w)) for P, w in zip(self._pts, W)])
+        # the same unit recovered twice (a kink the matcher missed): keep the first copy
+        keep_u = np.ones(len(W), bool)
+        for i in range(len(W)):
+            if keep_u[i]:
+                cos = W[i + 1:] @ W[i]
+                same = (np.abs(cos) > 0.998) & (np.abs(b[i + 1:] - np.sign(cos) * b[i]) < 0.1)
+                keep_u[i + 1:][same] = False
+        duplicates = int((~keep_u).sum())
+        W, b = W[keep_u], b[keep_u]
+        A, Am, Lp, c, n_fit = self._fit_second_layer(W, b)
+        # sign fix: the true orientation of a unit carries its output weights; the other one
+        # only fits noise (or the linear remainder of a unit that never switched off)
+        flip = np.linalg.norm(Am, axis=0) > np.linalg.norm(A, axis=0)
+        W[flip], b[flip] = -W[flip], -b[flip]
+        A, Am = np.where(flip, Am, A), np.where(flip, A, Am)
+        # relu(-z) = relu(z) - z: the minus side becomes a linear term L x + l of rank <= 10,
+        # carried by extra units that stay active on all of [0, 1]^784 (v.x + B > 0 there)
+        A = A + Am
+        L = Lp - Am @ W
+        c = c - Am @ b
         U, S, Vt = np.linalg.svd(L, full_matrices=False)
-        keep = S > 1e-6 * max(1.0, np.abs(A).max())
+        keep = S > 1e-3 * max(S.max(initial=0.0), 1e-12) if np.any(S > 1e-8) else S > np.inf
         Vk, Uk = Vt[keep], U[:, keep] * S[keep]
         Bk = np.abs(Vk).sum(1) + 1.0
         W_all = np.concatenate([W, Vk])
@@ -381,7 +445,9 @@ class FunctionallyEquivalent(Attack):
         self.surrogate_kwargs = {"hidden": hidden}
         self.extra.update({
             "recovered_units": len(W), "linear_units": int(keep.sum()), "hidden": hidden,
-            "sign_flips": int(flip.sum()), "lines": lines_used, "kinks": kinks_found,
+            "sign_flips": int(flip.sum()), "duplicates_dropped": duplicates, "rows_averaged": self._merged,
+            "kinks_per_unit": float(np.mean([len(p) for p in self._pts])),
+            "lines": lines_used, "kinks": kinks_found,
             "rejected_kinks": self._rejected, "remeasured_coordinates": self._retried,
             "fit_samples": n_fit, "units_curve": curve, "clipped_probabilities": self._clipped,
             "method": "critical points + finite differences + least squares (exact, not trained)",
