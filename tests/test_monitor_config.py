@@ -11,14 +11,23 @@ from monitor.config import DEFAULT_CONFIG_PATH, ConfigError
 def test_default_config_loads_with_policies_and_watermark():
     cfg = load_config(None)
     assert cfg.policies[Level.NORMAL] == {"policy": "identity"}
-    assert cfg.policies[Level.NOISE] == {"policy": "gaussian", "sigma": 0.05,
+    assert cfg.policies[Level.NOISE] == {"policy": "reverse_sigmoid", "beta": 1.0, "gamma": 0.2,
                                          "preserve_argmax": True}
     assert cfg.policies[Level.LABEL_ONLY]["policy"] == "label_only"
-    assert cfg.policies[Level.SWITCH]["policy"] == "switch"
+    assert cfg.policies[Level.SWITCH] == {"policy": "misinformation", "mode": "blend",
+                                          "tau": 0.99}
     assert cfg.watermark == {"enabled": True, "rate": 0.005}
     assert cfg.ladder.monotone is True
     assert {r.level for r in cfg.rules} >= {Level.NOISE, Level.LABEL_ONLY, Level.SWITCH}
     assert isinstance(cfg, MonitorConfig)
+
+
+def test_default_policies_are_valid_defence_specs():
+    from service.defences.registry import SPECS
+
+    for lvl, spec in load_config(None).policies.items():
+        params = {k: v for k, v in spec.items() if k != "policy"}
+        SPECS[spec["policy"]].model_validate(params)  # raises on unknown or bad parameters
 
 
 def _write(tmp_path, text):
