@@ -31,14 +31,17 @@ def load_target(path: str | Path) -> nn.Module:
     return model
 
 
+PERCENT_COLUMNS = ("target_accuracy", "stolen_accuracy", "fidelity")
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
-    """A plain-text table; floats in [0, 1] are shown as percentages."""
-    def fmt(v):
+    """A plain-text table; accuracy and fidelity columns are shown as percentages."""
+    def fmt(c, v):
         if isinstance(v, float):
-            return f"{100 * v:.2f}%" if 0.0 <= v <= 1.0 else f"{v:.1f}"
+            return f"{100 * v:.2f}%" if c in PERCENT_COLUMNS else f"{v:.1f}"
         return str(v)
 
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    cells = [[fmt(c, r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
     out = [line, "  ".join("-" * w for w in widths)]
