@@ -38,6 +38,8 @@ DEFAULT_PLAN = [
     ("interleaved-jbda", "interleaved-jbda", 5000, {}, 1),
     ("activethief", "activethief", 5000, {}, 1),
     ("copycat x5 sybil", "copycat", 5000, {}, 5),
+    ("jbda x5 sybil", "jbda", 5000, {}, 5),
+    ("equivalent", "equivalent", 20000, {}, 1),
 ]
 
 
@@ -70,6 +72,12 @@ def _client_outcome(db: Path, keys: list[str]) -> dict:
             "escalated_keys": len(first)}
 
 
+def _keys(scenario: str, label: str, n: int) -> list[str]:
+    """The API keys an attack uses: one, or n Sybil keys."""
+    base = f"{scenario}/{label.split()[0]}"
+    return [base] if n == 1 else [f"{base}/sybil-{i}" for i in range(n)]
+
+
 def _run_attack(address: str, scenario: str, label: str, name: str, budget: int, extra: dict,
                 sybil: int, args, target) -> dict:
     from client.api import RemoteOracle
@@ -78,8 +86,7 @@ def _run_attack(address: str, scenario: str, label: str, name: str, budget: int,
     from client.evaluate import evaluate
 
     cls = ATTACKS[name]
-    base_key = f"{scenario}/{label.split()[0]}" + (f"/sybil" if sybil > 1 else "")
-    keys = [base_key] if sybil == 1 else [f"{base_key}-{i}" for i in range(sybil)]
+    keys = _keys(scenario, label, sybil)
     oracles = [RemoteOracle(address, k) for k in keys]
     oracle = oracles[0] if sybil == 1 else SybilOracle(oracles, budget=budget)
     oracle.budget = budget
@@ -211,10 +218,7 @@ def main(argv=None) -> int:
         db = args.out / scenario / "monitor.db"
         for r in rows:
             if r["scenario"] == scenario:
-                label = r["attack"]
-                base = f"{scenario}/{label.split()[0]}" + ("/sybil" if r["keys"] > 1 else "")
-                keys = [base] if r["keys"] == 1 else [f"{base}-{i}" for i in range(r["keys"])]
-                r.update(_client_outcome(db, keys))
+                r.update(_client_outcome(db, _keys(scenario, r["attack"], r["keys"])))
         for h in hs:
             h.update(_client_outcome(db, [h["client"]]))
         honest += hs
