@@ -83,6 +83,7 @@ def _run_attack(address: str, scenario: str, label: str, name: str, budget: int,
     from client.api import RemoteOracle
     from client.attacks import ATTACKS
     from client.attacks.adaptive import SybilOracle
+    from client.attacks.equivalent import NeedsProbabilities
     from client.evaluate import evaluate
 
     cls = ATTACKS[name]
@@ -96,13 +97,20 @@ def _run_attack(address: str, scenario: str, label: str, name: str, budget: int,
         kw[need] = {"pool": data.attack_pool, "ood": data.ood_pool}[need]()
     kw.update(extra)
     t0 = time.perf_counter()
-    result = cls(oracle, budget, **kw).run()
-    metrics = evaluate(result.surrogate, target)
-    for o in oracles:
-        o.close()
-    return {"scenario": scenario, "attack": label, "keys": len(keys),
-            "queries": result.queries_used, "answer_kinds": result.answer_kinds,
-            "wall_time_s": round(time.perf_counter() - t0, 1), **metrics}
+    row = {"scenario": scenario, "attack": label, "keys": len(keys)}
+    try:
+        result = cls(oracle, budget, **kw).run()
+    except NeedsProbabilities as exc:  # the defence withheld what the attack cannot do without
+        row.update(queries=oracle.queries_used, answer_kinds=dict(oracle.kinds),
+                   stolen_accuracy=None, fidelity=None, status=f"defeated: {exc}")
+    else:
+        row.update(queries=result.queries_used, answer_kinds=result.answer_kinds,
+                   status="completed", **evaluate(result.surrogate, target))
+    finally:
+        for o in oracles:
+            o.close()
+    row["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    return row
 
 
 def _run_honest(address: str, scenario: str, n: int, queries: int, seed: int) -> list[dict]:
@@ -124,7 +132,7 @@ def _run_honest(address: str, scenario: str, n: int, queries: int, seed: int) ->
 
 def _markdown(rows: list[dict], honest: list[dict]) -> str:
     def pct(v):
-        return "" if v is None else f"{100 * v:.2f}%"
+        return "defeated" if v is None else f"{100 * v:.2f}%"
 
     lines = ["| scenario | attack | keys | queries | answers (prob/label) | stolen acc | fidelity "
              "| monitor level | 1st escalation at query | wall s |",
@@ -135,6 +143,8 @@ def _markdown(rows: list[dict], honest: list[dict]) -> str:
                      f"{k.get('probabilities', 0)}/{k.get('label_only', 0)} | "
                      f"{pct(r['stolen_accuracy'])} | {pct(r['fidelity'])} | {r['final_level']} | "
                      f"{r['first_escalation_query'] or '-'} | {r['wall_time_s']} |")
+    if not honest:
+        return "\n".join(lines) + "\n"
     lines += ["", "| scenario | honest clients | queries each | answer accuracy (mean) | "
               "answers with probabilities | falsely escalated |", "|---|---|---|---|---|---|"]
     for sc in dict.fromkeys(h["scenario"] for h in honest):
@@ -146,7 +156,7 @@ def _markdown(rows: list[dict], honest: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, target_accuracy: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,9 +168,10 @@ def _plot(rows: list[dict], path: Path) -> None:
     w = 0.8 / len(scenarios)
     for j, sc in enumerate(scenarios):
         vals = [next((r["stolen_accuracy"] for r in rows
-                      if r["scenario"] == sc and r["attack"] == a), np.nan) for a in attacks]
+                      if r["scenario"] == sc and r["attack"] == a), None) for a in attacks]
+        vals = [0.0 if v is None else v for v in vals]  # defeated attacks steal nothing
         ax.bar(np.arange(len(attacks)) + j * w, np.array(vals) * 100, w, label=sc)
-    target = rows[0]["target_accuracy"] * 100
+    target = target_accuracy * 100
     ax.axhline(target, ls="--", c="k", lw=1, label=f"target {target:.1f}%")
     ax.set_xticks(np.arange(len(attacks)) + w * (len(scenarios) - 1) / 2, attacks,
                   rotation=20, ha="right")
@@ -211,7 +222,7 @@ def main(argv=None) -> int:
                 r = _run_attack(server.address, scenario, label, name, budget, extra, sybil,
                                 args, target)
                 rows.append(r)
-                log.info("%s: %s -> stolen %.4f fidelity %.4f", scenario, label,
+                log.info("%s: %s -> %s stolen %s fidelity %s", scenario, label, r["status"],
                          r["stolen_accuracy"], r["fidelity"])
         finally:
             server.stop()
@@ -227,7 +238,9 @@ def main(argv=None) -> int:
     md = _markdown(rows, honest)
     (args.out / "campaign.md").write_text(md)
     if rows:
-        _plot(rows, args.out / "campaign.png")
+        ev = data.eval_set()
+        _plot(rows, args.out / "campaign.png",
+              training.accuracy(training.predict_proba(target, ev.x).argmax(1), ev.y))
     print(md)
     print(f"wrote {args.out}/campaign.json, campaign.md, campaign.png")
     return 0
