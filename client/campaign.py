@@ -11,7 +11,8 @@ each under its own API key(s), and reports:
   carried probabilities, and whether it was escalated (a false escalation).
 
 Scenarios: ``undefended`` (the monitor watches and logs, every level answers with the plain
-target) and ``defended`` (the monitor's config as shipped, or --config).
+target), ``defended`` (the monitor's config as shipped, or --config) and ``strict``
+(monitor/strict.toml: reverse-sigmoid confidences for everyone from the first query).
 Writes results/campaign/{campaign.json, campaign.md, campaign.png, SCENARIO/monitor.db}.
 """
 from __future__ import annotations
@@ -43,6 +44,10 @@ DEFAULT_PLAN = [
 ]
 
 
+SCENARIOS = ("undefended", "defended", "strict")
+STRICT_CONFIG = Path(__file__).resolve().parents[1] / "monitor" / "strict.toml"
+
+
 def _start(scenario: str, args, workdir: Path):
     from service.config import ServerConfig
     from service.dataplane import build_dataplane
@@ -51,8 +56,9 @@ def _start(scenario: str, args, workdir: Path):
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    config = STRICT_CONFIG if scenario == "strict" else args.config
     cfg = ServerConfig(port=0, target=args.target, artifacts=args.artifacts,
-                       monitor_config=args.config, monitor_db=workdir / "monitor.db", workers=4,
+                       monitor_config=config, monitor_db=workdir / "monitor.db", workers=4,
                        torch_threads=1, undefended=scenario == "undefended")
     return Server(cfg, build_dataplane(cfg)).start()
 
@@ -210,8 +216,8 @@ def main(argv=None) -> int:
     rows, honest = [], []
     args.out.mkdir(parents=True, exist_ok=True)
     for scenario in args.scenarios.split(","):
-        if scenario not in ("undefended", "defended"):
-            p.error(f"unknown scenario {scenario!r}")
+        if scenario not in SCENARIOS:
+            p.error(f"unknown scenario {scenario!r}; expected some of {', '.join(SCENARIOS)}")
         server = _start(scenario, args, args.out / scenario)
         log.info("%s: serving on %s", scenario, server.address)
         try:

@@ -22,12 +22,22 @@ def test_default_config_loads_with_policies_and_watermark():
     assert isinstance(cfg, MonitorConfig)
 
 
-def test_default_policies_are_valid_defence_specs():
+@pytest.mark.parametrize("path", [None, DEFAULT_CONFIG_PATH.with_name("strict.toml")])
+def test_shipped_policies_are_valid_defence_specs(path):
     from service.defences.registry import SPECS
 
-    for lvl, spec in load_config(None).policies.items():
+    cfg = load_config(path)
+    assert set(cfg.policies) == {Level.NORMAL, Level.NOISE, Level.LABEL_ONLY, Level.SWITCH}
+    for lvl, spec in cfg.policies.items():
         params = {k: v for k, v in spec.items() if k != "policy"}
         SPECS[spec["policy"]].model_validate(params)  # raises on unknown or bad parameters
+
+
+def test_strict_profile_differs_only_in_answers():
+    strict = load_config(DEFAULT_CONFIG_PATH.with_name("strict.toml"))
+    default = load_config(None)
+    assert strict.detector_hash() == default.detector_hash()
+    assert strict.policies[Level.NORMAL]["policy"] == "reverse_sigmoid"
 
 
 def _write(tmp_path, text):
