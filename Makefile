@@ -8,8 +8,8 @@ ARTIFACTS ?= artifacts
 PORT      ?= 50051
 HOST      ?= 127.0.0.1
 ARGS      ?=
-# Data directory (torchvision layout: FashionMNIST/raw, MNIST/raw); an environment value wins.
-export MODELGUARD_DATA ?= data
+# Data directory (torchvision layout: FashionMNIST/raw, MNIST/raw): $MODELGUARD_DATA when set,
+# else ./data (the code's default; the tests also look in ../shared/data).
 export MODELGUARD_ARTIFACTS := $(ARTIFACTS)
 export PYTHONPATH := $(CURDIR)
 
