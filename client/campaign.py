@@ -174,20 +174,52 @@ def _plot(rows: list[dict], path: Path, target_accuracy: float) -> None:
     w = 0.8 / len(scenarios)
     for j, sc in enumerate(scenarios):
         vals = [next((r["stolen_accuracy"] for r in rows
-                      if r["scenario"] == sc and r["attack"] == a), None) for a in attacks]
-        vals = [0.0 if v is None else v for v in vals]  # defeated attacks steal nothing
-        ax.bar(np.arange(len(attacks)) + j * w, np.array(vals) * 100, w, label=sc)
+                      if r["scenario"] == sc and r["attack"] == a), np.nan) for a in attacks]
+        x = np.arange(len(attacks)) + j * w
+        ax.bar(x, [0.0 if v is None else v * 100 for v in vals], w, label=sc)
+        for xi, v in zip(x, vals):
+            if v is None:  # the defence cut the attack off: it stole nothing usable
+                ax.text(xi, 2, "defeated", rotation=90, ha="center", va="bottom", fontsize=8)
     target = target_accuracy * 100
     ax.axhline(target, ls="--", c="k", lw=1, label=f"target {target:.1f}%")
     ax.set_xticks(np.arange(len(attacks)) + w * (len(scenarios) - 1) / 2, attacks,
                   rotation=20, ha="right")
     ax.set_ylabel("stolen accuracy on test 5000-9999 (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="lower left")
-    ax.set_title("What each attack steals, with and without the monitor's defences")
+    ax.set_ylim(0, 108)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=len(scenarios) + 1,
+              fontsize=9, framealpha=1.0)
+    ax.set_title("What each attack steals, with and without the monitor's defences", pad=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _write(out: Path, rows: list[dict], honest: list[dict], target_accuracy: float) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "campaign.json").write_text(json.dumps({"attacks": rows, "honest": honest},
+                                                  indent=2, default=str))
+    md = _markdown(rows, honest)
+    (out / "campaign.md").write_text(md)
+    if rows:
+        _plot(rows, out / "campaign.png", target_accuracy)
+    return md
+
+
+def _target_accuracy(target) -> float:
+    ev = data.eval_set()
+    return training.accuracy(training.predict_proba(target, ev.x).argmax(1), ev.y)
+
+
+def _merge(dirs: list[Path], out: Path, target_path: Path) -> int:
+    rows, honest = [], []
+    for d in dirs:
+        blob = json.loads((d / "campaign.json").read_text())
+        rows += blob["attacks"]
+        honest += blob["honest"]
+    target, _ = training.load_checkpoint(target_path)
+    print(_write(out, rows, honest, _target_accuracy(target)))
+    print(f"wrote {out}/campaign.json, campaign.md, campaign.png")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -205,7 +237,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/campaign"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                   help="run nothing: merge the campaign.json of earlier runs into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        return _merge(args.merge, args.out, args.target)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
@@ -241,12 +277,7 @@ def main(argv=None) -> int:
         honest += hs
         (args.out / "campaign.json").write_text(json.dumps({"attacks": rows, "honest": honest},
                                                            indent=2, default=str))
-    md = _markdown(rows, honest)
-    (args.out / "campaign.md").write_text(md)
-    if rows:
-        ev = data.eval_set()
-        _plot(rows, args.out / "campaign.png",
-              training.accuracy(training.predict_proba(target, ev.x).argmax(1), ev.y))
+    md = _write(args.out, rows, honest, _target_accuracy(target))
     print(md)
     print(f"wrote {args.out}/campaign.json, campaign.md, campaign.png")
     return 0
