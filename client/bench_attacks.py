@@ -40,6 +40,16 @@ CONFIGS = {
 }
 
 
+def make_oracle(target, args, key: str, budget: int | None = None):
+    """In process (LocalOracle on the checkpoint), or over gRPC with --address (one API key per
+    run, so the server's monitor keeps each run's stream apart)."""
+    if args.address:
+        from client.api import RemoteOracle
+
+        return RemoteOracle(args.address, key, budget)
+    return LocalOracle(lambda x: training.predict_proba(target, x), budget)
+
+
 def run_one(label, name, params, budget, target, args, pool, ood, ev) -> dict:
     params = dict(params)
     sybil = params.pop("_sybil", 0)
@@ -53,17 +63,19 @@ def run_one(label, name, params, budget, target, args, pool, ood, ev) -> dict:
         kw.setdefault("round_epochs", max(1, args.epochs // 4))
     if name == "activethief":
         kw.setdefault("round_epochs", max(1, args.epochs // 2))
-    proba = lambda x: training.predict_proba(target, x)  # noqa: E731
     row = {"attack": label, "registry": name, "params": params, "budget": budget,
-           "surrogate": args.surrogate, "epochs": args.epochs, "seed": args.seed}
+           "surrogate": args.surrogate, "epochs": args.epochs, "seed": args.seed,
+           "via": f"grpc://{args.address}" if args.address else "local"}
     try:
         if sybil:
-            oracles = [LocalOracle(proba) for _ in range(sybil)]
+            oracles = [make_oracle(target, args, f"bench/{label}/{budget}/sybil-{i}")
+                       for i in range(sybil)]
             for i, o in enumerate(oracles):
                 o.api_key = f"sybil-{i}"
             result = Sybil(cls, oracles, budget, **kw).run()
         else:
-            result = cls(LocalOracle(proba, budget), budget, **kw).run()
+            result = cls(make_oracle(target, args, f"bench/{label}/{budget}", budget), budget,
+                         **kw).run()
     except ValueError as exc:
         return {**row, "status": "impossible", "reason": str(exc)}
     metrics = evaluate(result.surrogate, target, ev)
@@ -75,10 +87,11 @@ def run_one(label, name, params, budget, target, args, pool, ood, ev) -> dict:
 
 
 def run_fee(budget, target, args, pool, ev) -> dict:
-    proba = lambda x: training.predict_proba(target, x)  # noqa: E731
     row = {"attack": "equivalent", "registry": "equivalent", "params": {}, "budget": budget,
-           "surrogate": "mlp (extracted)", "epochs": 0, "seed": args.seed}
-    result = ATTACKS["equivalent"](LocalOracle(proba, budget), budget, pool=pool,
+           "surrogate": "mlp (extracted)", "epochs": 0, "seed": args.seed,
+           "via": f"grpc://{args.address}" if args.address else "local"}
+    oracle = make_oracle(target, args, f"bench/equivalent/{budget}", budget)
+    result = ATTACKS["equivalent"](oracle, budget, pool=pool,
                                    seed=args.seed, progress=args.progress).run()
     metrics = evaluate(result.surrogate, target, ev)
     # how close the recovered rows are to the target's (the lab's omniscient check)
@@ -104,7 +117,8 @@ def to_markdown(rows: list[dict]) -> str:
     labels = [c for c in CONFIGS if any(r["attack"] == c for r in rows)]
     out = ["# Attacks against the undefended target", "",
            "Stolen accuracy / fidelity on the evaluation set (Fashion test 5000-9999), wall time "
-           "(queries + surrogate training), in process. "
+           "(queries + surrogate training), "
+           + ("over gRPC. " if rows and rows[0].get("via", "local") != "local" else "in process. ")
            + (f"Target accuracy {rows[0]['target_accuracy']:.2%}." if rows and
               "target_accuracy" in rows[0] else ""), "",
            "| attack | " + " | ".join(f"{b:,} queries" for b in budgets) + " |",
@@ -150,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--address", help="attack a running server (host:port) over gRPC instead of "
+                                      "the checkpoint in process; serve it with --undefended")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     target, _ = training.load_checkpoint(args.target)
