@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from common.types import Level
+from monitor.config import DETECTOR_NAMES
 
 DEFAULT_DB = "artifacts/monitor.db"
-SHORT = {"s_prada": "prada W", "s_ood": "ood rate", "s_similarity": "sim kNN", "s_volume": "volume"}
-DETS = ("prada", "ood", "similarity", "volume")
+SHORT = {"s_prada": "prada W", "s_ood": "ood rate", "s_similarity": "sim kNN", "s_volume": "volume",
+         "s_near_duplicate": "near-dup"}
+DETS = DETECTOR_NAMES
 
 
 class CliError(Exception):
@@ -100,7 +102,8 @@ def cmd_show(a) -> int:
               f"({_ts(d['first_t'])} .. {_ts(d['last_t'])}), level {d['level'].name}")
         det = cfg.detectors
         th = {"s_prada": f"< {det.prada.delta}", "s_ood": f"> {det.ood.threshold}",
-              "s_similarity": f"< {det.similarity.threshold}", "s_volume": f"> {det.volume.threshold}"}
+              "s_similarity": f"< {det.similarity.threshold}", "s_volume": f"> {det.volume.threshold}",
+              "s_near_duplicate": f"> {det.near_duplicate.threshold}"}
         print("latest scores: " + ", ".join(f"{SHORT[k]} {_fmt(d['scores'].get(k))} (fires {th[k]})"
                                             for k in SHORT))
         trs = q.transitions(a.client)
@@ -135,7 +138,9 @@ def cmd_plot(a) -> int:
               ("s_similarity", f"similarity: mean L2 to {det.similarity.k}-NN",
                det.similarity.threshold, "alarm below"),
               ("s_volume", f"volume: queries in {det.volume.window_seconds:g}s",
-               det.volume.threshold, "alarm above")]
+               det.volume.threshold, "alarm above"),
+              ("s_near_duplicate", f"near-copy share (L2 < {det.near_duplicate.radius:g})",
+               det.near_duplicate.threshold, "alarm above")]
     panels = [p for p in panels if np.isfinite(s[p[0]]).any()]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.3 * len(panels) + 0.8), sharex=True,
                              squeeze=False)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.types import Level
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
-DETECTOR_NAMES = ("prada", "ood", "similarity", "volume")
+DETECTOR_NAMES = ("prada", "ood", "similarity", "volume", "near_duplicate")
 
 
 class ConfigError(ValueError):
@@ -76,11 +76,31 @@ class VolumeConfig(_Strict):
     threshold: int = Field(20000, ge=1, description="fires when the count in the window > threshold")
 
 
+class NearDuplicateConfig(_Strict):
+    """Share of recent queries that are near-copies (not exact repeats) of an earlier query."""
+
+    enabled: bool = True
+    radius: float = Field(2.5, gt=0.0, description="near: nearest earlier query closer than this "
+                                                   "(L2, raw pixels in [0, 1])")
+    duplicate: float = Field(0.05, ge=0.0, description="exact repeats: closer than this; ignored")
+    history: int = Field(5000, ge=1, description="earlier queries compared against (most recent)")
+    window: int = Field(200, ge=1, description="recent queries considered")
+    min_queries: int = Field(200, ge=1, description="no firing before this many queries")
+    threshold: float = Field(0.25, gt=0.0, lt=1.0, description="fires when the near share > this")
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.duplicate >= self.radius:
+            raise ValueError(f"duplicate ({self.duplicate}) must be below radius ({self.radius})")
+        return self
+
+
 class DetectorsConfig(_Strict):
     prada: PradaConfig = PradaConfig()
     ood: OODConfig = OODConfig()
     similarity: SimilarityConfig = SimilarityConfig()
     volume: VolumeConfig = VolumeConfig()
+    near_duplicate: NearDuplicateConfig = NearDuplicateConfig()
 
 
 class Rule(_Strict):

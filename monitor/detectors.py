@@ -19,7 +19,8 @@ from collections import deque
 import numpy as np
 from scipy import stats
 
-from monitor.config import OODConfig, PradaConfig, SimilarityConfig, VolumeConfig
+from monitor.config import (NearDuplicateConfig, OODConfig, PradaConfig, SimilarityConfig,
+                            VolumeConfig)
 
 
 class Detector:
@@ -178,6 +179,53 @@ def encode(x: np.ndarray, encoding: str) -> np.ndarray:
     return x.reshape(-1)
 
 
+class _History:
+    """A bounded history of encodings (the most recent ``size``), grown geometrically, then a
+    ring buffer; with squared norms kept for fast distance computations."""
+
+    def __init__(self, size: int, dim: int):
+        self.size = size
+        self.H = np.zeros((0, dim), np.float32)
+        self.Hn = np.zeros(0, np.float64)
+        self.n = 0
+
+    @property
+    def m(self) -> int:
+        return min(self.n, self.size)
+
+    def approx_sq(self, e: np.ndarray) -> np.ndarray:
+        """Approximate squared distances from ``e`` to every stored encoding (float32 BLAS)."""
+        m = self.m
+        return self.Hn[:m] - 2.0 * (self.H[:m] @ e).astype(np.float64) + float(np.dot(e, e))
+
+    def exact(self, idx: np.ndarray, e: np.ndarray) -> np.ndarray:
+        """Exact distances to the stored encodings ``idx``, sorted (BLAS-independent)."""
+        diff = self.H[idx].astype(np.float64) - e
+        return np.sort(np.sqrt(np.einsum("ij,ij->i", diff, diff)))
+
+    def add(self, e: np.ndarray) -> None:
+        m = self.m
+        if m < self.size:
+            if m == len(self.H):
+                cap = min(self.size, max(64, 2 * len(self.H)))
+                H2 = np.zeros((cap, self.H.shape[1]), np.float32)
+                H2[:m] = self.H[:m]
+                n2 = np.zeros(cap, np.float64)
+                n2[:m] = self.Hn[:m]
+                self.H, self.Hn = H2, n2
+            slot = m
+        else:
+            slot = self.n % self.size
+        self.H[slot] = e
+        self.Hn[slot] = float(np.dot(e.astype(np.float64), e))
+        self.n += 1
+
+    def __getstate__(self):
+        st = dict(self.__dict__)
+        st["H"], st["Hn"] = self.H[:self.m].copy(), self.Hn[:self.m].copy()
+        return st
+
+
 class Similarity(Detector):
     """Chen, Carlini, Wagner 2019: mean L2 distance to the K nearest earlier queries (bounded
     history of the most recent ``history`` encodings, in a ring buffer). Fires when below the
@@ -188,47 +236,54 @@ class Similarity(Detector):
     def __init__(self, cfg: SimilarityConfig):
         self.cfg = cfg
         self.threshold = cfg.threshold
-        dim = 196 if cfg.encoding == "pool2" else 784
-        self.H = np.zeros((0, dim), np.float32)  # grows to cfg.history, then is a ring
-        self.Hn = np.zeros(0, np.float64)
-        self.n = 0
+        self.hist = _History(cfg.history, 196 if cfg.encoding == "pool2" else 784)
 
     def observe(self, x, probs, t):
         e = encode(x, self.cfg.encoding)
-        en = float(np.dot(e.astype(np.float64), e))
         score = None
-        m = min(self.n, self.cfg.history)
-        if m >= self.cfg.k:
-            H = self.H[:m]
-            sq = self.Hn[:m] - 2.0 * (H @ e).astype(np.float64)
-            k = self.cfg.k
+        m, k = self.hist.m, self.cfg.k
+        if m >= k:
+            sq = self.hist.approx_sq(e)
             idx = np.argpartition(sq, k - 1)[:k] if k < m else np.arange(m)
-            # exact distances of the K candidates, summed in sorted order: BLAS-independent
-            diff = H[idx].astype(np.float64) - e
-            d = np.sort(np.sqrt(np.einsum("ij,ij->i", diff, diff)))
-            score = float(d.mean())
-        # insert into the ring
-        if m < self.cfg.history:
-            if m == len(self.H):
-                cap = min(self.cfg.history, max(64, 2 * len(self.H)))
-                H2 = np.zeros((cap, self.H.shape[1]), np.float32)
-                H2[:m] = self.H[:m]
-                n2 = np.zeros(cap, np.float64)
-                n2[:m] = self.Hn[:m]
-                self.H, self.Hn = H2, n2
-            slot = m
-        else:
-            slot = self.n % self.cfg.history
-        self.H[slot] = e
-        self.Hn[slot] = en
-        self.n += 1
+            score = float(self.hist.exact(idx, e).mean())
+        self.hist.add(e)
         return score, bool(score is not None and score < self.cfg.threshold)
 
-    def __getstate__(self):
-        st = dict(self.__dict__)
-        m = min(self.n, self.cfg.history)
-        st["H"], st["Hn"] = self.H[:m].copy(), self.Hn[:m].copy()
-        return st
+
+class NearDuplicate(Detector):
+    """Share of the client's last ``window`` queries that are a small perturbation of an earlier
+    query: nearest earlier query (raw pixels, L2, [0, 1] scale) closer than ``radius`` but not an
+    exact repeat (farther than ``duplicate``). Synthetic augmentation (JBDA: x + lambda sign(grad))
+    produces such queries even when interleaved with natural images; honest users repeat images
+    exactly but rarely send near-copies. Fires when the share exceeds ``threshold``."""
+
+    name = "near_duplicate"
+
+    def __init__(self, cfg: NearDuplicateConfig):
+        self.cfg = cfg
+        self.threshold = cfg.threshold
+        self.hist = _History(cfg.history, 784)
+        self.ring = np.zeros(cfg.window, dtype=bool)
+        self.count = 0
+        self.n = 0
+
+    def observe(self, x, probs, t):
+        e = encode(x, "raw")
+        near = False
+        if self.hist.m:
+            sq = self.hist.approx_sq(e)
+            # candidates by the fast (approximate) distances, confirmed exactly
+            cand = np.flatnonzero(sq < (self.cfg.radius + 0.05) ** 2)
+            if len(cand):
+                d = self.hist.exact(cand, e)
+                near = bool(((d > self.cfg.duplicate) & (d < self.cfg.radius)).any())
+        self.hist.add(e)
+        i = self.n % self.cfg.window
+        self.count += int(near) - int(self.ring[i])
+        self.ring[i] = near
+        self.n += 1
+        rate = self.count / min(self.n, self.cfg.window)
+        return rate, bool(self.n >= self.cfg.min_queries and rate > self.cfg.threshold)
 
 
 class Volume(Detector):
@@ -265,4 +320,6 @@ def build_detectors(cfg) -> dict[str, Detector]:
         out["similarity"] = Similarity(cfg.similarity)
     if cfg.volume.enabled:
         out["volume"] = Volume(cfg.volume)
+    if cfg.near_duplicate.enabled:
+        out["near_duplicate"] = NearDuplicate(cfg.near_duplicate)
     return out

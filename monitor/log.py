@@ -50,8 +50,8 @@ CREATE TABLE IF NOT EXISTS queries (
     sent_top REAL,                  -- top probability sent (NULL for label-only)
     model TEXT,
     watermarked INTEGER NOT NULL,
-    s_prada REAL, s_ood REAL, s_similarity REAL, s_volume REAL,
-    fired INTEGER NOT NULL,         -- bitmask over (prada, ood, similarity, volume)
+    s_prada REAL, s_ood REAL, s_similarity REAL, s_volume REAL, s_near_duplicate REAL,
+    fired INTEGER NOT NULL,         -- bitmask over (prada, ood, similarity, volume, near_duplicate)
     level_after INTEGER NOT NULL,   -- client level after this item
     raw_fmt INTEGER NOT NULL,       -- 0 none, 1 uint8, 2 float16, 3 float32 (zlib)
     raw BLOB
@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS client_state (
 );
 """
 
-SCORE_COLUMNS = ("s_prada", "s_ood", "s_similarity", "s_volume")
+SCORE_COLUMNS = ("s_prada", "s_ood", "s_similarity", "s_volume", "s_near_duplicate")
 
 
 def connect(path: str | Path, create: bool = True) -> sqlite3.Connection:
@@ -159,8 +159,8 @@ class Batch:
 
 INSERT_QUERY = ("INSERT INTO queries (client, qn, t, request_id, item, digest, target_label, "
                 "target_top, target_probs, level, kind, sent_label, sent_top, model, watermarked, "
-                "s_prada, s_ood, s_similarity, s_volume, fired, level_after, raw_fmt, raw) "
-                "VALUES (" + ",".join("?" * 23) + ")")
+                + ", ".join(SCORE_COLUMNS) + ", fired, level_after, raw_fmt, raw) "
+                "VALUES (" + ",".join("?" * (19 + len(SCORE_COLUMNS))) + ")")
 
 
 def transition_row(tr) -> tuple:
@@ -331,8 +331,8 @@ class QueryLog:
 
     def iter_rows(self, client: str | None = None, raw: bool = False) -> Iterator[dict]:
         cols = ("seq, client, qn, t, request_id, item, digest, target_label, target_top, level, "
-                "kind, sent_label, sent_top, model, watermarked, s_prada, s_ood, s_similarity, "
-                "s_volume, fired, level_after, raw_fmt" + (", raw" if raw else ""))
+                "kind, sent_label, sent_top, model, watermarked, " + ", ".join(SCORE_COLUMNS)
+                + ", fired, level_after, raw_fmt" + (", raw" if raw else ""))
         sql = f"SELECT {cols} FROM queries" + (" WHERE client=?" if client else "") + \
             " ORDER BY seq"
         for r in self.con.execute(sql, (client,) if client else ()):

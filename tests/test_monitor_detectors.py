@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from common import data
-from monitor.config import OODConfig, PradaConfig, SimilarityConfig, VolumeConfig
-from monitor.detectors import OODRate, Prada, Similarity, Volume
+from monitor.config import (NearDuplicateConfig, OODConfig, PradaConfig, SimilarityConfig,
+                            VolumeConfig)
+from monitor.detectors import NearDuplicate, OODRate, Prada, Similarity, Volume
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,42 @@ def test_volume_sliding_window():
     assert det.observe(None, None, 10.0) == (4.0, True)  # t=0 leaves: (0, 10]
     assert det.observe(None, None, 15.5) == (3.0, False)  # (5.5, 15.5]: 9, 10, 15.5
     assert det.observe(None, None, 20.5) == (2.0, False)  # (10.5, 20.5]: 15.5, 20.5
+
+
+def _near_dup_scores(stream, cfg=NearDuplicateConfig()):
+    det = NearDuplicate(cfg)
+    out = [det.observe(x, None, 0.0) for x in stream]
+    return np.array([r for r, _ in out]), np.array([f for _, f in out])
+
+
+def test_near_duplicate_quiet_on_natural_stream_with_exact_repeats(fashion):
+    x, _ = fashion
+    rng = np.random.default_rng(1)
+    idx = rng.choice(5000, 2000)            # with replacement: many exact repeats
+    idx[rng.random(2000) < 0.2] = idx[0]    # and a heavily repeated favourite
+    rate, fires = _near_dup_scores(x[idx])
+    assert not fires.any(), rate.max()
+    assert rate.max() < 0.1
+
+
+def test_near_duplicate_fires_on_interleaved_jacobian_style_stream(fashion):
+    """Half natural images, half x + 0.1 sign(noise) perturbations of earlier queries: the mix
+    an adaptive attacker uses to keep PRADA's distance statistics normal."""
+    x, _ = fashion
+    rng = np.random.default_rng(2)
+    natural = x[rng.choice(5000, 1200, replace=False)]
+    stream = []
+    for i in range(1200):
+        stream.append(natural[i])
+        parent = stream[rng.integers(len(stream))]
+        stream.append(np.clip(parent + 0.1 * np.sign(rng.standard_normal((28, 28))), 0, 1))
+    rate, fires = _near_dup_scores(np.array(stream, np.float32))
+    assert fires.any()
+    first = int(np.argmax(fires))
+    assert 200 <= first < 400  # min_queries is 200
+    assert rate[200:].mean() > 0.2  # the natural stream above stays under 0.1
+
+
+def test_near_duplicate_config_validation():
+    with pytest.raises(ValueError, match="duplicate"):
+        NearDuplicateConfig(radius=0.1, duplicate=0.2)
