@@ -89,6 +89,7 @@ def _run_attack(address: str, scenario: str, label: str, name: str, budget: int,
     from client.api import RemoteOracle
     from client.attacks import ATTACKS
     from client.attacks.adaptive import SybilOracle
+    from client.attacks.base import AttackFailed
     from client.attacks.equivalent import NeedsProbabilities
     from client.evaluate import evaluate
 
@@ -106,7 +107,7 @@ def _run_attack(address: str, scenario: str, label: str, name: str, budget: int,
     row = {"scenario": scenario, "attack": label, "keys": len(keys)}
     try:
         result = cls(oracle, budget, **kw).run()
-    except NeedsProbabilities as exc:  # the defence withheld what the attack cannot do without
+    except (NeedsProbabilities, AttackFailed) as exc:  # the defence left it nothing to work with
         row.update(queries=oracle.queries_used, answer_kinds=dict(oracle.kinds),
                    stolen_accuracy=None, fidelity=None, status=f"defeated: {exc}")
     else:

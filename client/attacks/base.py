@@ -21,6 +21,10 @@ from common.types import Answer, NUM_CLASSES
 from client.oracle import Oracle
 
 
+class AttackFailed(RuntimeError):
+    """The attack could not produce a model (e.g. the answers it got carry too little signal)."""
+
+
 @dataclass
 class AttackResult:
     attack: str

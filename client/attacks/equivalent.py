@@ -34,7 +34,7 @@ import torch
 
 from common import data, nets
 from common.types import NUM_CLASSES
-from client.attacks.base import Attack
+from client.attacks.base import Attack, AttackFailed
 
 
 class NeedsProbabilities(ValueError):
@@ -403,7 +403,7 @@ class FunctionallyEquivalent(Attack):
                     break
             self._bar = None
         if not self._w:
-            raise RuntimeError(f"no hidden unit recovered within {self.budget} queries")
+            raise AttackFailed(f"no hidden unit recovered within {self.budget} queries")
         W = np.array([v / np.linalg.norm(v) for v in self._wsum])
         b = np.array([-float(np.median(np.array(P) @ w)) for P, w in zip(self._pts, W)])
         # the same unit recovered twice (a kink the matcher missed): keep the first copy
