@@ -221,7 +221,9 @@ def cost(cfg, histories=(1000, 100000), measure: int = 200, seed: int = 0) -> di
 
 def main(argv=None) -> int:
     import torch
+    from threadpoolctl import threadpool_limits
     torch.set_num_threads(1)
+    threadpool_limits(1, user_api="blas")  # as the server does (service/dataplane.py)
     ap = argparse.ArgumentParser(prog="python -m monitor.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="monitor TOML (default monitor/default.toml)")

@@ -262,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    from threadpoolctl import threadpool_limits
+
     from monitor.config import ConfigError
+
+    threadpool_limits(1, user_api="blas")  # replay's detectors: one BLAS thread (see dataplane)
     try:
         return a.fn(a)
     except (CliError, ConfigError, FileNotFoundError) as exc:
