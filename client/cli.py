@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                                    help=helptext)
                 else:
                     g.add_argument(flag, dest="p_" + pname, type=ptype, default=default,
-                                   help=f"{helptext} (default: {default})")
+                                   metavar=pname.upper(), help=f"{helptext} (default: {default})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import torch
