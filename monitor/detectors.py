@@ -150,6 +150,22 @@ class Prada(Detector):
                 self.fires = W < self.cfg.delta
 
 
+class _RollingShare:
+    """Share of True among the last ``window`` flags (a ring buffer with a running count)."""
+
+    def __init__(self, window: int):
+        self.ring = np.zeros(window, dtype=bool)
+        self.count = 0
+        self.n = 0
+
+    def push(self, flag: bool) -> float:
+        i = self.n % len(self.ring)
+        self.count += int(flag) - int(self.ring[i])
+        self.ring[i] = flag
+        self.n += 1
+        return self.count / min(self.n, len(self.ring))
+
+
 class OODRate(Detector):
     """Share of the client's last ``window`` queries whose top softmax score is below tau."""
 
@@ -158,18 +174,11 @@ class OODRate(Detector):
     def __init__(self, cfg: OODConfig):
         self.cfg = cfg
         self.threshold = cfg.threshold
-        self.ring = np.zeros(cfg.window, dtype=bool)
-        self.count = 0
-        self.n = 0
+        self.share = _RollingShare(cfg.window)
 
     def observe(self, x, probs, t):
-        is_ood = bool(float(np.max(probs)) < self.cfg.tau)
-        i = self.n % self.cfg.window
-        self.count += int(is_ood) - int(self.ring[i])
-        self.ring[i] = is_ood
-        self.n += 1
-        rate = self.count / min(self.n, self.cfg.window)
-        return rate, bool(self.n >= self.cfg.min_queries and rate > self.cfg.threshold)
+        rate = self.share.push(bool(float(np.max(probs)) < self.cfg.tau))
+        return rate, bool(self.share.n >= self.cfg.min_queries and rate > self.cfg.threshold)
 
 
 def encode(x: np.ndarray, encoding: str) -> np.ndarray:
@@ -263,9 +272,7 @@ class NearDuplicate(Detector):
         self.cfg = cfg
         self.threshold = cfg.threshold
         self.hist = _History(cfg.history, 784)
-        self.ring = np.zeros(cfg.window, dtype=bool)
-        self.count = 0
-        self.n = 0
+        self.share = _RollingShare(cfg.window)
 
     def observe(self, x, probs, t):
         e = encode(x, "raw")
@@ -278,12 +285,8 @@ class NearDuplicate(Detector):
                 d = self.hist.exact(cand, e)
                 near = bool(((d > self.cfg.duplicate) & (d < self.cfg.radius)).any())
         self.hist.add(e)
-        i = self.n % self.cfg.window
-        self.count += int(near) - int(self.ring[i])
-        self.ring[i] = near
-        self.n += 1
-        rate = self.count / min(self.n, self.cfg.window)
-        return rate, bool(self.n >= self.cfg.min_queries and rate > self.cfg.threshold)
+        rate = self.share.push(near)
+        return rate, bool(self.share.n >= self.cfg.min_queries and rate > self.cfg.threshold)
 
 
 class Volume(Detector):
