@@ -19,6 +19,7 @@ import torch
 
 from common import training
 from common.types import CLASS_NAMES, Answer, AnswerKind, Level
+from service.defences import PolicyContext, Watermark, build_policy
 from service.errors import NotReady, PermissionDenied
 
 log = logging.getLogger("modelguard.dataplane")
@@ -86,9 +87,7 @@ class DataPlane:
         }
 
     # -- prediction ----------------------------------------------------------------------------
-    def _context(self, client_id: str, request_id: str):
-        from service.defences import PolicyContext
-
+    def _context(self, client_id: str, request_id: str) -> PolicyContext:
         digest = hmac.new(self.key, f"{client_id}\0{request_id}".encode(), hashlib.sha256)
         rng = np.random.default_rng(int.from_bytes(digest.digest()[:16], "little"))
         return PolicyContext(client_id=client_id, key=self.key, rng=rng)
@@ -121,7 +120,6 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
     """Load the target, the monitor and the defence policies named in the monitor's config
     (``cfg.monitor_config``'s file, or the ``monitor_config`` object when given)."""
     from monitor import Monitor
-    from service.defences import Watermark, build_policy
 
     from threadpoolctl import threadpool_limits
 
