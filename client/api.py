@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from common.types import Answer, AnswerKind
+from common.types import Answer, AnswerKind, NUM_CLASSES
 from client.oracle import Oracle
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
@@ -25,10 +25,34 @@ class ApiError(RuntimeError):
         self.message = message
 
 
+def decode_response(resp: pb.PredictResponse) -> Answer:
+    """The Answer in a PredictResponse, packed (labels + raw_output) or not (predictions: what a
+    server older than ResponseFormat sends whatever was asked)."""
+    if resp.predictions:
+        labels = np.array([p.label for p in resp.predictions], dtype=np.int64)
+        if resp.kind == pb.ANSWER_PROBABILITIES:
+            probs = np.array([p.probabilities for p in resp.predictions], dtype=np.float32)
+            return Answer(labels, probs, AnswerKind.PROBABILITIES)
+        return Answer(labels, None, AnswerKind.LABEL_ONLY)
+    labels = np.array(resp.labels, dtype=np.int64)
+    if resp.kind == pb.ANSWER_PROBABILITIES:
+        want = len(labels) * NUM_CLASSES * 4
+        if len(resp.raw_output) != want:
+            raise ValueError(f"malformed response: raw_output has {len(resp.raw_output)} bytes "
+                             f"for {len(labels)} labels (expected {want})")
+        probs = np.frombuffer(resp.raw_output, dtype="<f4").reshape(len(labels), NUM_CLASSES)
+        return Answer(labels, probs.astype(np.float32), AnswerKind.PROBABILITIES)
+    return Answer(labels, None, AnswerKind.LABEL_ONLY)
+
+
 class ModelClient:
     def __init__(self, address: str = "127.0.0.1:50051", api_key: str | None = None,
-                 batch_size: int = 256, timeout: float = 60.0, max_message_bytes: int = 8 << 20):
+                 batch_size: int = 256, timeout: float = 60.0, max_message_bytes: int = 8 << 20,
+                 packed: bool = True):
+        """``packed``: ask for the packed response (labels + raw_output); False asks for the
+        original per-image predictions. Both decode to the same Answer."""
         self.address = address
+        self.packed = packed
         self.batch_size = batch_size
         self.timeout = timeout
         self.channel = grpc.insecure_channel(address, options=[
@@ -67,13 +91,13 @@ class ModelClient:
         """One Predict call (at most the server's batch limit)."""
         dtype, shape, raw = encode_images(images)
         req = pb.PredictRequest(id=request_id, datatype=dtype, shape=shape, raw_input=raw,
-                                output=pb.OUTPUT_LABEL if labels_only else pb.OUTPUT_PROBABILITIES)
+                                output=pb.OUTPUT_LABEL if labels_only else pb.OUTPUT_PROBABILITIES,
+                                format=pb.FORMAT_PACKED if self.packed else pb.FORMAT_PREDICTIONS)
         resp = self._call(self.stub.Predict, req)
-        labels = np.array([p.label for p in resp.predictions], dtype=np.int64)
-        if resp.kind == pb.ANSWER_PROBABILITIES:
-            probs = np.array([p.probabilities for p in resp.predictions], dtype=np.float32)
-            return Answer(labels, probs, AnswerKind.PROBABILITIES), resp.id
-        return Answer(labels, None, AnswerKind.LABEL_ONLY), resp.id
+        answer = decode_response(resp)
+        if len(answer) != shape[0]:
+            raise ValueError(f"the server answered {len(answer)} items for {shape[0]} images")
+        return answer, resp.id
 
     def _effective_batch(self) -> int:
         """``batch_size`` capped by the server's advertised limit (asked once)."""

@@ -66,6 +66,10 @@ def main(argv=None) -> int:
     s.add_argument("--undefended", action="store_true", default=None,
                    help="answer with the plain target at every level (baseline); the monitor "
                         "still watches and logs")
+    s.add_argument("--no-monitor", dest="monitor", action="store_false", default=None,
+                   help="run without the monitor (no detectors, no query log, every client "
+                        "stays NORMAL; policies and watermark still come from the monitor "
+                        "config): to measure the server alone")
     s.set_defaults(fn=_serve)
     t = sub.add_parser("train", help="train the default target model")
     t.add_argument("--out", default=str(ServerConfig().target))

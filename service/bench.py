@@ -43,16 +43,20 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="throughput run length")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--no-monitor", action="store_true",
+                   help="serve with the null monitor (serve --no-monitor): the server alone")
     p.add_argument("--out", type=Path, default=Path("results/service_bench.json"))
     args = p.parse_args(argv)
 
     pool = data.attack_pool().x
     tmp = Path(tempfile.mkdtemp(prefix="mg-bench-"))
     cfg = ServerConfig(port=0, target=args.target, monitor_db=tmp / "monitor.db",
-                       workers=args.workers, torch_threads=args.torch_threads, undefended=True)
+                       workers=args.workers, torch_threads=args.torch_threads, undefended=True,
+                       monitor=not args.no_monitor)
     plane = build_dataplane(cfg)
     server = Server(cfg, plane).start()
     out = {"workers": args.workers, "torch_threads": args.torch_threads,
+           "monitor": not args.no_monitor,
            "cpu_count": os.cpu_count()}
     try:
         # in-process pieces

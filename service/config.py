@@ -31,6 +31,9 @@ class ServerConfig(BaseModel):
     grace_s: float = Field(5.0, ge=0)
     undefended: bool = Field(False, description="answer with the plain target at every level "
                                                 "(the monitor still watches and logs): a baseline")
+    monitor: bool = Field(True, description="run the monitor; False: a null monitor (no "
+                                            "detectors, no log, every client NORMAL), for "
+                                            "measuring the server without it")
 
     @field_validator("host")
     @classmethod

@@ -7,7 +7,6 @@ return the answer. The gRPC servicer (service/servicer.py) only decodes, calls t
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import threading
 import uuid
@@ -19,7 +18,7 @@ import torch
 
 from common import training
 from common.types import CLASS_NAMES, Answer, AnswerKind, Level
-from service.defences import PolicyContext, Watermark, build_policy
+from service.defences import DIGEST_SCHEME, PolicyContext, Watermark, build_policy
 from service.errors import NotReady, PermissionDenied
 
 log = logging.getLogger("modelguard.dataplane")
@@ -88,9 +87,9 @@ class DataPlane:
 
     # -- prediction ----------------------------------------------------------------------------
     def _context(self, client_id: str, request_id: str) -> PolicyContext:
-        digest = hmac.new(self.key, f"{client_id}\0{request_id}".encode(), hashlib.sha256)
-        rng = np.random.default_rng(int.from_bytes(digest.digest()[:16], "little"))
-        return PolicyContext(client_id=client_id, key=self.key, rng=rng)
+        # Lazy: the keyed per-image digests are computed once, on the first policy or watermark
+        # that asks (ctx.digests), and shared by all of them; the unkeyed-noise rng likewise.
+        return PolicyContext(client_id, self.key, request_id=request_id)
 
     def predict(self, client_id: str, request_id: str | None, images: np.ndarray,
                 want_probabilities: bool = True) -> PredictResult:
@@ -118,9 +117,9 @@ class DataPlane:
 
 def build_dataplane(cfg, monitor_config=None) -> DataPlane:
     """Load the target, the monitor and the defence policies named in the monitor's config
-    (``cfg.monitor_config``'s file, or the ``monitor_config`` object when given)."""
-    from monitor import Monitor
-
+    (``cfg.monitor_config``'s file, or the ``monitor_config`` object when given). With
+    ``cfg.monitor`` False the monitor is a :class:`monitor.null.NullMonitor` (no detectors, no
+    log, every client NORMAL); the policies and the watermark still come from the config."""
     from threadpoolctl import threadpool_limits
 
     # Deliberate thread counts: torch's and BLAS's (numpy, used by the monitor's detectors)
@@ -130,20 +129,29 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
     threadpool_limits(cfg.torch_threads, user_api="blas")
     model = TargetModel.load(cfg.target)
     if monitor_config is None:
-        from monitor import load_config
+        from monitor.config import load_config
 
         monitor_config = load_config(cfg.monitor_config)
     if cfg.undefended:
         monitor_config = monitor_config.model_copy(update={
             "policies": {lvl: {"policy": "identity"} for lvl in Level if lvl != Level.BLOCK},
             "watermark": {}})
-    mon = Monitor(monitor_config, cfg.monitor_db)
+    if cfg.monitor:
+        from monitor import Monitor
+
+        mon = Monitor(monitor_config, cfg.monitor_db)
+    else:
+        from monitor.null import NullMonitor
+
+        mon = NullMonitor(monitor_config)
     key = cfg.secret.encode()
     policies = {Level.parse(lvl): build_policy(spec, artifacts=cfg.artifacts)
                 for lvl, spec in mon.config.policies.items() if Level.parse(lvl) != Level.BLOCK}
     wm = Watermark.from_spec(dict(mon.config.watermark or {}), key)
-    log.info("model %s version %s (test accuracy %s); policies %s; watermark %s",
+    log.info("model %s version %s (test accuracy %s); monitor %s; policies %s; watermark %s "
+             "(digest scheme %s)",
              model.name, model.version, model.meta.get("test_accuracy"),
+             "on" if cfg.monitor else "OFF (--no-monitor)",
              {lvl.name: p.name for lvl, p in policies.items()},
-             "off" if wm is None else f"rate {wm.rate}")
+             "off" if wm is None else f"rate {wm.rate}", DIGEST_SCHEME.split(":")[0])
     return DataPlane(model, mon, policies, wm, key, cfg.max_batch)

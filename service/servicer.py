@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 import grpc
+import numpy as np
 
-from common.types import AnswerKind
+from common.types import Answer, AnswerKind, NUM_CLASSES
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from service import codec
@@ -35,6 +36,63 @@ def abort_for(context: grpc.ServicerContext, exc: Exception):
             context.abort(code, str(exc))
     log.exception("internal error")
     context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+WIRE_MIN_ITEMS = 8
+
+
+def _predictions_wire(answer: Answer) -> bytes | None:
+    """``PredictResponse.predictions`` (field 5) encoded with array ops: one fixed-size record
+    per image (label as a one-byte varint, probabilities as a packed float field), parsed into
+    the message in one C call. None when a label does not fit a one-byte varint (never for
+    10 classes), and the caller then builds the messages one by one."""
+    labels = answer.labels
+    n = len(labels)
+    if n and not (0 <= int(labels.min()) and int(labels.max()) < 128):
+        return None
+    if answer.probs is None:
+        # 0x2a len=2 | 0x08 label
+        rec = np.empty((n, 4), np.uint8)
+        rec[:, :3] = (0x2A, 2, 0x08)
+        rec[:, 3] = labels
+    else:
+        # 0x2a len=44 | 0x08 label | 0x12 len=40 | 10 x float32 little-endian
+        rec = np.empty((n, 6 + 4 * NUM_CLASSES), np.uint8)
+        rec[:, :3] = (0x2A, 4 + 4 * NUM_CLASSES, 0x08)
+        rec[:, 3] = labels
+        rec[:, 4:6] = (0x12, 4 * NUM_CLASSES)
+        rec[:, 6:] = np.ascontiguousarray(answer.probs, "<f4").view(np.uint8)
+    return rec.tobytes()
+
+
+def build_response(fmt: int, answer: Answer, request_id: str, model_name: str,
+                   model_version: str) -> pb.PredictResponse:
+    """The PredictResponse for ``answer`` in the requested ResponseFormat.
+
+    FORMAT_PACKED: ``labels`` (packed int64) and ``raw_output`` (float32 [N, 10] row-major,
+    little-endian; empty when probabilities are withheld). FORMAT_PREDICTIONS (the original
+    contract, the default): one Prediction per image, built from bytes encoded with array ops
+    from 8 images on (measured 18x cheaper than constructing 256 messages one by one;
+    service/bench_hotpath.py)."""
+    kind = (pb.ANSWER_PROBABILITIES if answer.kind == AnswerKind.PROBABILITIES
+            else pb.ANSWER_LABEL_ONLY)
+    resp = pb.PredictResponse(id=request_id, model_name=model_name,
+                              model_version=model_version, kind=kind)
+    if fmt == pb.FORMAT_PACKED:
+        resp.labels.extend(answer.labels.tolist())
+        if answer.probs is not None:
+            resp.raw_output = np.ascontiguousarray(answer.probs, "<f4").tobytes()
+        return resp
+    # below ~8 images constructing the messages directly is as cheap (measured: 3 vs 6 us at 1)
+    wire = _predictions_wire(answer) if len(answer) >= WIRE_MIN_ITEMS else None
+    if wire is not None:
+        resp.MergeFromString(wire)
+    elif answer.probs is None:
+        resp.predictions.extend(pb.Prediction(label=int(l)) for l in answer.labels)
+    else:
+        resp.predictions.extend(pb.Prediction(label=int(l), probabilities=p)
+                                for l, p in zip(answer.labels, answer.probs.tolist()))
+    return resp
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -89,14 +147,5 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             abort_for(context, exc)
         except Exception as exc:  # noqa: BLE001 - anything else is INTERNAL, without traceback
             abort_for(context, exc)
-        a = result.answer
-        if a.probs is None:
-            preds = [pb.Prediction(label=int(l)) for l in a.labels]
-        else:
-            preds = [pb.Prediction(label=int(l), probabilities=p)
-                     for l, p in zip(a.labels, a.probs.tolist())]
-        kind = (pb.ANSWER_PROBABILITIES if a.kind == AnswerKind.PROBABILITIES
-                else pb.ANSWER_LABEL_ONLY)
-        return pb.PredictResponse(id=result.request_id, model_name=self.plane.model.name,
-                                  model_version=self.plane.model.version, kind=kind,
-                                  predictions=preds)
+        return build_response(request.format, result.answer, result.request_id,
+                              self.plane.model.name, self.plane.model.version)

@@ -195,3 +195,145 @@ def test_package_imports_no_grpc_nor_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+# --------------------------------------------------------------------------------------------
+# Keyed noise from the per-request digests (digest scheme v2, issue #8)
+# --------------------------------------------------------------------------------------------
+
+def _grey_images(n: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).integers(0, 256, (n, 28, 28)) / 255).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "laplace"])
+def test_keyed_noise_is_per_image_whatever_the_client_request_or_batch(name):
+    images = _grey_images(64, 10)
+    pol = build_policy({"policy": name})
+    from service.defences import PolicyContext as Ctx
+    a = pol.noise(images, 64, Ctx("alice", b"secret", request_id="r1"))
+    b = pol.noise(images, 64, Ctx("bob", b"secret", request_id="r2"))
+    np.testing.assert_array_equal(a, b)                                  # clients, requests
+    perm = np.random.default_rng(0).permutation(64)
+    np.testing.assert_array_equal(pol.noise(images[perm], 64, ctx()), a[perm])  # position
+    np.testing.assert_array_equal(pol.noise(images[5:6], 1, ctx())[0], a[5])    # batch
+    # different images get different noise, on every class
+    assert len(np.unique(a[:, 0])) == 64 and np.all(a[0] != a[1])
+    # another key gives other noise
+    assert not np.any(pol.noise(images, 64, ctx(key=b"other")) == a)
+    # float jitter below half a grey level does not change it
+    jitter = np.random.default_rng(1).uniform(-0.4, 0.4, images.shape).astype(np.float32) / 255
+    np.testing.assert_array_equal(pol.noise(images + jitter, 64, ctx()), a)
+
+
+@pytest.mark.parametrize("name, param, scale", [("gaussian", "sigma", 0.05),
+                                                ("gaussian", "sigma", 0.3),
+                                                ("laplace", "scale", 0.1)])
+def test_keyed_noise_has_the_configured_distribution(name, param, scale):
+    from scipy import stats
+
+    n = 4000
+    z = build_policy({"policy": name, param: scale}).noise(_grey_images(n, 11), n, ctx())
+    assert z.shape == (n, 10) and np.all(np.isfinite(z))
+    flat = z.ravel()
+    sd = scale if name == "gaussian" else np.sqrt(2) * scale
+    # 40,000 draws: the sample std is within 2% of the configured one, the mean near 0
+    assert abs(flat.std() / sd - 1) < 0.02, flat.std()
+    assert abs(flat.mean()) < 4 * sd / np.sqrt(flat.size)
+    dist = stats.norm(0, scale) if name == "gaussian" else stats.laplace(0, scale)
+    assert stats.kstest(flat, dist.cdf).pvalue > 1e-3
+    # the 10 classes' noise is uncorrelated (each comes from its own digest bytes)
+    c = np.corrcoef(z.T)
+    assert np.abs(c[~np.eye(10, dtype=bool)]).max() < 0.06
+
+
+def test_keyed_noise_follows_the_documented_derivation():
+    """u = (uint32 big-endian of digest bytes 4c..4c+3 + 1/2) / 2^32, noise = sigma ndtri(u)."""
+    import hashlib
+
+    from scipy.special import ndtri
+
+    images = _grey_images(3, 12)
+    k = hashlib.blake2b(b"secret", digest_size=64, person=b"modelguard/key2").digest()
+    z = build_policy({"policy": "gaussian", "sigma": 0.2}).noise(images, 3, ctx())
+    for i in range(3):
+        q = np.clip(np.rint(images[i] * np.float32(255)), 0, 255).astype(np.uint8)
+        d = hashlib.blake2b(q.tobytes(), key=k, digest_size=64, person=b"modelguard/img2").digest()
+        u = np.array([(int.from_bytes(d[4 * c:4 * c + 4], "big") + 0.5) / 2**32
+                      for c in range(10)])
+        np.testing.assert_allclose(z[i], 0.2 * ndtri(u), rtol=1e-12)
+
+
+def test_digests_are_computed_once_per_request_and_only_when_needed(monkeypatch):
+    from service.defences import InputDigests, PolicyContext as Ctx, Watermark
+    from service.defences import base
+
+    calls = []
+    real = base.image_digests
+    monkeypatch.setattr(base, "image_digests", lambda k, x: calls.append(len(x)) or real(k, x))
+    images, probs = batch(13, 32, 1.0)
+    wm = Watermark(b"secret", rate=0.1)
+    c = Ctx("alice", b"secret", request_id="r")
+    wm.apply(images, build_policy({"policy": "gaussian"}).answer(images, probs, c), c)
+    assert calls == [32]                       # noise and watermark share one computation
+    c = Ctx("alice", b"secret", request_id="r")
+    build_policy({"policy": "reverse_sigmoid"}).answer(images, probs, c)
+    build_policy({"policy": "round"}).answer(images, probs, c)
+    assert calls == [32]                       # policies without keyed randomness: no hashing
+    assert isinstance(c.digests(images), InputDigests) and calls == [32, 32]
+    assert c.digests(images) is c.digests(images) and calls == [32, 32]
+
+
+def test_digest_byte_ranges_are_disjoint_and_independent():
+    from service.defences import base
+
+    spans = [base.NOISE_RANGE, base.ROUTE_RANGE, base.WM_SELECT_RANGE, base.WM_OFFSET_RANGE]
+    used = np.zeros(base.DIGEST_SIZE, int)
+    for s, n in spans:
+        used[s:s + n] += 1
+    assert used.max() == 1
+    d = base.InputDigests.compute(b"secret", _grey_images(5000, 14))
+    u = d.uniforms()[:, 0]
+    route = (d.words(base.ROUTE_RANGE, 8)[:, 0] % np.uint64(3)).astype(int)
+    sel = d.words(base.WM_SELECT_RANGE, 2)[:, 0].astype(float) / 2**16
+    # no visible dependence between the uses: correlations ~ 0 (5000 items: sd 0.014)
+    assert abs(np.corrcoef(u, sel)[0, 1]) < 0.06
+    assert abs(np.corrcoef(u, route)[0, 1]) < 0.06
+    assert abs(np.corrcoef(sel, route)[0, 1]) < 0.06
+
+
+def test_unkeyed_noise_rng_is_derived_lazily_per_request():
+    from service.defences import PolicyContext as Ctx
+
+    images, probs = batch(15, 10, 1.0)
+    pol = build_policy({"policy": "gaussian", "keyed": False})
+    a = pol.answer(images, probs, Ctx("alice", b"secret", request_id="r1")).probs
+    np.testing.assert_array_equal(
+        a, pol.answer(images, probs, Ctx("alice", b"secret", request_id="r1")).probs)
+    assert not np.allclose(a, pol.answer(images, probs,
+                                         Ctx("alice", b"secret", request_id="r2")).probs)
+
+
+def _round_reference(probs, decimals):
+    """The original per-row largest-remainder loop, as the vectorised RoundPolicy's reference."""
+    from service.defences.base import as_probs, renormalise
+    p = as_probs(probs)
+    p = renormalise(p, np.full_like(p, 0.1))
+    units = 10 ** decimals
+    scaled = p * units
+    base = np.floor(scaled)
+    left = (units - base.sum(1)).round().astype(int)
+    order = np.argsort(-(scaled - base), axis=1, kind="stable")
+    for i in range(len(p)):
+        base[i, order[i, :left[i]]] += 1
+    return base / units
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=batches, decimals=st.integers(0, 4))
+def test_round_vectorised_equals_the_row_loop(b, decimals):
+    images, probs = batch(*b)
+    a = build_policy({"policy": "round", "decimals": decimals}).answer(images, probs, ctx())
+    want = _round_reference(probs, decimals)
+    np.testing.assert_array_equal(a.probs, (want.astype(np.float32)
+                                            / want.astype(np.float32).sum(1, keepdims=True,
+                                                                          dtype=np.float32)))

@@ -125,3 +125,23 @@ def test_train_pool_caches(artifacts, monkeypatch):
     out = pool.train_pool(artifacts, log=lambda s: None, progress=False)
     assert calls == [] and set(out) == {"cnn", "trees", "misinformation"}
     assert out["cnn"]["test_accuracy"] > 0.8
+
+
+def test_switch_route_follows_the_documented_derivation(artifacts):
+    """route = uint64 of digest bytes 40-47 (big-endian) mod len(models), digest = the keyed
+    blake2b-512 of the uint8 image (scheme v2), shared with noise and watermark."""
+    import hashlib
+
+    split = synthetic(200, 6)
+    images = split.x.astype(np.float32) / 255
+    pol = build_policy({"policy": "switch"}, artifacts=artifacts)
+    c = ctx()
+    idx = pol.route(images, c)
+    k = hashlib.blake2b(b"secret", digest_size=64, person=b"modelguard/key2").digest()
+    for i in range(len(images)):
+        d = hashlib.blake2b(split.x[i].tobytes(), key=k, digest_size=64,
+                            person=b"modelguard/img2").digest()
+        assert idx[i] == int.from_bytes(d[40:48], "big") % 3
+    assert c.digests(images) is c.digests(images)            # computed once for the request
+    a = pol.answer(images, target_probs(split), c)
+    assert a.model == [pol.names[j] for j in idx]

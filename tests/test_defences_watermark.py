@@ -194,3 +194,71 @@ def test_verify_cli_on_records(tmp_path, capsys):
     main(["verify", "--suspect", str(ck), "--records", str(rec), "--no-key", "--client", "b",
           "--json", str(out_json)])
     assert json.loads(out_json.read_text())["all"]["total"] == 20
+
+
+# --------------------------------------------------------------------------------------------
+# Digest scheme v2: one keyed digest per image per request, shared through the context
+# --------------------------------------------------------------------------------------------
+
+def test_selection_follows_the_documented_derivation():
+    """Selection and wrong-label offset from the documented scheme, derived independently:
+    key = blake2b(secret, person 'modelguard/key2'), digest = keyed blake2b-512 of the uint8
+    image (person 'modelguard/img2'); select: bytes 48-49 big-endian < 2^16 rate; offset:
+    1 + (bytes 50-57 big-endian mod 9)."""
+    import hashlib
+
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, (300, 28, 28)).astype(np.uint8)
+    wm = Watermark(b"secret", rate=0.2)
+    sel, off = wm.select(grey)
+    k = hashlib.blake2b(b"secret", digest_size=64, person=b"modelguard/key2").digest()
+    for i in range(len(grey)):
+        d = hashlib.blake2b(grey[i].tobytes(), key=k, digest_size=64,
+                            person=b"modelguard/img2").digest()
+        assert sel[i] == (int.from_bytes(d[48:50], "big") < round(2**16 * 0.2))
+        assert off[i] == 1 + int.from_bytes(d[50:58], "big") % 9
+
+
+def test_apply_uses_the_request_digests_and_the_verifier_rederives_them():
+    from service.defences import PolicyContext as Ctx
+
+    rng = np.random.default_rng(4)
+    images = (rng.integers(0, 256, (1500, 28, 28)) / 255).astype(np.float32)
+    probs = rng.dirichlet(np.full(10, 0.3), 1500).astype(np.float32)
+    wm = Watermark(b"secret", rate=0.05)
+    c = Ctx("alice", b"secret", request_id="r")
+    a = wm.apply(images, build_policy({"policy": "gaussian"}).answer(images, probs, c), c)
+    sel, off = wm.select(images)                       # fresh digests, no context
+    np.testing.assert_array_equal(a.watermarked, sel)
+    base = build_policy({"policy": "gaussian"}).answer(images, probs, ctx())
+    np.testing.assert_array_equal(a.labels[sel], (base.labels[sel] + off[sel]) % 10)
+    # a context under another key never lends its digests to the watermark
+    other = wm.apply(images, base, Ctx("alice", b"another-key"))
+    np.testing.assert_array_equal(other.watermarked, sel)
+    # same image, other client / request / batch: same selection and wrong label
+    b = wm.apply(images[::-1], build_policy({"policy": "gaussian"}).answer(
+        images[::-1], probs[::-1], Ctx("bob", b"secret", request_id="x")), None)
+    np.testing.assert_array_equal(b.labels[::-1], a.labels)
+    # the verifier, from the records alone (image, label sent) and the key: re-checks every
+    # selection and recovers every honest label
+    rec_x, rec_y = images[a.watermarked], a.labels[a.watermarked]
+    honest = base.labels[a.watermarked]
+    r = verify(images=rec_x, labels_sent=rec_y, predict=lambda x: np.eye(10)[honest],
+               key=b"secret", rate=0.05)
+    assert r.not_selected_dropped == 0 and r.total == len(rec_y)
+    assert r.disagreements == 0 and r.matches == 0          # the honest model is not accused
+    r = verify(images=rec_x, labels_sent=rec_y, predict=lambda x: np.eye(10)[rec_y],
+               key=b"secret", rate=0.05)
+    assert r.matches == r.disagreements == len(rec_y) and r.stolen
+
+
+def test_dedupe_keeps_first_occurrences_in_order_and_ignores_sub_grey_jitter():
+    x, _ = synthetic(6, 1)
+    xf = x.astype(np.float32) / 255
+    jitter = xf[[4, 1]] + np.float32(0.3 / 255)
+    xs = np.concatenate([xf, jitter, xf[:3]])
+    imgs, labels, dropped = dedupe(xs, np.arange(len(xs)))
+    assert list(labels) == [0, 1, 2, 3, 4, 5] and dropped == 5
+    np.testing.assert_array_equal(imgs, xf)
+    imgs, labels, dropped = dedupe(np.zeros((0, 28, 28), np.float32), np.zeros(0, int))
+    assert len(imgs) == 0 and dropped == 0

@@ -139,3 +139,164 @@ def test_cli_copycat_writes_json(grpc_target, small_target, tmp_path):
     assert r["queries_used"] == 300 and r["eval_items"] == 5000
     assert r["stolen_accuracy"] > 0.3 and 0 <= r["fidelity"] <= 1
     assert (tmp_path / "s.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Response formats (proto v1.1: PredictRequest.format, PredictResponse.labels/raw_output)
+# --------------------------------------------------------------------------------------------
+
+def _legacy_response(answer, rid="r"):
+    """The response as the server built it before the packed format: one message per image."""
+    if answer.probs is None:
+        preds = [pb.Prediction(label=int(l)) for l in answer.labels]
+    else:
+        preds = [pb.Prediction(label=int(l), probabilities=p)
+                 for l, p in zip(answer.labels, answer.probs.tolist())]
+    kind = pb.ANSWER_PROBABILITIES if answer.probs is not None else pb.ANSWER_LABEL_ONLY
+    return pb.PredictResponse(id=rid, model_name="target", model_version="v", kind=kind,
+                              predictions=preds)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 64, 256])
+@pytest.mark.parametrize("with_probs", [True, False])
+def test_build_response_keeps_the_contract_and_packs(n, with_probs):
+    from client.api import decode_response
+    from common.types import Answer, AnswerKind
+    from service.servicer import build_response
+
+    rng = np.random.default_rng(n)
+    probs = rng.dirichlet(np.full(10, 0.3), n).astype(np.float32)
+    ans = (Answer(probs.argmax(1), probs, AnswerKind.PROBABILITIES) if with_probs
+           else Answer(probs.argmax(1), None, AnswerKind.LABEL_ONLY))
+    old = _legacy_response(ans)
+    new = build_response(pb.FORMAT_PREDICTIONS, ans, "r", "target", "v")
+    assert new == old                                   # same message, field for field
+    assert pb.PredictResponse.FromString(new.SerializeToString()) == old
+    packed = pb.PredictResponse.FromString(
+        build_response(pb.FORMAT_PACKED, ans, "r", "target", "v").SerializeToString())
+    assert len(packed.predictions) == 0 and list(packed.labels) == ans.labels.tolist()
+    assert len(packed.raw_output) == (n * 40 if with_probs else 0)
+    for resp in (old, packed):
+        got = decode_response(resp)
+        np.testing.assert_array_equal(got.labels, ans.labels)
+        assert got.kind == ans.kind
+        if with_probs:
+            np.testing.assert_array_equal(got.probs, ans.probs)   # bit-exact float32
+        else:
+            assert got.probs is None
+
+
+def test_packed_and_old_clients_get_the_same_answers(grpc_target):
+    x = data.attack_pool().x[:300]
+    with grpc_target.client("e2e-formats") as c:
+        packed = c.predict(x)
+        c.packed = False
+        old = c.predict(x)
+        labels_old = c.predict(x[:20], labels_only=True)
+        c.packed = True
+        labels_packed = c.predict(x[:20], labels_only=True)
+    np.testing.assert_array_equal(packed.labels, old.labels)
+    np.testing.assert_array_equal(packed.probs, old.probs)
+    assert labels_old.probs is None and labels_packed.probs is None
+    np.testing.assert_array_equal(labels_old.labels, labels_packed.labels)
+    # on the wire: an old client (no format field) gets predictions, a new one the packed arrays
+    raw = x[:10].tobytes()
+    req = pb.PredictRequest(datatype="UINT8", shape=[10, 28, 28], raw_input=raw)
+    r_old = _raw_predict(grpc_target.address, req)
+    assert len(r_old.predictions) == 10 and len(r_old.labels) == 0 and not r_old.raw_output
+    req.format = pb.FORMAT_PACKED
+    r_new = _raw_predict(grpc_target.address, req)
+    assert len(r_new.predictions) == 0 and len(r_new.labels) == 10
+    probs = np.frombuffer(r_new.raw_output, "<f4").reshape(10, 10)
+    np.testing.assert_array_equal(probs, [p.probabilities for p in r_old.predictions])
+    np.testing.assert_array_equal(list(r_new.labels), [p.label for p in r_old.predictions])
+
+
+def test_client_rejects_a_malformed_packed_response():
+    from client.api import decode_response
+
+    bad = pb.PredictResponse(kind=pb.ANSWER_PROBABILITIES, labels=[1, 2], raw_output=b"\0" * 40)
+    with pytest.raises(ValueError, match="raw_output has 40 bytes for 2 labels"):
+        decode_response(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# --no-monitor and the data plane's per-request digests
+# --------------------------------------------------------------------------------------------
+
+def test_no_monitor_serves_from_the_same_config_and_logs_nothing(small_target, tmp_path):
+    from common.types import Level
+    from monitor import load_config
+    from monitor.null import NullMonitor
+    from service.config import ServerConfig
+    from service.dataplane import build_dataplane
+
+    config = load_config(None)
+    cfg = ServerConfig(port=0, target=small_target[0], artifacts=tmp_path,
+                       monitor_db=tmp_path / "monitor.db", secret="test-secret", monitor=False)
+    plane = build_dataplane(cfg, config.model_copy(update={
+        "policies": {lvl.name.lower(): {"policy": "identity"} for lvl in Level
+                     if lvl != Level.BLOCK}}))
+    try:
+        assert isinstance(plane.monitor, NullMonitor)
+        assert plane.watermark is not None and plane.watermark.rate == config.watermark["rate"]
+        x = data.attack_pool().x[:50].astype(np.float32) / 255
+        for i in range(3):
+            r = plane.predict("mallory", f"r{i}", x)
+            assert r.level == Level.NORMAL and len(r.answer) == 50
+    finally:
+        plane.close()
+    assert not (tmp_path / "monitor.db").exists()
+    assert ServerConfig().monitor is True
+
+
+def test_no_monitor_flag_reaches_the_config(monkeypatch):
+    import service.__main__ as cli
+
+    seen = {}
+
+    def fake_serve(args):   # parse only: the real _serve would load a target and serve
+        seen["monitor"] = args.monitor
+        return 0
+
+    monkeypatch.setattr(cli, "_serve", fake_serve)
+    assert cli.main(["serve", "--no-monitor"]) == 0 and seen["monitor"] is False
+    assert cli.main(["serve"]) == 0 and seen["monitor"] is None   # ServerConfig's default
+
+
+def test_dataplane_hashes_each_request_once(small_target, tmp_path, monkeypatch):
+    from common.types import Level
+    from service.dataplane import DataPlane, TargetModel
+    from service.defences import Watermark, build_policy
+    from service.defences import base
+
+    class Quiet:
+        def __init__(self, level):
+            self.lvl = level
+
+        def level(self, client):
+            return self.lvl
+
+        def observe(self, client_id, request_id, images, probs, answer, level):
+            return level
+
+        def close(self):
+            pass
+
+    calls = []
+    real = base.image_digests
+    monkeypatch.setattr(base, "image_digests", lambda k, x: calls.append(len(x)) or real(k, x))
+    policies = {Level.NORMAL: build_policy({"policy": "identity"}),
+                Level.NOISE: build_policy({"policy": "gaussian", "sigma": 0.1}),
+                Level.LABEL_ONLY: build_policy({"policy": "label_only"}),
+                Level.SWITCH: build_policy({"policy": "reverse_sigmoid"})}
+    x = data.attack_pool().x[:40].astype(np.float32) / 255
+    model = TargetModel.load(small_target[0])
+    for wm, level, want in [(Watermark(b"k", 0.05), Level.NOISE, [40]),
+                            (Watermark(b"k", 0.05), Level.NORMAL, [40]),
+                            (None, Level.NOISE, [40]),
+                            (None, Level.SWITCH, [])]:
+        calls.clear()
+        plane = DataPlane(model, Quiet(level), policies, wm, b"k", 64)
+        plane.predict("alice", "r", x)
+        assert calls == want, (wm, level)

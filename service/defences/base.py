@@ -2,23 +2,53 @@
 client receives. Plain numpy here (no torch, no gRPC)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import numpy as np
 
 from common.types import Answer, NUM_CLASSES
 
 
-@dataclass
 class PolicyContext:
-    """Per-request context the service hands to every policy."""
+    """Per-request context the service hands to every policy (and to the watermark).
 
-    client_id: str
-    key: bytes                  # server secret (HMAC key) for keyed hashing
-    rng: np.random.Generator    # seeded per request by the service
+    ``key`` is the server secret. ``digests(images)`` returns the batch's keyed per-image digests
+    (:class:`InputDigests`), computed on first use and cached for the request, so noise, routing
+    and the watermark share one hash per image and a policy that needs none costs nothing.
+    ``rng`` (used only by unkeyed noise) is derived on first use from the key, the client and
+    the request id unless one is given."""
+
+    __slots__ = ("client_id", "key", "request_id", "_rng", "_dig_images", "_digests")
+
+    def __init__(self, client_id: str, key: bytes, rng: np.random.Generator | None = None,
+                 request_id: str = ""):
+        self.client_id = client_id
+        self.key = key
+        self.request_id = request_id
+        self._rng = rng
+        self._dig_images = None
+        self._digests: InputDigests | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            seed = hmac.new(self.key, f"{self.client_id}\0{self.request_id}".encode(),
+                            hashlib.sha256).digest()
+            self._rng = np.random.default_rng(int.from_bytes(seed[:16], "little"))
+        return self._rng
+
+    def digests(self, images: np.ndarray) -> "InputDigests":
+        """The keyed digests of ``images`` under ``key`` (cached for the same array object)."""
+        if self._digests is None or self._dig_images is not images:
+            self._digests = InputDigests.compute(self.key, images)
+            self._dig_images = images
+        return self._digests
+
+    def __repr__(self) -> str:
+        return f"PolicyContext(client_id={self.client_id!r}, request_id={self.request_id!r})"
 
 
 class AnswerPolicy(ABC):
@@ -38,27 +68,104 @@ class AnswerPolicy(ABC):
 # Keyed hashing of inputs (noise, routing and watermark selection all derive from it)
 # --------------------------------------------------------------------------------------------
 
+# Scheme v2 (issue #8): ONE keyed BLAKE2b-512 per image, split into disjoint byte ranges, one per
+# use. v1 (HMAC-SHA256(key, domain || image), one HMAC per image and per use) is gone: answers,
+# routes and watermark selections differ between the two, and watermark records logged under v1
+# do not pass the keyed re-checks of `verify` under v2 (docs/defences.md).
+DIGEST_SCHEME = "v2: blake2b-512(key=blake2b(secret, person='modelguard/key2'), " \
+                "person='modelguard/img2', uint8 image)"
+DIGEST_SIZE = 64
+_KEY_PERSON = b"modelguard/key2"
+_IMG_PERSON = b"modelguard/img2"
+# Byte layout of a digest: (start, length). The ranges never overlap, so each use sees
+# independent pseudo-random bits (one use's values say nothing about another's).
+NOISE_RANGE = (0, 4 * NUM_CLASSES)     # 10 x uint32 (big-endian) -> uniforms for the noise
+ROUTE_RANGE = (40, 8)                  # uint64 -> pool model index (mod len(models))
+WM_SELECT_RANGE = (48, 2)              # uint16 -> watermarked when < 2^16 * rate
+WM_OFFSET_RANGE = (50, 8)              # uint64 -> wrong-label offset 1 + (x mod 9)
+assert NOISE_RANGE[0] + NOISE_RANGE[1] <= ROUTE_RANGE[0]
+assert WM_OFFSET_RANGE[0] + WM_OFFSET_RANGE[1] <= DIGEST_SIZE
+
+
 def quantise(images: np.ndarray) -> np.ndarray:
-    """Images as uint8 (N, 28, 28): float images in [0, 1] are scaled by 255 and rounded, so the
-    hash of an image does not depend on float noise below one grey level."""
+    """Images as uint8 (N, 28, 28): float images in [0, 1] are scaled by 255 and rounded (in
+    float32 arithmetic: 25x cheaper than float64 and exact for every k/255), so the hash of an
+    image does not depend on float noise below one grey level."""
     images = np.asarray(images)
     if images.ndim == 2:
         images = images[None]
     if images.dtype == np.uint8:
         return np.ascontiguousarray(images)
-    return np.clip(np.rint(images.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    x = np.multiply(images, np.float32(255.0), dtype=np.float32)
+    np.rint(x, out=x)
+    np.clip(x, 0, 255, out=x)
+    return x.astype(np.uint8)
 
 
-def keyed_digests(key: bytes, images: np.ndarray, domain: bytes) -> list[bytes]:
-    """HMAC-SHA256(key, domain || uint8 image bytes) for each image. ``domain`` separates the
-    uses (noise, routing, watermark) so one digest says nothing about another."""
+@functools.lru_cache(maxsize=8)
+def _hash_key(secret: bytes) -> bytes:
+    """The BLAKE2b key derived from the server secret (any length; BLAKE2b keys are <= 64 B)."""
+    return hashlib.blake2b(secret, digest_size=64, person=_KEY_PERSON).digest()
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed_state(secret: bytes):
+    return hashlib.blake2b(key=_hash_key(secret), digest_size=DIGEST_SIZE, person=_IMG_PERSON)
+
+
+def image_digests(key: bytes, images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 64): the keyed digest of each quantised image (scheme v2).
+
+    One C hash call per image (a copy of the keyed BLAKE2b state fed the image's 784 bytes):
+    there is no sound vectorised keyed hash in numpy, and this is the fastest per-image option
+    measured (service/bench_hotpath.py)."""
+    if not key:
+        raise ValueError("keyed digests need a non-empty key")
     q = quantise(images)
-    return [hmac.new(key, domain + b"\x00" + q[i].tobytes(), hashlib.sha256).digest()
-            for i in range(len(q))]
+    n = len(q)
+    if n == 0:
+        return np.zeros((0, DIGEST_SIZE), np.uint8)
+    row = q[0].size
+    buf = memoryview(q.reshape(-1))
+    copy = _keyed_state(key).copy
+    out = []
+    for i in range(n):
+        h = copy()
+        h.update(buf[i * row:(i + 1) * row])
+        out.append(h.digest())
+    return np.frombuffer(b"".join(out), np.uint8).reshape(n, DIGEST_SIZE)
 
 
-def digest_uint(d: bytes, start: int = 0, nbytes: int = 8) -> int:
-    return int.from_bytes(d[start:start + nbytes], "big")
+class InputDigests:
+    """The keyed digests of one batch, (N, 64) uint8, and the array views each use takes."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: np.ndarray):
+        raw = np.asarray(raw, dtype=np.uint8)
+        if raw.ndim != 2 or raw.shape[1] != DIGEST_SIZE:
+            raise ValueError(f"digests must have shape (N, {DIGEST_SIZE}), got {raw.shape}")
+        self.raw = raw
+
+    @classmethod
+    def compute(cls, key: bytes, images: np.ndarray) -> "InputDigests":
+        return cls(image_digests(key, images))
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def words(self, span: tuple[int, int], width: int) -> np.ndarray:
+        """The bytes ``span`` = (start, length) of each digest as big-endian unsigned integers
+        of ``width`` bytes: shape (N, length // width), dtype uint{8*width}."""
+        start, length = span
+        if length % width:
+            raise ValueError(f"span length {length} is not a multiple of {width}")
+        w = np.ascontiguousarray(self.raw[:, start:start + length]).view(f">u{width}")
+        return w.astype(f"=u{width}")
+
+    def uniforms(self, span: tuple[int, int] = NOISE_RANGE) -> np.ndarray:
+        """float64 (N, length // 4) strictly inside (0, 1): (uint32 + 1/2) / 2^32."""
+        return (self.words(span, 4).astype(np.float64) + 0.5) * 2.0 ** -32
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from common.types import Answer, AnswerKind, NUM_CLASSES
-from service.defences.base import (AnswerPolicy, PolicyContext, as_probs, digest_uint,
-                                   enforce_argmax, finish, keyed_digests, labels_for, renormalise)
+from service.defences.base import (NOISE_RANGE, AnswerPolicy, PolicyContext, as_probs,
+                                   enforce_argmax, finish, labels_for, renormalise)
 
 
 class IdentityPolicy(AnswerPolicy):
@@ -32,11 +32,13 @@ class LabelOnlyPolicy(AnswerPolicy):
 class NoisePolicy(AnswerPolicy):
     """Additive noise on the probability vector, clipped at 0 and renormalised.
 
-    ``keyed=True`` (default) draws each item's noise from a generator seeded by
-    HMAC-SHA256(key, 'noise' || uint8 image): the same image always gets the same noise, for any
-    client, so averaging repeated (or Sybil) queries does not remove it. ``keyed=False`` draws
-    from ctx.rng instead (fresh noise per request: averaging repeats then recovers the truth).
-    ``preserve_argmax`` swaps the target's top class back to the top when noise displaced it.
+    ``keyed=True`` (default) derives each item's noise from its keyed digest
+    (``ctx.digests(images)``, the noise byte range): 10 uniforms per image, mapped through the
+    inverse CDF (Gaussian: ``sigma * ndtri(u)``; Laplace: ``-b sign(u - 1/2) log(1 - 2|u - 1/2|)``).
+    The same image always gets the same noise, for any client and request, so averaging repeated
+    (or Sybil) queries does not remove it. ``keyed=False`` draws from ctx.rng instead (fresh
+    noise per request: averaging repeats then recovers the truth). ``preserve_argmax`` swaps the
+    target's top class back to the top when noise displaced it.
     """
 
     def __init__(self, dist: str, scale: float, preserve_argmax: bool = True,
@@ -54,12 +56,21 @@ class NoisePolicy(AnswerPolicy):
             return rng.normal(0.0, self.scale, size=(n, NUM_CLASSES))
         return rng.laplace(0.0, self.scale, size=(n, NUM_CLASSES))
 
+    def inverse_cdf(self, u: np.ndarray) -> np.ndarray:
+        """Noise values for uniforms ``u`` in (0, 1), elementwise."""
+        if self.dist == "gaussian":
+            from scipy.special import ndtri
+
+            return self.scale * ndtri(u)
+        c = u - 0.5
+        return -self.scale * np.sign(c) * np.log1p(-2.0 * np.abs(c))
+
     def noise(self, images: np.ndarray, n: int, ctx: PolicyContext) -> np.ndarray:
         if not self.keyed:
             return self._draw(ctx.rng, n)
-        digests = keyed_digests(ctx.key, images, b"noise")
-        return np.concatenate([self._draw(np.random.default_rng(digest_uint(d, 0, 16)), 1)
-                               for d in digests]) if n else np.zeros((0, NUM_CLASSES))
+        if n == 0:
+            return np.zeros((0, NUM_CLASSES))
+        return self.inverse_cdf(ctx.digests(images).uniforms(NOISE_RANGE))
 
     def answer(self, images, probs, ctx: PolicyContext) -> Answer:
         p = as_probs(probs)
@@ -88,11 +99,13 @@ class RoundPolicy(AnswerPolicy):
         scaled = p * units
         base = np.floor(scaled)
         rem = scaled - base
-        left = (units - base.sum(1)).round().astype(int)
-        # hand out the remaining units to the largest remainders (stable: lower class first)
+        left = (units - base.sum(1)).round().astype(np.int64)
+        # hand out the remaining units to the largest remainders (stable: lower class first):
+        # class c of row i gets one more unit when its rank among the remainders is < left[i]
         order = np.argsort(-rem, axis=1, kind="stable")
-        for i in range(len(p)):
-            base[i, order[i, :left[i]]] += 1
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(NUM_CLASSES)[None, :].repeat(len(p), 0), 1)
+        base += rank < left[:, None]
         q = base / units
         return Answer(labels_for(q, p), finish(q), AnswerKind.PROBABILITIES)
 

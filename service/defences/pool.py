@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 
 from common.types import Answer, AnswerKind, NUM_CLASSES
-from service.defences.base import (AnswerPolicy, PolicyContext, as_probs, digest_uint, finish,
-                                   keyed_digests, labels_for, renormalise)
+from service.defences.base import (ROUTE_RANGE, AnswerPolicy, PolicyContext, as_probs, finish,
+                                   labels_for, renormalise)
 
 POOL_DIR = "pool"
 # name -> file in artifacts/pool/ ("target" is the service's own model: no file here)
@@ -94,8 +94,8 @@ def load_model(artifacts: Path, name: str) -> PoolModel:
 # --------------------------------------------------------------------------------------------
 
 class SwitchPolicy(AnswerPolicy):
-    """Each item is answered by one pool model, chosen by HMAC-SHA256(key, 'route' || uint8
-    image) mod len(models). The same image always goes to the same model (for every client), so
+    """Each item is answered by one pool model, chosen by the route bytes of its keyed digest
+    (``ctx.digests(images)``, a uint64) mod len(models). The same image always goes to the same model (for every client), so
     repeats cannot be averaged; different images go to different models, so a copy is trained
     on a mixture of several decision functions. 'target' means the target's own probabilities
     (the service passes them in)."""
@@ -107,10 +107,11 @@ class SwitchPolicy(AnswerPolicy):
             raise ValueError("switch needs at least one model")
         self.names = list(models)
         self.models = models
+        self._name_array = np.array(self.names, dtype=object)
 
     def route(self, images: np.ndarray, ctx: PolicyContext) -> np.ndarray:
-        digests = keyed_digests(ctx.key, images, b"route")
-        return np.array([digest_uint(d) % len(self.names) for d in digests], dtype=np.int64)
+        words = ctx.digests(images).words(ROUTE_RANGE, 8)[:, 0]
+        return (words % np.uint64(len(self.names))).astype(np.int64)
 
     def answer(self, images, probs, ctx: PolicyContext) -> Answer:
         p = as_probs(probs)
@@ -123,7 +124,7 @@ class SwitchPolicy(AnswerPolicy):
         q = renormalise(q, p)
         q32 = finish(q)
         return Answer(q32.argmax(1), q32, AnswerKind.PROBABILITIES,
-                      model=[self.names[j] for j in idx])
+                      model=self._name_array[idx].tolist())
 
 
 class MisinformationPolicy(AnswerPolicy):
@@ -159,7 +160,7 @@ class MisinformationPolicy(AnswerPolicy):
             q[use] = (1 - a[use, None]) * p[use] + a[use, None] * mis
         q = finish(renormalise(q, p))
         return Answer(labels_for(q, p), q, AnswerKind.PROBABILITIES,
-                      model=["misinformation" if w >= 0.5 else "target" for w in a])
+                      model=np.where(a >= 0.5, "misinformation", "target").tolist())
 
 
 # --------------------------------------------------------------------------------------------

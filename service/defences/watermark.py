@@ -1,15 +1,15 @@
 """DAWN-style watermarking (Szyller et al.) and its verifier.
 
-Selection: HMAC-SHA256(key, 'watermark' || uint8 image); the item is watermarked when the first
-16 bits are < 2^16 * rate. The selection depends on the image only (not the client), so every
-client and every repeat gets the same answer for the same image. A watermarked item gets a
-deterministic wrong label: (label + 1 + (next 8 bytes of the digest mod 9)) mod 10, i.e. one of
-the 9 other classes chosen pseudo-randomly by the keyed hash. When probabilities are sent, the
+Selection (digest scheme v2, service/defences/base.py): the image's keyed BLAKE2b digest, whose
+watermark bytes are disjoint from the noise and routing bytes; the item is watermarked when the
+16-bit word at WM_SELECT_RANGE is < 2^16 * rate. The selection depends on the image only (not
+the client), so every client and every repeat gets the same answer for the same image. A
+watermarked item gets a deterministic wrong label: (label + 1 + (uint64 at WM_OFFSET_RANGE
+mod 9)) mod 10, i.e. one of the 9 other classes chosen pseudo-randomly by the keyed hash. When probabilities are sent, the
 confidences of the true and the wrong label are swapped, so the vector still looks natural.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -17,10 +17,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.types import Answer, NUM_CLASSES
-from service.defences.base import PolicyContext, digest_uint, keyed_digests, quantise
+from service.defences.base import (WM_OFFSET_RANGE, WM_SELECT_RANGE, InputDigests,
+                                   PolicyContext, quantise)
 
 DEFAULT_RATE = 0.005
-WM_DOMAIN = b"watermark"
 
 
 class WatermarkSpec(BaseModel):
@@ -47,27 +47,33 @@ class Watermark:
             raise ValueError(f"bad watermark spec {spec!r}: {exc}") from None
         return cls(key, s.rate) if s.enabled else None
 
-    def select(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(selected bool (N,), offset int (N,) in 1..9) for each image."""
-        digests = keyed_digests(self.key, images, WM_DOMAIN)
-        sel = np.array([digest_uint(d, 0, 2) < self.threshold for d in digests], dtype=bool)
-        off = np.array([1 + digest_uint(d, 2, 8) % (NUM_CLASSES - 1) for d in digests],
-                       dtype=np.int64)
-        return sel, off
+    def select(self, images: np.ndarray, digests: InputDigests | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(selected bool (N,), offset int64 (N,) in 1..9) for each image. ``digests`` must be
+        the images' digests under this watermark's key (computed here when None)."""
+        if digests is None:
+            digests = InputDigests.compute(self.key, images)
+        sel = digests.words(WM_SELECT_RANGE, 2)[:, 0] < self.threshold
+        off = 1 + (digests.words(WM_OFFSET_RANGE, 8)[:, 0] % np.uint64(NUM_CLASSES - 1))
+        return sel, off.astype(np.int64)
 
     def apply(self, images: np.ndarray, answer: Answer, ctx: PolicyContext | None = None) -> Answer:
-        sel, off = self.select(images)
+        """Watermark ``answer``. With a context keyed like this watermark, the request's cached
+        digests are reused (one hash per image per request)."""
+        digests = ctx.digests(images) if ctx is not None and ctx.key == self.key else None
+        sel, off = self.select(images, digests)
+        prev = answer.watermarked if answer.watermarked is not None else np.zeros(len(sel), bool)
+        if not sel.any():
+            return Answer(answer.labels, answer.probs, answer.kind, list(answer.model), prev | sel)
         labels = answer.labels.copy()
         wrong = (labels + off) % NUM_CLASSES
         probs = None if answer.probs is None else answer.probs.copy()
-        if sel.any():
-            rows = np.flatnonzero(sel)
-            labels[rows] = wrong[rows]
-            if probs is not None:
-                orig = answer.labels[rows]
-                a, b = probs[rows, orig].copy(), probs[rows, wrong[rows]].copy()
-                probs[rows, orig], probs[rows, wrong[rows]] = b, a
-        prev = answer.watermarked if answer.watermarked is not None else np.zeros(len(labels), bool)
+        rows = np.flatnonzero(sel)
+        labels[rows] = wrong[rows]
+        if probs is not None:
+            orig = answer.labels[rows]
+            a, b = probs[rows, orig].copy(), probs[rows, wrong[rows]].copy()
+            probs[rows, orig], probs[rows, wrong[rows]] = b, a
         return Answer(labels, probs, answer.kind, list(answer.model), prev | sel)
 
 
@@ -117,14 +123,12 @@ class VerifyResult:
 def dedupe(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Keep one record per distinct (quantised) image: repeats are not independent trials."""
     q = quantise(images)
-    seen: set[bytes] = set()
-    keep = []
-    for i in range(len(q)):
-        h = hashlib.sha256(q[i].tobytes()).digest()
-        if h not in seen:
-            seen.add(h)
-            keep.append(i)
-    keep = np.array(keep, dtype=np.int64)
+    if len(q) == 0:
+        return np.asarray(images)[:0], np.asarray(labels)[:0], 0
+    rows = q.reshape(len(q), -1)
+    # each row as one opaque value: np.unique then compares whole images at C speed
+    _, first = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))), return_index=True)
+    keep = np.sort(first.reshape(-1)).astype(np.int64)
     return np.asarray(images)[keep], np.asarray(labels)[keep], len(q) - len(keep)
 
 

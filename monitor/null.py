@@ -1,0 +1,40 @@
+"""A monitor that watches nothing: every client stays at NORMAL and nothing is logged.
+
+``python -m service serve --no-monitor`` uses it so a benchmark can measure the server without
+the monitor's detectors and log. It has the service-facing API of ``monitor.Monitor``
+(``level``, ``observe``, ``flush``, ``close``) and carries the loaded :class:`MonitorConfig` as
+``config``, so the per-level policies and the watermark are still built from the same file.
+Only ``monitor.config`` and ``common.types`` are used here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.types import Level
+from monitor.config import MonitorConfig, load_config
+
+
+class NullMonitor:
+    """Drop-in for ``monitor.Monitor`` that never escalates and records nothing."""
+
+    def __init__(self, config: MonitorConfig | str | Path | None = None):
+        self.config = config if isinstance(config, MonitorConfig) else load_config(config)
+        self._closed = False
+
+    def level(self, client_id: str) -> Level:
+        return Level.NORMAL
+
+    def observe(self, client_id: str, request_id: str, images, target_probs, answer,
+                level: Level) -> Level:
+        if self._closed:
+            raise RuntimeError("monitor is closed")
+        return level
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return "NullMonitor()"
