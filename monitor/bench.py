@@ -209,7 +209,7 @@ def cost(cfg, histories=(1000, 100000), measure: int = 200, seed: int = 0) -> di
                             Level.NORMAL)
             dt = (time.perf_counter() - t0) / measure
             eng = mon._engines["bench"]
-            gsize = sum(b.n for b in eng.dets["prada"].G) if "prada" in eng.dets else 0
+            gsize = sum(g.m for g in eng.dets["prada"].G) if "prada" in eng.dets else 0
             res[f"{h}"] = {"ms_per_query": round(dt * 1e3, 3), "history": total - measure,
                            "prada_growing_set": gsize}
             print(f"observe cost with {h:>7,d} queries of history: {dt * 1e3:.3f} ms/query "

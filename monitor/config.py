@@ -18,6 +18,9 @@ from common.types import Level
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 DETECTOR_NAMES = ("prada", "ood", "similarity", "volume", "near_duplicate")
+# bumped whenever detector semantics or the pickled state layout change: stored states of another
+# version are not loaded (the state is rebuilt from the log instead)
+ENGINE_VERSION = "batched-dct8-1"
 
 
 class ConfigError(ValueError):
@@ -40,6 +43,8 @@ class PradaConfig(_Strict):
     window: int = Field(5000, ge=100, le=5000,
                         description="test on the most recent N pooled distances (shapiro caps at 5000)")
     ignore_duplicates: bool = Field(True, description="exact repeats (d == 0) are not recorded")
+    max_set: int = Field(2000, ge=10, le=100000,
+                         description="each class's growing set keeps its most recent N elements")
 
 
 class OODConfig(_Strict):
@@ -63,9 +68,17 @@ class SimilarityConfig(_Strict):
 
     enabled: bool = True
     k: int = Field(50, ge=1)
-    history: int = Field(10000, ge=1, description="bounded history of encodings (most recent)")
-    encoding: Literal["raw", "pool2"] = Field("pool2", description="raw pixels or 2x2 mean-pooled")
+    history: int = Field(10000, ge=1, le=100000,
+                         description="bounded history of encodings (most recent)")
+    encoding: Literal["dct8"] = Field("dct8", description="the monitor's 64-dim DCT space (the "
+                                                           "only one since the batched monitor)")
     threshold: float = Field(1.0, gt=0.0, description="fires when the kNN mean distance < threshold")
+
+    @model_validator(mode="after")
+    def _k_le_history(self):
+        if self.k > self.history:
+            raise ValueError(f"k ({self.k}) must not exceed history ({self.history})")
+        return self
 
 
 class VolumeConfig(_Strict):
@@ -83,7 +96,8 @@ class NearDuplicateConfig(_Strict):
     radius: float = Field(2.5, gt=0.0, description="near: nearest earlier query closer than this "
                                                    "(L2, raw pixels in [0, 1])")
     duplicate: float = Field(0.05, ge=0.0, description="exact repeats: closer than this; ignored")
-    history: int = Field(5000, ge=1, description="earlier queries compared against (most recent)")
+    history: int = Field(5000, ge=1, le=100000,
+                         description="earlier queries compared against (most recent)")
     window: int = Field(200, ge=1, description="recent queries considered")
     min_queries: int = Field(200, ge=1, description="no firing before this many queries")
     threshold: float = Field(0.25, gt=0.0, lt=1.0, description="fires when the near share > this")
@@ -150,8 +164,24 @@ class LogConfig(_Strict):
     flush_seconds: float = Field(0.2, gt=0.0, description="writer commits at least this often")
 
 
+class ExecutionConfig(_Strict):
+    """How the monitor runs: not part of the detector semantics (not in the detector hash)."""
+
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: the answer waits for the detectors; async: it does not (the "
+                            "client's order is kept, a new level applies from a later request)")
+    checkpoint_every: int = Field(2000, ge=1, description="a client's detector state is "
+                                  "checkpointed after this many new queries (bounds the replay "
+                                  "after a crash)")
+    max_clients: int = Field(1000, ge=1, description="clients held in memory; the least recently "
+                             "used are checkpointed and evicted beyond this")
+    queue_limit: int = Field(64, ge=1, description="async: requests waiting for the detectors "
+                                                   "before observe() blocks (back-pressure)")
+
+
 class MonitorConfig(_Strict):
     detectors: DetectorsConfig = DetectorsConfig()
+    execution: ExecutionConfig = ExecutionConfig()
     rules: list[Rule] = Field(default_factory=list)
     ladder: LadderConfig = LadderConfig()
     log: LogConfig = LogConfig()
@@ -194,7 +224,8 @@ class MonitorConfig(_Strict):
 
     def detector_hash(self) -> str:
         """Hash of everything that determines detector state and ladder decisions."""
-        blob = json.dumps({"detectors": self.detectors.model_dump(mode="json"),
+        blob = json.dumps({"engine": ENGINE_VERSION,
+                           "detectors": self.detectors.model_dump(mode="json"),
                            "rules": [r.model_dump(mode="json") for r in self.rules],
                            "ladder": self.ladder.model_dump(mode="json")}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

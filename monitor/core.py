@@ -2,67 +2,89 @@
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from common.types import Answer, Level
-from monitor.config import DETECTOR_NAMES, MonitorConfig, load_config
-from monitor.engine import ClientEngine, Transition, det_view
-from monitor.log import Batch, QueryLog, Writer, pickle_state, unpickle_state
+from monitor.config import MonitorConfig, load_config
+from monitor.engine import ClientEngine, det_view
+from monitor.log import Batch, pickle_state, unpickle_state
+from monitor.replay import feed
+from monitor.store import MonitorStore, SQLiteStore
 
 log = logging.getLogger("modelguard.monitor")
 
-
-def rebuild_engine(cfg: MonitorConfig, qlog: QueryLog, client: str) -> ClientEngine:
-    """Re-run a client's detectors and ladder over its logged stream (no side effects)."""
-    from monitor.replay import replay_client
-    return replay_client(cfg, qlog, client)[0]
+_STOP = object()
 
 
 class Monitor:
     """Per-client query monitor.
 
-    level(client) -> Level: the client's current level (cheap: a dict lookup after the first
-    call, which restores the client's state from the database).
-    observe(...) -> Level: runs the detectors over the N items synchronously (in order, under the
-    client's lock), applies the ladder, enqueues the log rows for the background writer and
-    returns the level after these N queries.
-    close(): drains the writer (everything observed is then in the log) and stores every client's
-    detector state so a restart resumes exactly where it stopped.
+    level(client) -> Level: the client's current level (a dict lookup once the client is in
+    memory; the first call restores it: its last checkpoint plus the few requests logged after).
+    observe(...) -> Level: runs the detectors over the request's N items as one batch (in order,
+    under the client's lock), applies the ladder, hands the log rows to the store and returns
+    the level after these N queries. In ``execution.mode = "async"`` it returns at once with the
+    current level and the detectors run on a background thread, one request after another in
+    arrival order, so a new level applies from a later request.
+    close(): drains everything, checkpoints every client in memory, closes the store.
+
+    Memory is bounded: at most ``execution.max_clients`` clients are held; the least recently
+    used is checkpointed and evicted beyond that. Every client's state is also checkpointed
+    after ``execution.checkpoint_every`` new queries, so a restart after a crash replays at most
+    that many logged queries per client (plus what the writer had not committed).
 
     db_path None: a temporary database in a fresh temp directory, deleted on close (no
-    persistence; for tests and experiments).
+    persistence; for tests and experiments). store: any MonitorStore (db_path is then ignored).
     clock: the time source for request timestamps (default time.time); the timestamps are logged
     and are all the detectors ever see of time, so replay is exact.
     """
 
     def __init__(self, config: MonitorConfig, db_path: str | Path | None = None, *,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, store: MonitorStore | None = None,
+                 warm: bool = False):
         self.config = config
         self._tmpdir = None
-        if db_path is None:
-            self._tmpdir = tempfile.mkdtemp(prefix="modelguard-monitor-")
-            db_path = Path(self._tmpdir) / "monitor.db"
-        self.db_path = Path(db_path)
+        if store is None:
+            if db_path is None:
+                self._tmpdir = tempfile.mkdtemp(prefix="modelguard-monitor-")
+                db_path = Path(self._tmpdir) / "monitor.db"
+            lc = config.log
+            store = SQLiteStore(db_path, lc.batch_size, lc.flush_seconds, lc.retention_days)
+        self.store = store
+        self.db_path = Path(db_path) if db_path is not None else None
         self._clock = clock
         self._hash = config.detector_hash()
-        lc = config.log
-        self._writer = Writer(self.db_path, lc.batch_size, lc.flush_seconds, lc.retention_days)
-        self._reader = QueryLog(self.db_path, create=True)
-        with self._reader.con:  # the thresholds in force, for `python -m monitor plot/show`
-            self._reader.con.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)",
-                                     (config.model_dump_json(),))
-        self._reader_lock = threading.Lock()
-        self._engines: dict[str, ClientEngine] = {}
+        self._exec = config.execution
+        # the thresholds in force, for `python -m monitor plot/show`
+        self.store.set_meta("config", config.model_dump_json())
+        self._engines: OrderedDict[str, ClientEngine] = OrderedDict()
+        self._saved_qn: dict[str, int] = {}
+        # evicted clients whose checkpoint the store has not committed yet: (ticket, engine)
+        self._evicted: dict[str, tuple[int, ClientEngine]] = {}
         self._locks: dict[str, threading.Lock] = {}
-        self._global = threading.Lock()
+        self._global = threading.Lock()   # guards the two dicts only, never held while working
         self._closed = False
+        self._queue: queue.Queue | None = None
+        self._worker: threading.Thread | None = None
+        self._worker_error: BaseException | None = None
+        if self._exec.mode == "async":
+            self._queue = queue.Queue(maxsize=self._exec.queue_limit)
+            self._worker = threading.Thread(target=self._run_async, name="monitor-detectors",
+                                            daemon=True)
+            self._worker.start()
+        self._warmer: threading.Thread | None = None
+        if warm:
+            self._warmer = threading.Thread(target=self._warm, name="monitor-warm", daemon=True)
+            self._warmer.start()
 
     @classmethod
     def from_file(cls, config_path: str | Path | None, db_path: str | Path | None, **kw
@@ -78,39 +100,112 @@ class Monitor:
         return lk
 
     def _load(self, client: str) -> ClientEngine:
-        """Restore a client: the saved state if it matches the log and the config, else a rebuild
-        from the logged inputs; the level always comes from the stored transitions."""
-        with self._reader_lock:
-            q = self._reader
-            max_qn = q.max_qn(client)
-            level = q.last_level(client)
-            st = q.load_state(client)
-            eng = None
-            if st is not None and st["qn"] == max_qn and st["config_hash"] == self._hash:
-                try:
-                    eng = unpickle_state(st["state"]).restore(self.config)
-                except Exception as exc:  # corrupted/incompatible blob: rebuild instead
-                    log.warning("client %s: stored state unusable (%r); rebuilding", client, exc)
-            if eng is None and max_qn > 0:
-                if q.raw_complete(client):
-                    eng = rebuild_engine(self.config, q, client)
-                    log.info("client %s: detector state rebuilt from %d logged queries", client,
-                             max_qn)
-                else:
-                    log.warning("client %s: no usable state and raw inputs incomplete; detectors "
-                                "restart empty (level %s kept)", client, level.name)
-            if eng is None:
+        """Restore a client: its checkpoint when it matches the config, then the logged requests
+        after it; without a usable checkpoint, the whole logged stream. The level always comes
+        from the stored transitions. A client evicted so recently that its checkpoint is still
+        on its way to the store comes back as it left."""
+        with self._global:
+            pending = self._evicted.pop(client, None)
+        if pending is not None:
+            self._saved_qn[client] = pending[1].qn
+            return pending[1]
+        st = self.store
+        max_qn = st.max_qn(client)
+        level = st.last_level(client)
+        saved = st.load_state(client)
+        eng = None
+        if saved is not None and saved["config_hash"] == self._hash and saved["qn"] <= max_qn:
+            try:
+                eng = unpickle_state(saved["state"]).restore(self.config)
+            except Exception as exc:  # corrupted/incompatible blob: rebuild instead
+                log.warning("client %s: stored state unusable (%r); rebuilding", client, exc)
+        if eng is None:
+            eng = ClientEngine(self.config, client)
+        self._saved_qn[client] = eng.qn
+        if eng.qn < max_qn:
+            start = eng.qn
+            try:
+                feed(eng, _StoreLog(st), client)
+                log.info("client %s: replayed queries %d..%d after its checkpoint", client,
+                         start + 1, max_qn)
+            except RuntimeError as exc:
+                log.warning("client %s: %s; detectors restart empty (level %s kept)", client,
+                            exc, level.name)
                 eng = ClientEngine(self.config, client)
-            eng.qn = max_qn
-            eng.level = level  # the recorded ladder is authoritative
+                eng.qn = max_qn
+        eng.level = level  # the recorded ladder is authoritative
         return eng
 
     def _engine(self, client: str) -> ClientEngine:
+        """The client's engine (caller holds the client's lock)."""
         eng = self._engines.get(client)
         if eng is None:
             eng = self._load(client)
-            self._engines[client] = eng
+            with self._global:
+                self._engines[client] = eng
+            self._evict(client)
+        else:
+            with self._global:
+                self._engines.move_to_end(client)
         return eng
+
+    def _checkpoint(self, client: str, eng: ClientEngine) -> int | None:
+        """Store the engine's state (caller holds the client's lock); returns the store's
+        ticket, or None when the stored state is already current."""
+        if self._saved_qn.get(client) == eng.qn:
+            return None
+        ticket = self.store.put_state(client, eng.qn, int(eng.level), self._hash,
+                                      pickle_state(eng), time.time())
+        self._saved_qn[client] = eng.qn
+        return ticket
+
+    def _forget_committed(self) -> None:
+        done = self.store.committed()
+        with self._global:
+            for c in [c for c, (tk, _) in self._evicted.items() if tk <= done]:
+                del self._evicted[c]
+
+    def _evict(self, keep: str) -> None:
+        self._forget_committed()
+        while True:
+            with self._global:
+                if len(self._engines) <= self._exec.max_clients:
+                    return
+                victim = next((c for c in self._engines if c != keep), None)
+            if victim is None:
+                return
+            lk = self._lock(victim)
+            if not lk.acquire(timeout=1.0):
+                return  # busy right now: try again on a later load
+            try:
+                eng = self._engines.get(victim)
+                if eng is not None:
+                    ticket = self._checkpoint(victim, eng)
+                    with self._global:
+                        self._engines.pop(victim, None)
+                        if ticket is not None:
+                            self._evicted[victim] = (ticket, eng)
+            finally:
+                lk.release()
+
+    def _warm(self) -> None:
+        """Restore the most recently active clients in the background after a start, so their
+        first requests find them in memory (each under its own lock only)."""
+        try:
+            for c in self.store.recent_clients(self._exec.max_clients):
+                if self._closed:
+                    return
+                with self._lock(c):
+                    if c not in self._engines:
+                        self._engine(c)
+        except Exception as exc:  # noqa: BLE001 - warming is an optimisation
+            log.warning("warming client state failed: %r", exc)
+
+    def resident_clients(self) -> int:
+        """Clients whose detector state is in memory (evicted ones in flight to the store
+        included)."""
+        self._forget_committed()
+        return len(self._engines) + len(self._evicted)
 
     # --- service API --------------------------------------------------------------------------
     def level(self, client_id: str) -> Level:
@@ -125,60 +220,106 @@ class Monitor:
         if self._closed:
             raise RuntimeError("monitor is closed")
         t = float(self._clock())
-        images = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28)
-        probs = np.asarray(target_probs, dtype=np.float32).reshape(len(images), -1)
         n = len(images)
         if len(answer) != n:
             raise ValueError(f"answer has {len(answer)} items for {n} images")
+        job = (client_id, str(request_id), t, images, target_probs, answer, level)
+        if self._queue is None:
+            return self._process(job)
+        if self._worker_error is not None:
+            raise RuntimeError(f"monitor worker failed: {self._worker_error!r}")
+        self._queue.put(job)
+        eng = self._engines.get(client_id)
+        return level if eng is None else eng.level
+
+    def _process(self, job) -> Level:
+        client_id, request_id, t, images, target_probs, answer, level = job
+        images = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28)
+        probs = np.asarray(target_probs, dtype=np.float32).reshape(len(images), -1)
         xd, on_grid = det_view(images)
-        scores = np.full((n, len(DETECTOR_NAMES)), np.nan)
-        fired = np.zeros(n, dtype=np.int64)
-        after = np.zeros(n, dtype=np.int64)
         with self._lock(client_id):
             eng = self._engine(client_id)
-            transitions: list[Transition] = eng.begin_batch(t)
+            transitions = eng.begin_batch(t)
             qn0 = eng.qn
-            for i in range(n):
-                s, f, tr = eng.step(xd[i], probs[i], t)
-                scores[i] = [np.nan if v is None else v for v in s]
-                fired[i] = f
-                after[i] = eng.level
-                if tr is not None:
-                    transitions.append(tr)
-                    log.warning("client %s escalated %s -> %s at query %d (%s)", client_id,
-                                tr.from_level.name, tr.to_level.name, tr.qn, tr.rule)
+            scores, fired, after, trs = eng.observe_batch(xd.reshape(len(xd), -1), probs, t)
+            transitions += trs
+            for tr in trs:
+                log.warning("client %s escalated %s -> %s at query %d (%s)", client_id,
+                            tr.from_level.name, tr.to_level.name, tr.qn, tr.rule)
             sent_top = None if answer.probs is None else answer.probs.max(1)
-            self._writer.put(Batch(
-                client_id, qn0, t, str(request_id), images.copy(), on_grid, probs.copy(),
-                int(level), int(answer.kind), np.asarray(answer.labels).copy(), sent_top,
-                list(answer.model), np.asarray(answer.watermarked, bool).copy(), scores, fired,
+            self.store.put_batch(Batch(
+                client_id, qn0, t, request_id, images, on_grid, probs,
+                int(level), int(answer.kind), np.asarray(answer.labels), sent_top,
+                list(answer.model), np.asarray(answer.watermarked, bool), scores, fired,
                 after, self.config.log.keep_raw))
             for tr in transitions:
-                self._writer.put(tr)
+                self.store.put_transition(tr)
+            if eng.qn - self._saved_qn.get(client_id, 0) >= self._exec.checkpoint_every:
+                self._checkpoint(client_id, eng)
             return eng.level
 
+    def _run_async(self) -> None:
+        q = self._queue
+        while True:
+            job = q.get()
+            try:
+                if job is _STOP:
+                    return
+                if self._worker_error is None:
+                    self._process(job)
+            except BaseException as exc:  # surfaced by observe()/flush()/close()
+                self._worker_error = exc
+                log.exception("monitor worker failed")
+            finally:
+                q.task_done()
+
     def flush(self) -> None:
-        """Wait until everything observed so far is committed."""
-        self._writer.flush()
+        """Wait until everything observed so far is processed and committed."""
+        if self._queue is not None:
+            self._queue.join()
+            if self._worker_error is not None:
+                raise RuntimeError(f"monitor worker failed: {self._worker_error!r}")
+        self.store.flush()
+
+    def checkpoint_all(self) -> None:
+        with self._global:
+            clients = list(self._engines)
+        for c in clients:
+            with self._lock(c):
+                eng = self._engines.get(c)
+                if eng is not None:
+                    self._checkpoint(c, eng)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        with self._global:
-            clients = list(self._engines)
-        for c in clients:
-            with self._lock(c):
-                eng = self._engines[c]
-                self._writer.put(("state", c, eng.qn, int(eng.level), self._hash,
-                                  pickle_state(eng), time.time()))
-        self._writer.close()
-        self._reader.close()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+        try:
+            if self._queue is not None:
+                self._queue.put(_STOP)
+                self._worker.join()
+            if self._warmer is not None:
+                self._warmer.join()
+            self.checkpoint_all()
+        finally:
+            self.store.close()
+            if self._tmpdir is not None:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+        if self._worker_error is not None:
+            raise RuntimeError(f"monitor worker failed: {self._worker_error!r}")
 
     def __enter__(self):
         return self
 
     def __exit__(self, *a):
         self.close()
+
+
+class _StoreLog:
+    """Adapter: replay.feed reads ``requests`` from a QueryLog; a store offers the same."""
+
+    def __init__(self, store: MonitorStore):
+        self.store = store
+
+    def requests(self, client: str, after_qn: int = 0):
+        return self.store.requests(client, after_qn)

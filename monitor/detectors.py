@@ -1,169 +1,353 @@
-"""Per-client extraction detectors.
+"""Per-client extraction detectors, batched.
 
 Every detector has the same small interface::
 
-    det.observe(x, probs, t) -> (score, fires)
+    det.observe_batch(items, t) -> (scores float64 (N,), fires bool (N,))
 
-x: float32 (28, 28) in [0, 1] (the item as the monitor stores it); probs: float32 (10,) the
-target's probabilities; t: the request's timestamp in seconds (as logged). ``score`` is a float or
-None (not enough data yet); ``fires`` a bool. Detectors depend on nothing else (no wall clock, no
-randomness), so replaying a logged stream reproduces them exactly. State is plain numpy/python and
-pickles (``state_dict``/``load_state_dict`` go through ``__dict__``).
+``items`` is an :class:`Items` (one request's N items as the monitor stores them, their DCT
+encodings and residual norms, and the target's probabilities); ``t`` the request's timestamp as
+logged. Item i's
+score is what the per-item definition gives after items 0..i of the request: item i sees the
+client's history before the request plus items 0..i-1 of its own request (a B x B term). A
+score of NaN means "not enough data yet". Detectors depend on nothing else (no wall clock, no
+randomness), so replaying a logged stream request by request reproduces them exactly.
+
+Distances: PRADA and the near-copy detector measure L2 distances between items in pixel space
+(items rounded to float16, so that they can be held compactly and compared reproducibly). They
+find them with one matrix product per request in the 64-dimensional DCT space, whose distances
+plus the residual norms give lower bounds of the pixel distances, and compute pixel distances
+only for the few candidates those bounds cannot exclude: the result is the exact pixel-space
+answer. The similarity detector works in the DCT space itself.
+
+Cost: one matrix product (one per predicted class for PRADA) per detector per request, against
+structures whose size is bounded by the config, so the cost per item does not grow with a
+client's history. State is plain numpy and pickles.
 """
 from __future__ import annotations
 
 import math
-import warnings
 from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from monitor.config import (NearDuplicateConfig, OODConfig, PradaConfig, SimilarityConfig,
                             VolumeConfig)
+from monitor.features import (DIM, Ring, approx_sq, encode, exact_dist, lower_bound_sq,
+                              pixel_dist, residual_norms, sq_norms)
+
+PIX = 28 * 28
+
+# squared-distance margin above the float32 error of approx_sq for encodings of norm <= 28
+SQ_TOL = 0.05
+
+# Shapiro-Wilk W (Royston 1995, algorithm AS R94, as scipy.stats.shapiro computes it) from
+# sorted data, with the coefficients cached per sample size: W is the squared correlation of the
+# sorted sample with the antisymmetric coefficient vector. Matches scipy to ~1e-9 (tested) at a
+# fraction of the cost, because the monitor keeps its window sorted and so never sorts.
+_C1 = (0.0, 0.221157, -0.147981, -2.071190, 4.434685, -2.706056)
+_C2 = (0.0, 0.042981, -0.293762, -1.752461, 5.682633, -3.582633)
+
+
+def _poly(c, x: float) -> float:
+    r = 0.0
+    for v in reversed(c):
+        r = r * x + v
+    return r
+
+
+@lru_cache(maxsize=256)
+def _sw_coefficients(n: int) -> np.ndarray:
+    """Unit-norm, zero-mean Shapiro-Wilk coefficient vector for n >= 6 (n sorted values)."""
+    m = special.ndtri((np.arange(1, n + 1) - 0.375) / (n + 0.25))
+    summ2 = float(np.dot(m, m))
+    ssumm2 = math.sqrt(summ2)
+    rsn = 1.0 / math.sqrt(n)
+    a1 = _poly(_C1, rsn) - m[0] / ssumm2
+    a2 = -m[1] / ssumm2 + _poly(_C2, rsn)
+    fac = math.sqrt((summ2 - 2 * m[0] ** 2 - 2 * m[1] ** 2) / (1 - 2 * a1 ** 2 - 2 * a2 ** 2))
+    nn2 = n // 2
+    half = -m[:nn2] / fac
+    half[0], half[1] = a1, a2
+    a = np.zeros(n)
+    a[:nn2] = -half
+    a[n - nn2:] = half[::-1]
+    a -= a.mean()
+    a /= math.sqrt(float(np.dot(a, a)))
+    a.setflags(write=False)
+    return a
+
+
+def shapiro_w_sorted(x: np.ndarray) -> float:
+    """Shapiro-Wilk W of an already sorted sample (len >= 6); NaN for a constant sample."""
+    xc = x - x.mean()
+    ss = float(np.dot(xc, xc))
+    if ss <= 0.0:
+        return math.nan
+    return float(np.dot(_sw_coefficients(len(x)), xc) ** 2 / ss)
+
+
+@dataclass
+class Items:
+    """One request's items, prepared once and shared by every detector."""
+
+    v: np.ndarray        # float16 (N, 784): the items as the detectors compare them
+    probs: np.ndarray    # float32 (N, 10): the target's probabilities
+    enc: np.ndarray      # float32 (N, 64): DCT encodings of v
+    norm: np.ndarray     # float64 (N,): squared norms of the encodings
+    res: np.ndarray      # float32 (N,): norms of the residuals (v minus its 64 frequencies)
+    _intra: np.ndarray | None = None
+    _intra_lb: np.ndarray | None = None
+
+    @classmethod
+    def make(cls, x: np.ndarray, probs: np.ndarray) -> "Items":
+        v = np.asarray(x, np.float32).reshape(len(x), -1).astype(np.float16)
+        v32 = v.astype(np.float32)
+        e = encode(v32)
+        return cls(v, np.asarray(probs, np.float32).reshape(len(x), -1), e, sq_norms(e),
+                   residual_norms(v32, e))
+
+    def __len__(self) -> int:
+        return len(self.v)
+
+    @property
+    def intra(self) -> np.ndarray:
+        """Approximate squared DCT distances between the request's items, +inf where j >= i
+        (item i sees only earlier items of its request)."""
+        if self._intra is None:
+            s = approx_sq(self.enc, self.norm, self.enc, self.norm)
+            s[np.triu_indices(len(s))] = np.inf
+            self._intra = s
+        return self._intra
+
+    @property
+    def intra_lb(self) -> np.ndarray:
+        """Lower bounds of the squared pixel distances between the request's items, +inf where
+        j >= i."""
+        if self._intra_lb is None:
+            d = self.res[:, None] - self.res[None, :]
+            self._intra_lb = self.intra + d * d
+        return self._intra_lb
+
+
+def _pixel_ring(size: int) -> Ring:
+    return Ring(size, v=((PIX,), np.float16), e=((DIM,), np.float32), n=((), np.float64),
+                r=((), np.float32))
 
 
 class Detector:
     name = "detector"
     threshold: float
 
-    def observe(self, x: np.ndarray, probs: np.ndarray, t: float) -> tuple[float | None, bool]:
+    def observe_batch(self, items: Items, t: float) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-
-class _Buffer:
-    """Append-only float32 row buffer grown geometrically (amortised O(1) append)."""
-
-    def __init__(self, dim: int, cap: int = 64, dtype=np.float32):
-        self.data = np.empty((cap, dim) if dim else (cap,), dtype=dtype)
-        self.n = 0
-
-    def append(self, row) -> None:
-        if self.n == len(self.data):
-            new = np.empty((2 * len(self.data),) + self.data.shape[1:], dtype=self.data.dtype)
-            new[:self.n] = self.data[:self.n]
-            self.data = new
-        self.data[self.n] = row
-        self.n += 1
-
-    @property
-    def view(self) -> np.ndarray:
-        return self.data[:self.n]
-
-    def __getstate__(self):  # pickle only the used part
-        return {"data": self.data[:self.n].copy(), "n": self.n}
-
-    def __setstate__(self, st):
-        self.n = st["n"]
-        self.data = st["data"] if len(st["data"]) else np.empty((64,) + st["data"].shape[1:],
-                                                                 st["data"].dtype)
+    def nbytes(self) -> int:
+        """Memory held by this detector's state (numpy arrays), for docs and the benchmark."""
+        return 0
 
 
 class Prada(Detector):
-    """PRADA as published (Juuti et al., EuroS&P 2019; reference implementation's order of steps).
+    """PRADA (Juuti et al., EuroS&P 2019; the reference implementation's order of steps), in the
+    monitor's 64-dimensional DCT space.
 
-    Per predicted class c: a growing set G_c, the distances recorded when G_c grew (first element
-    counts 0) and a threshold T_c. For a query x of class c: d = min L2 distance from x to G_c,
-    recorded in the class's distance list D_c; if d > T_c, x joins G_c and T_c = max(T_c,
-    mean - std of the growth distances). Every ``check_every`` queries the distance lists of the
-    classes holding >= 10 distances are pooled, values beyond 3 std dropped and, if more than 100
-    remain, Shapiro-Wilk W is computed; the detector fires while the last W < delta.
+    Per predicted class c: a growing set G_c, the mean and std of the distances at which G_c
+    grew (the first element counts 0) and a threshold T_c. For a query x of class c: d = min L2
+    distance from x to G_c, recorded in the class's distance list; if d > T_c, x joins G_c and
+    T_c = max(T_c, mean - std of the growth distances). Every ``check_every`` queries the recorded
+    distances of the classes holding >= ``min_class_distances`` are pooled, values beyond
+    ``outlier_sigma`` std dropped and, if more than ``min_pooled`` remain, Shapiro-Wilk W is
+    computed; the detector fires while the last W < delta.
 
-    Deviations (documented): exact duplicates (d == 0) are not recorded when ``ignore_duplicates``
-    (a repeated query reveals nothing new, and honest clients repeat); the test runs on the most
-    recent ``window`` (<= 5000) pooled distances, since scipy's Shapiro-Wilk is only accurate up to
-    5000 samples and a window keeps the cost bounded at any history length.
-
-    Cost: the growing sets are preallocated buffers with cached squared norms; the min distance is
-    one matrix-vector product, the winning candidate's distance is then recomputed exactly so the
-    result does not depend on BLAS rounding. No rescan of the history.
+    Deviations (documented in docs/monitor.md): distances are taken in the DCT space (exact
+    there); exact duplicates (d == 0) are not recorded when ``ignore_duplicates``; the test runs
+    on the most recent ``window`` (<= 5000) pooled distances; each G_c holds at most ``max_set``
+    elements (the most recent growth; older elements drop out), which bounds memory and cost.
     """
 
     name = "prada"
 
-    def __init__(self, cfg: PradaConfig, num_classes: int = 10, dim: int = 784):
+    def __init__(self, cfg: PradaConfig, num_classes: int = 10):
         self.cfg = cfg
         self.threshold = cfg.delta
-        self.G = [_Buffer(dim) for _ in range(num_classes)]
-        self.Gnorm = [_Buffer(0, dtype=np.float64) for _ in range(num_classes)]
-        self.grow_d = [[] for _ in range(num_classes)]   # growth distances per class (first = 0)
+        self.G = [_pixel_ring(cfg.max_set) for _ in range(num_classes)]
+        self.grow_n = np.zeros(num_classes, dtype=np.int64)
         self.grow_sum = np.zeros(num_classes)
         self.grow_sq = np.zeros(num_classes)
         self.T = np.zeros(num_classes)
-        # all recorded min distances, in order, with their class
-        self.D = _Buffer(0, dtype=np.float64)
-        self.Dcls = _Buffer(0, dtype=np.int8)
+        # the most recent recorded min distances, in order, with their class; enough of them that
+        # the test's window is exact (excluded classes hold < min_class_distances each)
+        self.D = np.zeros(0, np.float64)
+        self.Dcls = np.zeros(0, np.int8)
         self.Dcount = np.zeros(num_classes, dtype=np.int64)
+        self.inc = np.zeros(0, np.float64)     # the test's window, in arrival order
+        self.S = np.zeros(0, np.float64)       # the same, sorted
         self.n = 0
-        self.W: float | None = None
+        self.W = math.nan
         self.fires = False
 
-    def _grow(self, c: int, x: np.ndarray, d: float) -> None:
-        self.G[c].append(x)
-        self.Gnorm[c].append(float(np.dot(x, x)))
-        self.grow_d[c].append(d)
-        self.grow_sum[c] += d
-        self.grow_sq[c] += d * d
-        k = len(self.grow_d[c])
-        mean = self.grow_sum[c] / k
-        var = max(self.grow_sq[c] / k - mean * mean, 0.0)
-        self.T[c] = max(self.T[c], mean - math.sqrt(var))
+    def nbytes(self) -> int:
+        return (sum(g.nbytes() for g in self.G) + self.D.nbytes + self.Dcls.nbytes
+                + self.inc.nbytes + self.S.nbytes)
 
-    def observe(self, x, probs, t):
-        c = int(np.argmax(probs))
-        xv = np.asarray(x, dtype=np.float32).reshape(-1)
-        if self.G[c].n == 0:
-            self._grow(c, xv, 0.0)
-        else:
-            G = self.G[c].view
-            sq = self.Gnorm[c].view - 2.0 * (G @ xv).astype(np.float64)
-            j = int(np.argmin(sq))
-            diff = (G[j] - xv).astype(np.float64)
-            d = float(math.sqrt(np.dot(diff, diff)))
-            if not (d == 0.0 and self.cfg.ignore_duplicates):
-                self.D.append(d)
-                self.Dcls.append(c)
-                self.Dcount[c] += 1
-            if d > self.T[c]:
-                self._grow(c, xv, d)
-        self.n += 1
-        if self.n % self.cfg.check_every == 0:
+    def _min_to_set(self, c: int, items: Items, idx: np.ndarray) -> np.ndarray:
+        """Exact pixel distance from each item idx to its nearest element of G_c (inf when G_c
+        is empty): the element with the lowest bound gives an upper bound u; only elements
+        whose lower bound is below u can be nearer, and only those are compared in pixels."""
+        Gv, Ge, Gn, Gr = self.G[c].get("v", "e", "n", "r")
+        if len(Gv) == 0:
+            return np.full(len(idx), np.inf)
+        lb = lower_bound_sq(items.enc[idx], items.norm[idx], items.res[idx], Ge, Gn, Gr)
+        best = lb.argmin(1)
+        u = pixel_dist(items.v[idx], Gv[best])
+        ri, cj = np.nonzero(lb <= (u * u + SQ_TOL)[:, None].astype(np.float32))
+        d = pixel_dist(items.v[idx][ri], Gv[cj])
+        out = u.copy()
+        np.minimum.at(out, ri, d)
+        return out
+
+    def observe_batch(self, items, t):
+        cfg = self.cfg
+        n = len(items)
+        cls = items.probs.argmax(1)
+        rec = np.full(n, np.nan)          # distance recorded for item i (NaN: none)
+        for c in np.unique(cls):
+            c = int(c)
+            idx = np.flatnonzero(cls == c)
+            dh_a = self._min_to_set(c, items, idx)
+            dh = dh_a.tolist()
+            k = len(idx)
+            best = np.full(k, np.inf)     # min distance to the request's items that joined G_c
+            pair = _pairs_below(items, idx, dh_a) if k > 1 else None
+            joined: list[int] = []
+            T = float(self.T[c])
+            gn, gs, gq = int(self.grow_n[c]), float(self.grow_sum[c]), float(self.grow_sq[c])
+            for a in range(k):
+                d = min(dh[a], float(best[a]))
+                if d == math.inf:         # G_c is empty: x starts it (distance 0, not recorded)
+                    grow = True
+                    gn += 1
+                else:
+                    if not (d == 0.0 and cfg.ignore_duplicates):
+                        rec[idx[a]] = d
+                    grow = d > T
+                    if grow:
+                        gn += 1
+                        gs += d
+                        gq += d * d
+                        mean = gs / gn
+                        T = max(T, mean - math.sqrt(max(gq / gn - mean * mean, 0.0)))
+                if grow:
+                    joined.append(a)
+                    if pair is not None:
+                        np.minimum(best, pair[:, a], out=best)
+            self.T[c] = T
+            self.grow_n[c], self.grow_sum[c], self.grow_sq[c] = gn, gs, gq
+            if joined:
+                j = idx[np.asarray(joined)]
+                self.G[c].add(v=items.v[j], e=items.enc[j], n=items.norm[j], r=items.res[j])
+        # record the distances in item order; test at every check_every-th item
+        W = np.empty(n)
+        fires = np.empty(n, dtype=bool)
+        has = ~np.isnan(rec)
+        pos = np.flatnonzero(has)                      # item index of each new distance
+        new_d, new_c = rec[has], cls[has].astype(np.int64)
+        every = cfg.check_every
+        done = 0                                       # new distances recorded so far
+        start = 0
+        for i in range(int((-self.n - 1) % every), n, every):   # items with (n+i+1) % every == 0
+            upto = int(np.searchsorted(pos, i, side="right"))
+            W[start:i] = self.W                        # items before the test: the last W
+            fires[start:i] = self.fires
+            self._record(new_d[done:upto], new_c[done:upto])
+            done = upto
             self._test()
-        return self.W, self.fires
+            start = i
+        self._record(new_d[done:], new_c[done:])
+        W[start:] = self.W
+        fires[start:] = self.fires
+        self.n += n
+        return W, fires
+
+    # The test's window: the most recent ``window`` distances of the classes that hold at least
+    # ``min_class_distances`` ("included"), kept both in arrival order (inc) and sorted (S), so a
+    # test never sorts. D/Dcls keep the most recent distances of every class, enough to rebuild
+    # the window when a class becomes included (its earlier distances join retroactively, as in
+    # the reference implementation; at most once per class).
+    def _record(self, d: np.ndarray, c: np.ndarray) -> None:
+        if len(d) == 0:
+            return
+        cfg = self.cfg
+        before = self.Dcount.copy()
+        self.Dcount += np.bincount(c, minlength=len(self.Dcount))
+        keep = cfg.window + len(self.Dcount) * cfg.min_class_distances
+        self.D = np.concatenate([self.D, d])[-keep:]
+        self.Dcls = np.concatenate([self.Dcls, c.astype(np.int8)])[-keep:]
+        ok = self.Dcount >= cfg.min_class_distances
+        if (ok & (before < cfg.min_class_distances)).any():   # a class became included
+            inc = self.D[ok[self.Dcls.astype(np.int64)]][-cfg.window:]
+            self.inc = inc.copy()
+            self.S = np.sort(inc)
+            return
+        new = d[ok[c]]
+        if len(new) == 0:
+            return
+        self.inc = np.concatenate([self.inc, new])
+        ns = np.sort(new)
+        self.S = np.insert(self.S, np.searchsorted(self.S, ns), ns)
+        drop = len(self.inc) - cfg.window
+        if drop > 0:
+            old = np.sort(self.inc[:drop])
+            self.inc = self.inc[drop:]
+            first = np.searchsorted(self.S, old, side="left")
+            # equal values: delete consecutive copies, not the same one twice
+            rank = np.arange(len(old)) - np.searchsorted(old, old, side="left")
+            self.S = np.delete(self.S, first + rank)
 
     def _test(self) -> None:
-        ok = np.flatnonzero(self.Dcount >= self.cfg.min_class_distances)
-        if len(ok) == 0:
+        cfg = self.cfg
+        S = self.S
+        if len(S) == 0:
             return
-        D = self.D.view
-        if len(ok) < len(self.Dcount):
-            D = D[np.isin(self.Dcls.view, ok)]
-        D = D[-self.cfg.window:]
-        mu, sd = D.mean(), D.std()
-        D = D[np.abs(D - mu) < self.cfg.outlier_sigma * sd] if sd > 0 else D
-        if len(D) > self.cfg.min_pooled:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                W = float(stats.shapiro(D).statistic)
+        mu, sd = S.mean(), S.std()
+        if sd > 0:
+            lim = cfg.outlier_sigma * sd
+            lo = int(np.searchsorted(S, mu - lim, side="right"))
+            hi = int(np.searchsorted(S, mu + lim, side="left"))
+            # |d - mu| < lim, exactly as the unsorted filter (searchsorted is a bound only up to
+            # rounding of mu -/+ lim): widen, then filter the edges element-wise
+            lo, hi = max(lo - 2, 0), min(hi + 2, len(S))
+            seg = S[lo:hi]
+            S = seg[np.abs(seg - mu) < lim]
+        if len(S) > cfg.min_pooled:
+            W = shapiro_w_sorted(S)
             if not math.isnan(W):
                 self.W = W
-                self.fires = W < self.cfg.delta
+                self.fires = W < cfg.delta
 
 
 class _RollingShare:
-    """Share of True among the last ``window`` flags (a ring buffer with a running count)."""
+    """Share of True among the last ``window`` flags, for every flag of a batch."""
 
     def __init__(self, window: int):
-        self.ring = np.zeros(window, dtype=bool)
-        self.count = 0
+        self.window = window
+        self.tail = np.zeros(0, dtype=bool)   # the last <= window flags
         self.n = 0
 
-    def push(self, flag: bool) -> float:
-        i = self.n % len(self.ring)
-        self.count += int(flag) - int(self.ring[i])
-        self.ring[i] = flag
-        self.n += 1
-        return self.count / min(self.n, len(self.ring))
+    def push(self, flags: np.ndarray) -> np.ndarray:
+        flags = np.asarray(flags, dtype=bool)
+        allf = np.concatenate([self.tail, flags])
+        c = np.concatenate([[0], np.cumsum(allf, dtype=np.int64)])
+        L = len(self.tail)
+        end = L + 1 + np.arange(len(flags))             # prefix length including item i
+        lo = np.maximum(end - self.window, 0)
+        counts = c[end] - c[lo]
+        ns = self.n + 1 + np.arange(len(flags))
+        self.n += len(flags)
+        self.tail = allf[-self.window:].copy()
+        return counts / np.minimum(ns, self.window)
 
 
 class OODRate(Detector):
@@ -176,93 +360,90 @@ class OODRate(Detector):
         self.threshold = cfg.threshold
         self.share = _RollingShare(cfg.window)
 
-    def observe(self, x, probs, t):
-        rate = self.share.push(bool(float(np.max(probs)) < self.cfg.tau))
-        return rate, bool(self.share.n >= self.cfg.min_queries and rate > self.cfg.threshold)
+    def observe_batch(self, items, t):
+        n0 = self.share.n
+        rate = self.share.push(items.probs.max(1) < self.cfg.tau)
+        ns = n0 + 1 + np.arange(len(rate))
+        return rate, (ns >= self.cfg.min_queries) & (rate > self.cfg.threshold)
 
 
-def encode(x: np.ndarray, encoding: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32).reshape(28, 28)
-    if encoding == "pool2":
-        return x.reshape(14, 2, 14, 2).mean(axis=(1, 3)).reshape(-1)
-    return x.reshape(-1)
+def _pairs_below(items: Items, idx: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """(k, k) pixel distances between the items idx (in request order) where item a's distance
+    to an earlier item b could be below bound[a]; +inf elsewhere (those pairs cannot matter)."""
+    k = len(idx)
+    lb = items.intra_lb[np.ix_(idx, idx)]           # +inf for b >= a
+    with np.errstate(over="ignore"):
+        lim = np.minimum(bound * bound + SQ_TOL, np.finfo(np.float32).max).astype(np.float32)
+    ri, cj = np.nonzero(lb <= lim[:, None])
+    out = np.full((k, k), np.inf)
+    if len(ri):
+        out[ri, cj] = pixel_dist(items.v[idx[ri]], items.v[idx[cj]])
+    return out
 
 
-class _History:
-    """A bounded history of encodings (the most recent ``size``), grown geometrically, then a
-    ring buffer; with squared norms kept for fast distance computations."""
-
-    def __init__(self, size: int, dim: int):
-        self.size = size
-        self.H = np.zeros((0, dim), np.float32)
-        self.Hn = np.zeros(0, np.float64)
-        self.n = 0
-
-    @property
-    def m(self) -> int:
-        return min(self.n, self.size)
-
-    def approx_sq(self, e: np.ndarray) -> np.ndarray:
-        """Approximate squared distances from ``e`` to every stored encoding (float32 BLAS)."""
-        m = self.m
-        return self.Hn[:m] - 2.0 * (self.H[:m] @ e).astype(np.float64) + float(np.dot(e, e))
-
-    def exact(self, idx: np.ndarray, e: np.ndarray) -> np.ndarray:
-        """Exact distances to the stored encodings ``idx``, sorted (BLAS-independent)."""
-        diff = self.H[idx].astype(np.float64) - e
-        return np.sort(np.sqrt(np.einsum("ij,ij->i", diff, diff)))
-
-    def add(self, e: np.ndarray) -> None:
-        m = self.m
-        if m < self.size:
-            if m == len(self.H):
-                cap = min(self.size, max(64, 2 * len(self.H)))
-                H2 = np.zeros((cap, self.H.shape[1]), np.float32)
-                H2[:m] = self.H[:m]
-                n2 = np.zeros(cap, np.float64)
-                n2[:m] = self.Hn[:m]
-                self.H, self.Hn = H2, n2
-            slot = m
-        else:
-            slot = self.n % self.size
-        self.H[slot] = e
-        self.Hn[slot] = float(np.dot(e.astype(np.float64), e))
-        self.n += 1
-
-    def __getstate__(self):
-        st = dict(self.__dict__)
-        st["H"], st["Hn"] = self.H[:self.m].copy(), self.Hn[:self.m].copy()
-        return st
+def _gather(He: np.ndarray, enc: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows of the history ``He`` (idx < m) or of the request's items ``enc`` (idx - m)."""
+    m = len(He)
+    own = idx >= m
+    out = np.empty(idx.shape + (enc.shape[1],), np.float32)
+    if m:
+        out[~own] = He[idx[~own]]
+    out[own] = enc[idx[own] - m]
+    return out
 
 
 class Similarity(Detector):
-    """Chen, Carlini, Wagner 2019: mean L2 distance to the K nearest earlier queries (bounded
-    history of the most recent ``history`` encodings, in a ring buffer). Fires when below the
-    threshold. No score until K earlier queries exist."""
+    """Chen, Carlini, Wagner 2019: mean L2 distance (DCT space) to the ``k`` nearest earlier
+    queries among the last ``history`` (before the request) and the request's earlier items.
+    Fires when below the threshold. NaN until ``k`` earlier queries exist."""
 
     name = "similarity"
 
     def __init__(self, cfg: SimilarityConfig):
         self.cfg = cfg
         self.threshold = cfg.threshold
-        self.hist = _History(cfg.history, 196 if cfg.encoding == "pool2" else 784)
+        self.hist = Ring(cfg.history, e=((DIM,), np.float32), n=((), np.float64))
 
-    def observe(self, x, probs, t):
-        e = encode(x, self.cfg.encoding)
-        score = None
-        m, k = self.hist.m, self.cfg.k
-        if m >= k:
-            sq = self.hist.approx_sq(e)
-            idx = np.argpartition(sq, k - 1)[:k] if k < m else np.arange(m)
-            score = float(self.hist.exact(idx, e).mean())
-        self.hist.add(e)
-        return score, bool(score is not None and score < self.cfg.threshold)
+    def nbytes(self) -> int:
+        return self.hist.nbytes()
+
+    def observe_batch(self, items, t):
+        import torch
+
+        k = self.cfg.k
+        n = len(items)
+        m = self.hist.m
+        score = np.full(n, np.nan)
+        rows = np.flatnonzero(m + np.arange(n) >= k)
+        if len(rows):
+            He, Hn = self.hist.get("e", "n")
+            q, qn = items.enc[rows], items.norm[rows]
+            own = items.intra[rows]                                 # (r, n), inf for j >= i
+            own_idx = np.broadcast_to(m + np.arange(n), own.shape)
+            if m > k:  # the k nearest of the history first (torch.topk: faster than argpartition)
+                top = torch.topk(torch.from_numpy(approx_sq(q, qn, He, Hn)), k, dim=1,
+                                 largest=False, sorted=False)
+                hv, hi = top.values.numpy(), top.indices.numpy()
+            else:
+                hv = approx_sq(q, qn, He, Hn)
+                hi = np.broadcast_to(np.arange(m), hv.shape)
+            vals = np.concatenate([hv, own], axis=1)
+            cols = np.concatenate([hi, own_idx], axis=1)
+            pick = torch.topk(torch.from_numpy(vals), k, dim=1, largest=False, sorted=False
+                              ).indices.numpy()
+            idx = np.take_along_axis(cols, pick, axis=1)
+            d = exact_dist(_gather(He, items.enc, idx), q[:, None, :])
+            score[rows] = d.mean(1)
+        self.hist.add(e=items.enc, n=items.norm)
+        with np.errstate(invalid="ignore"):
+            return score, score < self.cfg.threshold
 
 
 class NearDuplicate(Detector):
     """Share of the client's last ``window`` queries that are a small perturbation of an earlier
-    query: nearest earlier query (raw pixels, L2, [0, 1] scale) closer than ``radius`` but not an
-    exact repeat (farther than ``duplicate``). Synthetic augmentation (JBDA: x + lambda sign(grad))
+    query: some earlier query (the last ``history`` before the request, or an earlier item of
+    the request) lies within ``radius`` (L2, pixels in [0, 1]) but is not an exact repeat
+    (farther than ``duplicate``). Jacobian augmentation (x + lambda sign(grad))
     produces such queries even when interleaved with natural images; honest users repeat images
     exactly but rarely send near-copies. Fires when the share exceeds ``threshold``."""
 
@@ -271,22 +452,33 @@ class NearDuplicate(Detector):
     def __init__(self, cfg: NearDuplicateConfig):
         self.cfg = cfg
         self.threshold = cfg.threshold
-        self.hist = _History(cfg.history, 784)
+        self.hist = _pixel_ring(cfg.history)
         self.share = _RollingShare(cfg.window)
 
-    def observe(self, x, probs, t):
-        e = encode(x, "raw")
-        near = False
-        if self.hist.m:
-            sq = self.hist.approx_sq(e)
-            # candidates by the fast (approximate) distances, confirmed exactly
-            cand = np.flatnonzero(sq < (self.cfg.radius + 0.05) ** 2)
-            if len(cand):
-                d = self.hist.exact(cand, e)
-                near = bool(((d > self.cfg.duplicate) & (d < self.cfg.radius)).any())
-        self.hist.add(e)
+    def nbytes(self) -> int:
+        return self.hist.nbytes()
+
+    def observe_batch(self, items, t):
+        cfg = self.cfg
+        n = len(items)
+        near = np.zeros(n, dtype=bool)
+        hi = np.float32(cfg.radius ** 2 + SQ_TOL)
+        Hv, He, Hn, Hr = self.hist.get("v", "e", "n", "r")
+        if len(Hv):
+            ri, cj = np.nonzero(lower_bound_sq(items.enc, items.norm, items.res, He, Hn, Hr)
+                                <= hi)
+            if len(ri):
+                d = pixel_dist(items.v[ri], Hv[cj])
+                near[ri[(d > cfg.duplicate) & (d < cfg.radius)]] = True
+        ri, cj = np.nonzero(items.intra_lb <= hi)               # earlier items of the request
+        if len(ri):
+            d = pixel_dist(items.v[ri], items.v[cj])
+            near[ri[(d > cfg.duplicate) & (d < cfg.radius)]] = True
+        self.hist.add(v=items.v, e=items.enc, n=items.norm, r=items.res)
+        n0 = self.share.n
         rate = self.share.push(near)
-        return rate, bool(self.share.n >= self.cfg.min_queries and rate > self.cfg.threshold)
+        ns = n0 + 1 + np.arange(n)
+        return rate, (ns >= cfg.min_queries) & (rate > cfg.threshold)
 
 
 class Volume(Detector):
@@ -300,16 +492,18 @@ class Volume(Detector):
         self.batches: deque[list] = deque()  # [t, count]
         self.count = 0
 
-    def observe(self, x, probs, t):
-        if self.batches and self.batches[-1][0] == t:
-            self.batches[-1][1] += 1
-        else:
-            self.batches.append([t, 1])
-        self.count += 1
+    def observe_batch(self, items, t):
+        n = len(items)
         lo = t - self.cfg.window_seconds
         while self.batches and self.batches[0][0] <= lo:
             self.count -= self.batches.popleft()[1]
-        return float(self.count), bool(self.count > self.cfg.threshold)
+        if self.batches and self.batches[-1][0] == t:
+            self.batches[-1][1] += n
+        else:
+            self.batches.append([t, n])
+        counts = (self.count + 1 + np.arange(n)).astype(np.float64)
+        self.count += n
+        return counts, counts > self.cfg.threshold
 
 
 def build_detectors(cfg) -> dict[str, Detector]:
@@ -326,3 +520,7 @@ def build_detectors(cfg) -> dict[str, Detector]:
     if cfg.near_duplicate.enabled:
         out["near_duplicate"] = NearDuplicate(cfg.near_duplicate)
     return out
+
+
+__all__ = ["Items", "Detector", "Prada", "OODRate", "Similarity", "NearDuplicate", "Volume",
+           "build_detectors", "DIM"]

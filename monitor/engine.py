@@ -13,7 +13,7 @@ import numpy as np
 
 from common.types import Level
 from monitor.config import DETECTOR_NAMES, MonitorConfig
-from monitor.detectors import build_detectors
+from monitor.detectors import Items, build_detectors
 
 DET_INDEX = {n: i for i, n in enumerate(DETECTOR_NAMES)}
 
@@ -32,7 +32,7 @@ class Transition:
         return (self.client, self.qn, int(self.from_level), int(self.to_level), self.rule)
 
 
-def det_view(images: np.ndarray) -> np.ndarray:
+def det_view(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The canonical form of items that detectors see and the log stores: images on the 0-255
     grid become exactly k/255 (stored as uint8); anything else is rounded to float16. Idempotent,
     so replaying the stored items reproduces the live inputs bit for bit."""
@@ -93,40 +93,66 @@ class ClientEngine:
         self.last_change_t = t
         return [tr]
 
-    def step(self, x: np.ndarray, probs: np.ndarray, t: float):
-        """Process one item. Returns (scores: list[float|None] in DETECTOR_NAMES order,
-        fired bitmask, Transition or None)."""
-        self.qn += 1
-        scores: list[float | None] = [None] * len(DETECTOR_NAMES)
-        fired = 0
-        res = {}
+    def observe_batch(self, x: np.ndarray, probs: np.ndarray, t: float):
+        """Process one request's N items (x float32 (N, 784) as stored, probs (N, 10)), in
+        order. Returns (scores float64 (N, len(DETECTOR_NAMES)), NaN = none; fired int64 bitmask
+        (N,); level after each item int64 (N,); transitions). Rules are applied per item exactly
+        as one item at a time would: hit counters are cumulative sums, and the level after item
+        i is the highest level any rule reached at items 0..i."""
+        items = Items.make(x, probs)
+        n = len(items)
+        scores = np.full((n, len(DETECTOR_NAMES)), np.nan)
+        firing = {}
         for name, det in self.dets.items():
-            s, f = det.observe(x, probs, t)
-            res[name] = (s, f)
-            scores[DET_INDEX[name]] = s
-            if f:
-                fired |= 1 << DET_INDEX[name]
-        target = self.level
-        why = []
+            s, f = det.observe_batch(items, t)
+            scores[:, DET_INDEX[name]] = s
+            firing[name] = np.asarray(f, dtype=bool)
+        fired = np.zeros(n, dtype=np.int64)
+        for name, f in firing.items():
+            fired |= f.astype(np.int64) << DET_INDEX[name]
+        start_qn = self.qn
+        self.qn += n
+        # per rule: where its condition holds, and where it has reached min_hits
+        reach = np.zeros((len(self.rules), n), dtype=np.int64)
+        hits_at = []
+        any_hold = np.zeros(n, dtype=bool)
         for i, r in enumerate(self.rules):
-            if all(res[d][1] for d in r.detectors):
-                self.hits[i] += 1
-                self.last_hold_t = t
-                if self.hits[i] >= r.min_hits and r.level > self.level:
-                    if r.level > target:
-                        target, why = r.level, []
-                    if r.level == target:
-                        why.append((i, r))
-        tr = None
-        if target > self.level:
-            ev = []
-            for i, r in why:
-                for d in r.detectors:
-                    ev.append({"detector": d, "value": res[d][0],
-                               "threshold": self.dets[d].threshold, "hits": self.hits[i],
-                               "min_hits": r.min_hits, "rule": r.label})
-            tr = Transition(self.client, t, self.qn, self.level, target,
-                            "; ".join(r.label for _, r in why), ev)
-            self.level = target
+            cond = np.ones(n, dtype=bool)
+            for d in r.detectors:
+                cond &= firing[d]
+            h = self.hits[i] + np.cumsum(cond)
+            hits_at.append(h)
+            self.hits[i] = int(h[-1]) if n else self.hits[i]
+            any_hold |= cond
+            reach[i] = np.where(cond & (h >= r.min_hits), int(r.level), 0)
+        if any_hold.any():
+            self.last_hold_t = t
+        target = reach.max(0) if len(self.rules) else np.zeros(n, dtype=np.int64)
+        after = np.maximum.accumulate(np.maximum(target, int(self.level)))
+        trs: list[Transition] = []
+        prev = int(self.level)
+        for j in np.flatnonzero(after > np.concatenate([[prev], after[:-1]])):
+            lvl = int(after[j])
+            ev, why = [], []
+            for i, r in enumerate(self.rules):
+                if reach[i, j] == lvl:
+                    why.append(r.label)
+                    for d in r.detectors:
+                        ev.append({"detector": d, "value": _num(scores[j, DET_INDEX[d]]),
+                                   "threshold": self.dets[d].threshold,
+                                   "hits": int(hits_at[i][j]), "min_hits": r.min_hits,
+                                   "rule": r.label})
+            trs.append(Transition(self.client, t, start_qn + int(j) + 1, Level(prev), Level(lvl),
+                                  "; ".join(why), ev))
+            prev = lvl
+        if trs:
+            self.level = Level(prev)
             self.last_change_t = t
-        return scores, fired, tr
+        return scores, fired, after, trs
+
+    def nbytes(self) -> int:
+        return sum(d.nbytes() for d in self.dets.values())
+
+
+def _num(v: float) -> float | None:
+    return None if v != v else float(v)

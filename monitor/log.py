@@ -13,6 +13,7 @@ enqueued before it is on disk afterwards.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import pickle
 import queue
@@ -29,7 +30,9 @@ import numpy as np
 from common.types import Level
 
 SCHEMA_VERSION = "1"
+# raw_fmt: 1-3 zlib-compressed (written before the batched monitor), 4-6 plain bytes
 RAW_NONE, RAW_U8, RAW_F16, RAW_F32 = 0, 1, 2, 3
+RAW_U8_PLAIN, RAW_F16_PLAIN, RAW_F32_PLAIN = 4, 5, 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -40,7 +43,7 @@ CREATE TABLE IF NOT EXISTS queries (
     t REAL NOT NULL,                -- request time (unix seconds) used by the detectors
     request_id TEXT,
     item INTEGER NOT NULL,          -- index within the request
-    digest TEXT NOT NULL,           -- sha256 of the float32 input as received, 16 hex
+    digest TEXT NOT NULL,           -- blake2b-64 of the float32 input as received, 16 hex
     target_label INTEGER NOT NULL,
     target_top REAL NOT NULL,
     target_probs BLOB NOT NULL,     -- float32 (10,)
@@ -53,7 +56,7 @@ CREATE TABLE IF NOT EXISTS queries (
     s_prada REAL, s_ood REAL, s_similarity REAL, s_volume REAL, s_near_duplicate REAL,
     fired INTEGER NOT NULL,         -- bitmask over (prada, ood, similarity, volume, near_duplicate)
     level_after INTEGER NOT NULL,   -- client level after this item
-    raw_fmt INTEGER NOT NULL,       -- 0 none, 1 uint8, 2 float16, 3 float32 (zlib)
+    raw_fmt INTEGER NOT NULL,       -- 0 none; uint8, float16, float32: 1-3 zlib, 4-6 plain
     raw BLOB
 );
 CREATE UNIQUE INDEX IF NOT EXISTS queries_client_qn ON queries(client, qn);
@@ -99,21 +102,13 @@ def connect(path: str | Path, create: bool = True) -> sqlite3.Connection:
     return con
 
 
-def encode_raw(x: np.ndarray, on_grid: bool, lossless: bool) -> tuple[int, bytes]:
-    if on_grid:
-        return RAW_U8, zlib.compress(np.rint(x * 255.0).astype(np.uint8).tobytes(), 1)
-    if lossless:
-        return RAW_F32, zlib.compress(np.asarray(x, np.float32).tobytes(), 1)
-    return RAW_F16, zlib.compress(np.asarray(x, np.float16).tobytes(), 1)
-
-
 def decode_raw(fmt: int, blob: bytes | None) -> np.ndarray | None:
     if fmt == RAW_NONE or blob is None:
         return None
-    b = zlib.decompress(blob)
-    if fmt == RAW_U8:
+    b = zlib.decompress(blob) if fmt in (RAW_U8, RAW_F16, RAW_F32) else blob
+    if fmt in (RAW_U8, RAW_U8_PLAIN):
         return (np.frombuffer(b, np.uint8).astype(np.float32) / np.float32(255.0)).reshape(28, 28)
-    if fmt == RAW_F16:
+    if fmt in (RAW_F16, RAW_F16_PLAIN):
         return np.frombuffer(b, np.float16).astype(np.float32).reshape(28, 28)
     return np.frombuffer(b, np.float32).copy().reshape(28, 28)
 
@@ -140,21 +135,54 @@ class Batch:
     level_after: np.ndarray  # int (N,)
     keep_raw: bool
 
-    def rows(self):
-        for i in range(len(self.images)):
-            x = self.images[i]
-            wm = bool(self.watermarked[i])
-            fmt, raw = (encode_raw(x, bool(self.on_grid[i]), wm) if self.keep_raw or wm
-                        else (RAW_NONE, None))
-            p = self.target_probs[i]
-            s = [None if np.isnan(v) else float(v) for v in self.scores[i]]
-            yield (self.client, self.qn0 + i + 1, self.t, self.request_id, i,
-                   hashlib.sha256(np.ascontiguousarray(x, np.float32).tobytes()).hexdigest()[:16],
-                   int(np.argmax(p)), float(np.max(p)), np.asarray(p, np.float32).tobytes(),
-                   self.level, self.kind, int(self.sent_labels[i]),
-                   None if self.sent_top is None else float(self.sent_top[i]),
-                   self.models[i] if i < len(self.models) else None, int(wm),
-                   *s, int(self.fired[i]), int(self.level_after[i]), fmt, raw)
+    def rows(self) -> list[tuple]:
+        """The batch's log rows, built with array operations: one digest and one raw blob per
+        item are the only per-item work (no compression: SQLite pages hold them as they are)."""
+        n = len(self.images)
+        x = np.ascontiguousarray(self.images, np.float32).reshape(n, -1)
+        xb = x.tobytes()
+        step = x.shape[1] * 4
+        digests = [hashlib.blake2b(xb[i * step:(i + 1) * step], digest_size=8).hexdigest()
+                   for i in range(n)]
+        wm = np.asarray(self.watermarked, bool)
+        store = np.ones(n, bool) if self.keep_raw else wm.copy()
+        fmts = np.zeros(n, np.int64)
+        raws: list[bytes | None] = [None] * n
+        if store.any():
+            grid = np.asarray(self.on_grid, bool) & store
+            u8 = np.rint(x[grid] * 255.0).astype(np.uint8).tobytes()
+            for k, i in enumerate(np.flatnonzero(grid)):
+                raws[i] = u8[k * 784:(k + 1) * 784]
+            fmts[grid] = RAW_U8_PLAIN
+            f32 = store & ~grid & wm            # watermarked items: lossless
+            for i in np.flatnonzero(f32):
+                raws[i] = x[i].tobytes()
+            fmts[f32] = RAW_F32_PLAIN
+            f16 = store & ~grid & ~wm
+            h = x[f16].astype(np.float16).tobytes()
+            for k, i in enumerate(np.flatnonzero(f16)):
+                raws[i] = h[k * 1568:(k + 1) * 1568]
+            fmts[f16] = RAW_F16_PLAIN
+        p = np.asarray(self.target_probs, np.float32).reshape(n, -1)
+        pb = p.tobytes()
+        ps = p.shape[1] * 4
+        labels = p.argmax(1).tolist()
+        tops = p.max(1).astype(np.float64).tolist()
+        sent = np.asarray(self.sent_labels).astype(np.int64).tolist()
+        top = [None] * n if self.sent_top is None else \
+            np.asarray(self.sent_top, np.float64).tolist()
+        models = list(self.models) + [None] * (n - len(self.models))
+        sc = np.asarray(self.scores, np.float64)
+        scores = np.where(np.isnan(sc), None, sc.astype(object)).tolist()
+        fired = np.asarray(self.fired).astype(np.int64).tolist()
+        after = np.asarray(self.level_after).astype(np.int64).tolist()
+        wml = wm.astype(np.int64).tolist()
+        fl = fmts.tolist()
+        c, t, rid, lvl, kind, q0 = self.client, self.t, self.request_id, self.level, self.kind, \
+            self.qn0
+        return [(c, q0 + i + 1, t, rid, i, digests[i], labels[i], tops[i],
+                 pb[i * ps:(i + 1) * ps], lvl, kind, sent[i], top[i], models[i], wml[i],
+                 *scores[i], fired[i], after[i], fl[i], raws[i]) for i in range(n)]
 
 
 INSERT_QUERY = ("INSERT INTO queries (client, qn, t, request_id, item, digest, target_label, "
@@ -185,12 +213,17 @@ class Writer(threading.Thread):
         self.retention_days = retention_days
         self.error: BaseException | None = None
         self._last_retention = 0.0
+        self._seq = itertools.count(1)
+        self.committed = 0      # every item put with a ticket <= this is committed
         self.start()
 
-    def put(self, item) -> None:
+    def put(self, item) -> int:
+        """Queue an item; returns its ticket (compare with ``committed``)."""
         if self.error is not None:
             raise RuntimeError(f"monitor log writer failed: {self.error!r}") from self.error
-        self.q.put(item)
+        seq = next(self._seq)
+        self.q.put((seq, item))
+        return seq
 
     def _apply_retention(self) -> None:
         if self.retention_days > 0 and time.time() - self._last_retention > 3600:
@@ -210,7 +243,7 @@ class Writer(threading.Thread):
                 except queue.Empty:
                     continue
                 items = [item]
-                nrows = len(item.images) if isinstance(item, Batch) else 1
+                nrows = len(item[1].images) if isinstance(item[1], Batch) else 1
                 deadline = time.monotonic() + self.flush_seconds
                 while nrows < self.batch_size and time.monotonic() < deadline:
                     try:
@@ -218,9 +251,9 @@ class Writer(threading.Thread):
                     except queue.Empty:
                         break
                     items.append(it)
-                    nrows += len(it.images) if isinstance(it, Batch) else 1
+                    nrows += len(it[1].images) if isinstance(it[1], Batch) else 1
                 with con:  # one transaction
-                    for it in items:
+                    for _, it in items:
                         if it is _STOP:
                             stop = True
                         elif isinstance(it, Batch):
@@ -233,6 +266,7 @@ class Writer(threading.Thread):
                                         "to_level, rule, evidence) VALUES (?,?,?,?,?,?,?)",
                                         transition_row(it))
                 self._apply_retention()
+                self.committed = items[-1][0]
                 for _ in items:
                     self.q.task_done()
         except BaseException as exc:  # surfaced by put()/close()
@@ -247,7 +281,7 @@ class Writer(threading.Thread):
 
     def close(self) -> None:
         if self.is_alive():
-            self.q.put(_STOP)
+            self.q.put((0, _STOP))
             self.join()
         if self.error is not None:
             raise RuntimeError(f"monitor log writer failed: {self.error!r}") from self.error
@@ -352,6 +386,31 @@ class QueryLog:
                        np.frombuffer(r["target_probs"], np.float32))
             last = rows[-1]["qn"]
 
+    def requests(self, client: str, after_qn: int = 0, chunk: int = 4096):
+        """The client's logged requests after query ``after_qn``, in order, as the detectors
+        saw them: yields (first qn, t, x float32 (n, 28, 28) or None when an input was not
+        stored, target probs float32 (n, 10)). A request is the run of rows from an item 0 up
+        to the next item 0."""
+        cur: list = []
+        cur_t = None
+        first = after_qn + 1
+
+        def emit():
+            xs = [r[2] for r in cur]
+            x = None if any(v is None for v in xs) else np.stack(xs)
+            return first, cur_t, x, np.stack([r[3] for r in cur])
+
+        for item, t, x, p in self.stream(client, after_qn, chunk):
+            if item == 0 and cur:
+                yield emit()
+                first += len(cur)
+                cur = []
+            if not cur:
+                cur_t = t
+            cur.append((item, t, x, p))
+        if cur:
+            yield emit()
+
     def raw_complete(self, client: str) -> bool:
         r = self.con.execute("SELECT COUNT(*), MIN(qn) FROM queries WHERE client=? AND "
                              "(raw_fmt=0 OR raw IS NULL)", (client,)).fetchone()
@@ -388,8 +447,12 @@ class QueryLog:
 
 
 def pickle_state(engine) -> bytes:
-    return zlib.compress(pickle.dumps(engine, protocol=pickle.HIGHEST_PROTOCOL), 1)
+    """Detector state as stored (plain pickle: the arrays are float encodings that compress
+    poorly, and compressing megabytes would cost more than writing them)."""
+    return pickle.dumps(engine, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def unpickle_state(blob: bytes):
-    return pickle.loads(zlib.decompress(blob))
+    if blob[:1] == b"\x80":          # a pickle
+        return pickle.loads(blob)
+    return pickle.loads(zlib.decompress(blob))  # written before the batched monitor

@@ -12,22 +12,28 @@ from monitor.engine import ClientEngine, Transition, det_view
 from monitor.log import QueryLog
 
 
+def feed(eng: ClientEngine, qlog: QueryLog, client: str) -> list[Transition]:
+    """Feed the client's logged requests after ``eng.qn`` through ``eng``, request by request as
+    they arrived (so batched detectors see the same batches as live). Returns the transitions."""
+    trs: list[Transition] = []
+    for qn0, t, x, p in qlog.requests(client, eng.qn):
+        if x is None:
+            raise RuntimeError(f"client {client!r}: a query of the request starting at {qn0} has "
+                               f"no stored input (log.keep_raw was false or retention removed "
+                               f"it); cannot replay")
+        if qn0 != eng.qn + 1:
+            raise RuntimeError(f"client {client!r}: the log skips from query {eng.qn} to {qn0}")
+        trs += eng.begin_batch(t)
+        xd, _ = det_view(x)
+        trs += eng.observe_batch(xd.reshape(len(xd), -1), p, t)[3]
+    return trs
+
+
 def replay_client(cfg: MonitorConfig, qlog: QueryLog, client: str
                   ) -> tuple[ClientEngine, list[Transition]]:
     """Feed a client's logged stream through a fresh engine; returns (engine, transitions)."""
     eng = ClientEngine(cfg, client)
-    trs: list[Transition] = []
-    for item, t, x, p in qlog.stream(client):
-        if x is None:
-            raise RuntimeError(f"client {client!r}: query {eng.qn + 1} has no stored input "
-                               f"(log.keep_raw was false or retention removed it); cannot replay")
-        if item == 0:  # a new request starts
-            trs += eng.begin_batch(t)
-        xd, _ = det_view(x[None])
-        _, _, tr = eng.step(xd[0], p, t)
-        if tr is not None:
-            trs.append(tr)
-    return eng, trs
+    return eng, feed(eng, qlog, client)
 
 
 def replay(db_path: str | Path, cfg: MonitorConfig, clients: list[str] | None = None) -> dict:

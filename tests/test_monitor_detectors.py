@@ -1,4 +1,5 @@
-"""Detectors: PRADA on synthetic vs natural streams, OOD rate, similarity, volume."""
+"""Detectors: PRADA on synthetic vs natural streams, OOD rate, similarity, volume, near-copies;
+batching (a request's items processed together) gives what one item at a time gives."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,29 @@ import pytest
 from common import data
 from monitor.config import (NearDuplicateConfig, OODConfig, PradaConfig, SimilarityConfig,
                             VolumeConfig)
-from monitor.detectors import NearDuplicate, OODRate, Prada, Similarity, Volume
+from monitor.detectors import (Items, NearDuplicate, OODRate, Prada, Similarity, Volume,
+                               shapiro_w_sorted)
+from monitor.features import pixel_dist
+
+
+def feed(det, x, probs=None, t=0.0, batch=1):
+    """Feed items to a detector in requests of ``batch``; returns (scores, fires) per item."""
+    x = np.asarray(x, np.float32).reshape(len(x), -1)
+    if probs is None:
+        probs = np.full((len(x), 10), 0.1, np.float32)
+    ts = np.broadcast_to(np.asarray(t, np.float64), (len(x),))
+    out_s, out_f = [], []
+    for i in range(0, len(x), batch):
+        s, f = det.observe_batch(Items.make(x[i:i + batch], probs[i:i + batch]), float(ts[i]))
+        out_s.append(s)
+        out_f.append(f)
+    return np.concatenate(out_s), np.concatenate(out_f)
+
+
+def one(det, x, probs=None, t=0.0):
+    """One item: (score or None, fires)."""
+    s, f = feed(det, np.asarray(x)[None], None if probs is None else np.asarray(probs)[None], t)
+    return (None if np.isnan(s[0]) else float(s[0])), bool(f[0])
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +42,9 @@ def fashion():
     return t.x.astype(np.float32) / 255.0, t.y
 
 
-def _run_prada(x, classes, cfg=PradaConfig()):
+def _run_prada(x, classes, cfg=PradaConfig(), batch=50):
     det = Prada(cfg)
-    onehot = np.eye(10, dtype=np.float32)
-    out = [det.observe(x[i], onehot[classes[i]], 0.0) for i in range(len(x))]
-    W = np.array([np.nan if s is None else s for s, _ in out])
-    fires = np.array([f for _, f in out])
+    W, fires = feed(det, x, np.eye(10, dtype=np.float32)[classes], batch=batch)
     return W, fires, det
 
 
@@ -84,76 +104,164 @@ def test_prada_fires_on_jacobian_augmented_stream(fashion):
     assert int(np.argmax(fires)) + 1 < 600
 
 
+U = 28 / 32  # pixel (and DCT) distance between constant images k/32 and (k+1)/32
+
+
+def flat(k: float) -> np.ndarray:
+    """A constant image k/32 (exact in float16)."""
+    return np.full((28, 28), k / 32.0, np.float32)
+
+
 def test_prada_growing_sets_and_thresholds_follow_the_paper():
     det = Prada(PradaConfig(ignore_duplicates=False))
     p = np.eye(10, dtype=np.float32)[0]
-    a = np.zeros((28, 28), np.float32)
-    b = a.copy()
-    b[0, 0] = 1.0  # distance 1
-    c = a.copy()
-    c[0, :4] = 1.0  # distance 2 from a, sqrt(3) from b
-    det.observe(a, p, 0)
-    assert det.G[0].n == 1 and det.D.n == 0 and det.T[0] == 0  # first query: no distance
-    det.observe(b, p, 0)  # d = 1 > T = 0 -> grows; growth dists [0, 1] -> T = 0.5 - 0.5 = 0
-    assert det.G[0].n == 2 and list(det.D.view) == [1.0] and det.T[0] == pytest.approx(0.0)
-    det.observe(c, p, 0)  # d = sqrt(3) -> grows; dists [0,1,1.732] -> T = mean - std
-    d3 = np.array([0, 1, np.sqrt(3)])
-    assert det.D.view[-1] == pytest.approx(np.sqrt(3))
-    assert det.T[0] == pytest.approx(d3.mean() - d3.std())
-    det.observe(b, p, 0)  # duplicate: d = 0 <= T -> recorded but not added
-    assert det.G[0].n == 3 and det.D.view[-1] == 0.0
+    img = [flat(0), flat(1), flat(3)]
+    one(det, img[0], p)
+    assert det.G[0].m == 1 and len(det.D) == 0 and det.T[0] == 0  # first query: no distance
+    one(det, img[1], p)  # d = U > T = 0 -> grows; growth dists [0, U] -> T = U/2 - U/2 = 0
+    assert det.G[0].m == 2 and det.D.tolist() == pytest.approx([U]) and det.T[0] == 0
+    one(det, img[2], p)  # nearest is img[1]: d = 2U -> grows; dists [0, U, 2U] -> T = mean - std
+    d3 = np.array([0.0, U, 2 * U])
+    assert det.D[-1] == pytest.approx(2 * U, abs=1e-6)
+    assert det.T[0] == pytest.approx(d3.mean() - d3.std(), abs=1e-6)
+    one(det, img[1], p)  # duplicate: d = 0 <= T -> recorded but not added
+    assert det.G[0].m == 3 and det.D[-1] == 0.0
     det2 = Prada(PradaConfig())
-    for q in (a, b, b):
-        det2.observe(q, p, 0)
-    assert det2.D.n == 1  # ignore_duplicates: the repeat is not recorded
+    for q in (img[0], img[1], img[1]):
+        one(det2, q, p)
+    assert len(det2.D) == 1  # ignore_duplicates: the repeat is not recorded
 
 
-def test_ood_rate_window_and_threshold():
+def _reference_prada(x, classes, cfg):
+    """PRADA one item at a time, written plainly (a scan of the whole growing set, scipy's
+    Shapiro-Wilk on the re-filtered history), on the items as the detector compares them
+    (float16): what the batched, bounded-search, sorted-window detector must reproduce."""
+    from scipy import stats
+    e = np.asarray(x, np.float32).reshape(len(x), -1).astype(np.float16).astype(np.float32)
+    G = {c: [] for c in range(10)}
+    grow = {c: [] for c in range(10)}
+    T = np.zeros(10)
+    D, C = [], []
+    W, fires, out = np.nan, False, []
+    for i in range(len(e)):
+        c = int(classes[i])
+        if not G[c]:
+            G[c].append(e[i])
+            grow[c].append(0.0)
+        else:
+            d = float(pixel_dist(np.array(G[c]), e[i][None]).min())
+            if not (d == 0.0 and cfg.ignore_duplicates):
+                D.append(d)
+                C.append(c)
+            if d > T[c]:
+                G[c].append(e[i])
+                grow[c].append(d)
+                T[c] = max(T[c], np.mean(grow[c]) - np.std(grow[c]))
+        if (i + 1) % cfg.check_every == 0 and D:
+            Da, Ca = np.array(D), np.array(C)
+            ok = np.bincount(Ca, minlength=10) >= cfg.min_class_distances
+            Dp = Da[ok[Ca]][-cfg.window:]
+            if len(Dp):
+                mu, sd = Dp.mean(), Dp.std()
+                Dp = Dp[np.abs(Dp - mu) < cfg.outlier_sigma * sd] if sd > 0 else Dp
+                if len(Dp) > cfg.min_pooled:
+                    W = float(stats.shapiro(Dp).statistic)
+                    fires = W < cfg.delta
+        out.append((W, fires))
+    return np.array([w for w, _ in out]), np.array([f for _, f in out])
+
+
+@pytest.mark.parametrize("batch", [1, 37, 256])
+def test_prada_batched_matches_the_plain_per_item_definition(fashion, batch):
+    """Natural images, repeats and near-copies mixed; a small window so that it slides and
+    classes join the pool at different times."""
+    x, y = fashion
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, 5000, 900)
+    xs = x[idx].copy()
+    near = rng.random(900) < 0.3
+    xs[near] = np.clip(xs[near] + 0.1 * np.sign(rng.standard_normal(xs[near].shape)), 0, 1)
+    cls = np.where(rng.random(900) < 0.9, y[idx], rng.integers(0, 10, 900))  # classes 0..9
+    cfg = PradaConfig(window=300, check_every=7)
+    Wr, fr = _reference_prada(xs, cls, cfg)
+    W, f, _ = _run_prada(xs, cls, cfg, batch=batch)
+    assert np.isfinite(Wr).sum() > 500
+    np.testing.assert_allclose(W, Wr, rtol=0, atol=1e-8, equal_nan=True)
+    np.testing.assert_array_equal(f, fr)
+
+
+def test_shapiro_w_from_sorted_sample_matches_scipy():
+    from scipy import stats
+    rng = np.random.default_rng(0)
+    for n in (6, 11, 101, 999, 5000):
+        for x in (rng.normal(size=n), rng.exponential(size=n), rng.random(n)):
+            assert shapiro_w_sorted(np.sort(x)) == pytest.approx(stats.shapiro(x).statistic,
+                                                                  abs=1e-8)
+
+
+def test_prada_memory_is_bounded_on_a_random_noise_stream():
+    """Uniform noise: every query is far from every other, so every query would join the growing
+    sets; max_set bounds them (and the distance window bounds the rest)."""
+    rng = np.random.default_rng(0)
+    det = Prada(PradaConfig(max_set=100, window=500))
+    p = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 6000)]
+    x = rng.random((6000, 784), dtype=np.float32)
+    feed(det, x[:3000], p[:3000], batch=500)
+    size = det.nbytes()
+    feed(det, x[3000:], p[3000:], batch=500)
+    assert all(g.m == 100 for g in det.G) and all(g.n > 200 for g in det.G)
+    assert det.nbytes() == size
+
+
+@pytest.mark.parametrize("batch", [1, 4, 25])
+def test_ood_rate_window_and_threshold(batch):
     det = OODRate(OODConfig(tau=0.9, window=10, min_queries=10, threshold=0.5))
     conf = np.array([0.95] + [0.05 / 9] * 9, np.float32)
     unsure = np.full(10, 0.1, np.float32)
-    res = [det.observe(None, unsure, 0) for _ in range(9)]
-    assert all(not f for _, f in res)  # min_queries not reached
-    assert det.observe(None, unsure, 0) == (1.0, True)
-    for _ in range(5):
-        r = det.observe(None, conf, 0)
-    assert r == (0.5, False)  # 5 of the last 10 -> not > 0.5
-    assert det.observe(None, conf, 0) == (0.4, False)
+    probs = np.array([unsure] * 10 + [conf] * 6, np.float32)
+    rate, fires = feed(det, np.zeros((16, 28, 28)), probs, batch=batch)
+    assert not fires[:9].any()  # min_queries not reached
+    assert (rate[9], fires[9]) == (1.0, True)
+    assert (rate[14], fires[14]) == (0.5, False)  # 5 of the last 10 -> not > 0.5
+    assert (rate[15], fires[15]) == (pytest.approx(0.4), False)
 
 
 def test_similarity_knn_mean():
-    det = Similarity(SimilarityConfig(k=2, history=3, encoding="raw", threshold=0.5))
-    base = np.zeros((28, 28), np.float32)
-    imgs = []
-    for v in (0.0, 1.0, 2.0, 3.0):
-        im = base.copy()
-        im[0, 0] = v
-        imgs.append(im)
-    p = np.full(10, 0.1, np.float32)
-    assert det.observe(imgs[0], p, 0) == (None, False)
-    assert det.observe(imgs[1], p, 0) == (None, False)
-    assert det.observe(imgs[2], p, 0) == (pytest.approx(1.5), False)  # dists 1, 2
-    s, f = det.observe(imgs[2], p, 0)  # dists 0, 1 -> 0.5, not < 0.5
-    assert s == pytest.approx(0.5) and not f
-    s, f = det.observe(imgs[2], p, 0)  # history (ring of 3): [2, 1, 2] -> 0, 0
-    assert s == pytest.approx(0.0) and f
+    """Constant images: distances in the DCT space are those of the DC term, multiples of U."""
+    det = Similarity(SimilarityConfig(k=2, history=3, threshold=0.5 * U))
+    imgs = [flat(v) for v in (0.0, 1.0, 2.0, 3.0)]
+    assert one(det, imgs[0]) == (None, False)
+    assert one(det, imgs[1]) == (None, False)
+    s, f = one(det, imgs[2])  # dists U, 2U
+    assert s == pytest.approx(1.5 * U, abs=1e-5) and not f
+    s, f = one(det, imgs[2])  # dists 0, U -> U/2, not < U/2
+    assert s == pytest.approx(0.5 * U, abs=1e-5) and not f
+    s, f = one(det, imgs[2])  # history (ring of 3): [2, 1, 2] -> 0, 0
+    assert s == pytest.approx(0.0, abs=1e-6) and f
+
+
+def test_similarity_batch_sees_history_and_earlier_items_of_the_request():
+    imgs = np.stack([flat(v) for v in (0.0, 1.0, 2.0, 3.0, 3.0)])
+    s1, _ = feed(Similarity(SimilarityConfig(k=2, history=10, threshold=0.5)), imgs, batch=1)
+    s5, _ = feed(Similarity(SimilarityConfig(k=2, history=10, threshold=0.5)), imgs, batch=5)
+    np.testing.assert_allclose(s5, s1, atol=1e-6)
+    np.testing.assert_allclose(s1, np.array([np.nan, np.nan, 1.5, 1.5, 0.5]) * U, atol=1e-5)
 
 
 def test_volume_sliding_window():
     det = Volume(VolumeConfig(window_seconds=10, threshold=3))
-    assert det.observe(None, None, 0.0) == (1.0, False)
-    det.observe(None, None, 5.0)
-    det.observe(None, None, 5.0)
-    assert det.observe(None, None, 9.0) == (4.0, True)
-    assert det.observe(None, None, 10.0) == (4.0, True)  # t=0 leaves: (0, 10]
-    assert det.observe(None, None, 15.5) == (3.0, False)  # (5.5, 15.5]: 9, 10, 15.5
-    assert det.observe(None, None, 20.5) == (2.0, False)  # (10.5, 20.5]: 15.5, 20.5
+    z = np.zeros((1, 28, 28))
+    assert one(det, z[0], t=0.0) == (1.0, False)
+    c, f = feed(det, np.zeros((2, 28, 28)), t=5.0, batch=2)  # one request of two
+    assert c.tolist() == [2.0, 3.0] and not f.any()
+    assert one(det, z[0], t=9.0) == (4.0, True)
+    assert one(det, z[0], t=10.0) == (4.0, True)  # t=0 leaves: (0, 10]
+    assert one(det, z[0], t=15.5) == (3.0, False)  # (5.5, 15.5]: 9, 10, 15.5
+    assert one(det, z[0], t=20.5) == (2.0, False)  # (10.5, 20.5]: 15.5, 20.5
 
 
-def _near_dup_scores(stream, cfg=NearDuplicateConfig()):
-    det = NearDuplicate(cfg)
-    out = [det.observe(x, None, 0.0) for x in stream]
-    return np.array([r for r, _ in out]), np.array([f for _, f in out])
+def _near_dup_scores(stream, cfg=NearDuplicateConfig(), batch=50):
+    return feed(NearDuplicate(cfg), stream, batch=batch)
 
 
 def test_near_duplicate_quiet_on_natural_stream_with_exact_repeats(fashion):
@@ -178,9 +286,12 @@ def test_near_duplicate_fires_on_interleaved_jacobian_style_stream(fashion):
         parent = stream[rng.integers(len(stream))]
         stream.append(np.clip(parent + 0.1 * np.sign(rng.standard_normal((28, 28))), 0, 1))
     rate, fires = _near_dup_scores(np.array(stream, np.float32))
+    rate1, fires1 = _near_dup_scores(np.array(stream, np.float32), batch=1)
+    np.testing.assert_array_equal(rate, rate1)  # batching changes nothing here
+    np.testing.assert_array_equal(fires, fires1)
     assert fires.any()
     first = int(np.argmax(fires))
-    assert 200 <= first < 400  # min_queries is 200
+    assert 199 <= first < 400  # min_queries is 200: query 200 (index 199) is the first that may
     assert rate[200:].mean() > 0.2  # the natural stream above stays under 0.1
 
 

@@ -1,0 +1,139 @@
+"""Where the monitor keeps its state: the one small interface between the monitor and storage.
+
+A store holds the query log, the level transitions, the per-client detector checkpoints and a
+little metadata. Writes are asynchronous and ordered (``put_*`` return at once; ``flush`` waits
+until everything put before is durable); reads may come from any thread. :class:`SQLiteStore`
+(one file, WAL mode, a background writer thread) is the embedded default; a shared store for
+several server replicas implements the same methods.
+"""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterator
+
+from common.types import Level
+from monitor.log import Batch, QueryLog, Writer
+
+
+class MonitorStore(ABC):
+    # --- writes: asynchronous, applied in the order they were put ----------------------------
+    @abstractmethod
+    def put_batch(self, batch: Batch) -> None:
+        """One request's items with the scores and levels after each."""
+
+    @abstractmethod
+    def put_transition(self, tr) -> None:
+        """A level change (monitor.engine.Transition)."""
+
+    @abstractmethod
+    def put_state(self, client: str, qn: int, level: int, config_hash: str, blob: bytes,
+                  t: float) -> int:
+        """A checkpoint of the client's detector state after its query ``qn``; returns a ticket
+        that :meth:`committed` reaches once it (and everything put before it) is durable."""
+
+    @abstractmethod
+    def committed(self) -> int:
+        """The highest ticket such that it and everything put before it are durable."""
+
+    @abstractmethod
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Block until everything put so far is durable; raises if the writer failed."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # --- reads ----------------------------------------------------------------------------------
+    @abstractmethod
+    def max_qn(self, client: str) -> int: ...
+
+    @abstractmethod
+    def last_level(self, client: str) -> Level: ...
+
+    @abstractmethod
+    def load_state(self, client: str) -> dict | None:
+        """{"qn", "level", "config_hash", "state"} or None."""
+
+    @abstractmethod
+    def requests(self, client: str, after_qn: int) -> Iterator[tuple]:
+        """The client's logged requests after ``after_qn``: (first qn, t, x, probs)."""
+
+    @abstractmethod
+    def recent_clients(self, limit: int) -> list[str]:
+        """Clients with a stored checkpoint, most recently checkpointed first."""
+
+
+class SQLiteStore(MonitorStore):
+    """The embedded store: a SQLite file in WAL mode. Writes go through one background writer
+    thread (batched transactions); each reading thread has its own connection, so readers never
+    wait on each other or on a global lock."""
+
+    def __init__(self, path: str | Path, batch_size: int = 512, flush_seconds: float = 0.2,
+                 retention_days: float = 0.0):
+        self.path = Path(path)
+        self._writer = Writer(self.path, batch_size, flush_seconds, retention_days)
+        self._local = threading.local()
+        self._readers: list[QueryLog] = []
+        self._readers_lock = threading.Lock()
+
+    @property
+    def reader(self) -> QueryLog:
+        q = getattr(self._local, "q", None)
+        if q is None:
+            q = QueryLog(self.path, create=True)
+            self._local.q = q
+            with self._readers_lock:
+                self._readers.append(q)
+        return q
+
+    def put_batch(self, batch):
+        self._writer.put(batch)
+
+    def put_transition(self, tr):
+        self._writer.put(tr)
+
+    def put_state(self, client, qn, level, config_hash, blob, t):
+        return self._writer.put(("state", client, qn, level, config_hash, blob, t))
+
+    def committed(self):
+        return self._writer.committed
+
+    def set_meta(self, key, value):
+        with self.reader.con:
+            self.reader.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        try:
+            self._writer.close()
+        finally:
+            with self._readers_lock:
+                for q in self._readers:
+                    try:
+                        q.close()
+                    except Exception:  # noqa: BLE001 - a reader of another thread; best effort
+                        pass
+                self._readers.clear()
+
+    def max_qn(self, client):
+        return self.reader.max_qn(client)
+
+    def last_level(self, client):
+        return self.reader.last_level(client)
+
+    def load_state(self, client):
+        return self.reader.load_state(client)
+
+    def requests(self, client, after_qn):
+        return self.reader.requests(client, after_qn)
+
+    def recent_clients(self, limit):
+        return [r[0] for r in self.reader.con.execute(
+            "SELECT client FROM client_state ORDER BY updated DESC LIMIT ?", (limit,))]
+

@@ -1,0 +1,143 @@
+"""Monitor runtime: eviction with checkpoints, crash recovery from the last checkpoint, async mode.
+Each compares against an uninterrupted synchronous run of the same stream: the decisions must be
+the same, whatever the runtime did to memory and threads."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from common import data
+from common.types import Answer, AnswerKind, Level
+from monitor import Monitor, QueryLog, load_config
+from monitor.bench import FakeClock
+from monitor.config import config_from_dict
+from monitor.log import SCORE_COLUMNS
+
+
+def _cfg(**execution):
+    base = load_config().model_dump(mode="python")
+    base["execution"].update(execution)
+    base["policies"] = {k.name.lower(): v for k, v in base["policies"].items()}
+    return config_from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def streams():
+    """Three clients: natural images, JBDA-like near-copies (escalates), MNIST (OOD)."""
+    try:
+        fx = data.load("fashion", "test").x.astype(np.float32) / 255.0
+        mx = data.load("mnist", "test").x.astype(np.float32) / 255.0
+    except data.DataUnavailable as exc:  # pragma: no cover
+        pytest.skip(f"data unavailable: {exc}")
+    rng = np.random.default_rng(0)
+    nat = fx[rng.integers(0, 5000, 900)]
+    seeds = fx[rng.choice(5000, 100, replace=False)]
+    jb = [seeds]
+    while sum(len(s) for s in jb) < 900:
+        cur = np.concatenate(jb)
+        jb.append(np.clip(cur + 0.1 * np.sign(rng.standard_normal(cur.shape)), 0, 1))
+    jb = np.concatenate(jb)[:900].astype(np.float32)
+    ood = mx[rng.integers(0, 10000, 900)]
+
+    def probs(x, confident):
+        lg = rng.normal(0, 1.0, (len(x), 10))
+        if confident:  # the target is sure of in-distribution images: top probability > 0.99
+            lg[np.arange(len(x)), rng.integers(0, 10, len(x))] += 10.0
+        return (np.exp(lg) / np.exp(lg).sum(1, keepdims=True)).astype(np.float32)
+
+    return {"natural": (nat, probs(nat, True)), "jbda": (jb, probs(jb, True)),
+            "mnist": (ood, probs(ood, False))}
+
+
+def _answer(p):
+    return Answer(p.argmax(1), p, AnswerKind.PROBABILITIES)
+
+
+def _run(mon, streams, batch=30, upto=900, start=0):
+    """Interleave the clients request by request (the order a busy server sees)."""
+    out = {c: [] for c in streams}
+    for i in range(start, upto, batch):
+        for c, (x, p) in streams.items():
+            out[c].append(mon.observe(c, f"{c}-{i}", x[i:i + batch], p[i:i + batch],
+                                      _answer(p[i:i + batch]), mon.level(c)))
+    return out
+
+
+def _decisions(db):
+    with QueryLog(db) as q:
+        res = {}
+        for c in q.client_ids():
+            s = q.series(c)
+            res[c] = (np.column_stack([s[k] for k in SCORE_COLUMNS] + [s["fired"],
+                                                                       s["level_after"]]),
+                      [(t["qn"], t["from_level"], t["to_level"], t["rule"])
+                       for t in q.transitions(c)])
+        return res
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for c in a:
+        np.testing.assert_array_equal(a[c][0], b[c][0], err_msg=c)
+        assert a[c][1] == b[c][1], c
+
+
+@pytest.fixture(scope="module")
+def reference(streams, tmp_path_factory):
+    db = tmp_path_factory.mktemp("ref") / "m.db"
+    with Monitor(_cfg(), db, clock=FakeClock()) as mon:
+        _run(mon, streams)
+    dec = _decisions(db)
+    assert dec["jbda"][1] and dec["mnist"][1] and not dec["natural"][1]  # the streams do differ
+    return dec
+
+
+def test_eviction_checkpoints_and_restores_exactly(streams, reference, tmp_path):
+    db = tmp_path / "m.db"
+    with Monitor(_cfg(max_clients=1, checkpoint_every=100000), db, clock=FakeClock()) as mon:
+        _run(mon, streams)
+        mon.flush()
+        assert mon.resident_clients() == 1  # the others were checkpointed and dropped
+    _same(_decisions(db), reference)
+
+
+def test_restart_after_a_crash_replays_only_since_the_last_checkpoint(streams, reference,
+                                                                      tmp_path, caplog):
+    db = tmp_path / "m.db"
+    clock = FakeClock()
+    mon = Monitor(_cfg(checkpoint_every=200), db, clock=clock)
+    _run(mon, streams, upto=510)
+    mon.store.flush()          # what was logged is on disk; then the process "dies": no close(),
+    mon._closed = True         # no final checkpoint (the writer thread is simply abandoned)
+    caplog.set_level(logging.INFO, logger="modelguard.monitor")
+    with Monitor(_cfg(checkpoint_every=200), db, clock=clock) as mon2:
+        _run(mon2, streams, start=510)
+    replays = [r.getMessage() for r in caplog.records if "replayed" in r.getMessage()]
+    assert len(replays) == 3
+    for msg in replays:  # checkpoints at 420 (the first request boundary past 400)
+        assert "queries 421..510" in msg, msg
+    _same(_decisions(db), reference)
+
+
+def test_async_mode_decides_the_same_and_applies_levels_later(streams, reference, tmp_path):
+    db = tmp_path / "m.db"
+    with Monitor(_cfg(mode="async"), db, clock=FakeClock()) as mon:
+        levels = _run(mon, streams)
+        mon.flush()
+        assert mon.level("jbda") > Level.NORMAL
+    _same(_decisions(db), reference)
+    # the level returned with each answer never runs ahead of the synchronous one
+    with Monitor(_cfg(), None, clock=FakeClock()) as ref:
+        sync_levels = _run(ref, streams)
+    for c in streams:
+        assert all(a <= s for a, s in zip(levels[c], sync_levels[c]))
+
+
+def test_execution_keys_are_validated():
+    from monitor.config import ConfigError
+    with pytest.raises(ConfigError, match="execution.mode"):
+        _cfg(mode="threads")
+    with pytest.raises(ConfigError, match="execution.max_clients"):
+        _cfg(max_clients=0)
