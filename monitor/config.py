@@ -43,7 +43,7 @@ class PradaConfig(_Strict):
     window: int = Field(5000, ge=100, le=5000,
                         description="test on the most recent N pooled distances (shapiro caps at 5000)")
     ignore_duplicates: bool = Field(True, description="exact repeats (d == 0) are not recorded")
-    max_set: int = Field(2000, ge=10, le=100000,
+    max_set: int = Field(1000, ge=10, le=100000,
                          description="each class's growing set keeps its most recent N elements")
 
 
@@ -160,7 +160,7 @@ class LadderConfig(_Strict):
 class LogConfig(_Strict):
     keep_raw: bool = Field(True, description="store inputs (uint8 or float16, zlib) for replay")
     retention_days: float = Field(0.0, ge=0.0, description="delete log rows older than this; 0 = keep")
-    batch_size: int = Field(512, ge=1, description="writer commits at most this many rows at once")
+    batch_size: int = Field(512, ge=1, description="writer commits at most this many requests at once")
     flush_seconds: float = Field(0.2, gt=0.0, description="writer commits at least this often")
 
 
@@ -173,7 +173,7 @@ class ExecutionConfig(_Strict):
     checkpoint_every: int = Field(2000, ge=1, description="a client's detector state is "
                                   "checkpointed after this many new queries (bounds the replay "
                                   "after a crash)")
-    max_clients: int = Field(1000, ge=1, description="clients held in memory; the least recently "
+    max_clients: int = Field(128, ge=1, description="clients held in memory; the least recently "
                              "used are checkpointed and evicted beyond this")
     queue_limit: int = Field(64, ge=1, description="async: requests waiting for the detectors "
                                                    "before observe() blocks (back-pressure)")

@@ -12,8 +12,8 @@ client's history before the request plus items 0..i-1 of its own request (a B x 
 score of NaN means "not enough data yet". Detectors depend on nothing else (no wall clock, no
 randomness), so replaying a logged stream request by request reproduces them exactly.
 
-Distances: PRADA and the near-copy detector measure L2 distances between items in pixel space
-(items rounded to float16, so that they can be held compactly and compared reproducibly). They
+Distances: PRADA and the near-copy detector measure L2 distances between items in pixel space,
+exactly as stored (the item as the log keeps it: k/255 on the 0-255 grid, else float16). They
 find them with one matrix product per request in the 64-dimensional DCT space, whose distances
 plus the residual norms give lower bounds of the pixel distances, and compute pixel distances
 only for the few candidates those bounds cannot exclude: the result is the exact pixel-space
@@ -93,7 +93,7 @@ def shapiro_w_sorted(x: np.ndarray) -> float:
 class Items:
     """One request's items, prepared once and shared by every detector."""
 
-    v: np.ndarray        # float16 (N, 784): the items as the detectors compare them
+    v: np.ndarray        # float32 (N, 784): the items as stored (k/255 on the grid, else float16)
     probs: np.ndarray    # float32 (N, 10): the target's probabilities
     enc: np.ndarray      # float32 (N, 64): DCT encodings of v
     norm: np.ndarray     # float64 (N,): squared norms of the encodings
@@ -103,11 +103,10 @@ class Items:
 
     @classmethod
     def make(cls, x: np.ndarray, probs: np.ndarray) -> "Items":
-        v = np.asarray(x, np.float32).reshape(len(x), -1).astype(np.float16)
-        v32 = v.astype(np.float32)
-        e = encode(v32)
+        v = np.ascontiguousarray(x, np.float32).reshape(len(x), -1)
+        e = encode(v)
         return cls(v, np.asarray(probs, np.float32).reshape(len(x), -1), e, sq_norms(e),
-                   residual_norms(v32, e))
+                   residual_norms(v, e))
 
     def __len__(self) -> int:
         return len(self.v)
@@ -133,7 +132,7 @@ class Items:
 
 
 def _pixel_ring(size: int) -> Ring:
-    return Ring(size, v=((PIX,), np.float16), e=((DIM,), np.float32), n=((), np.float64),
+    return Ring(size, v=((PIX,), np.float32), e=((DIM,), np.float32), n=((), np.float64),
                 r=((), np.float32))
 
 

@@ -81,9 +81,9 @@ def residual_norms(v: np.ndarray, e: np.ndarray) -> np.ndarray:
 
 
 def pixel_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pixel-space L2 distances between rows a[i] and b[i] (items stored as float16), computed
-    in float32 without BLAS: reproducible, and exactly 0 for identical items."""
-    d = a.astype(np.float32) - b.astype(np.float32)
+    """Pixel-space L2 distances between rows a[i] and b[i] (float32 items), computed without
+    BLAS: reproducible, and exactly 0 for identical items."""
+    d = a - b
     return np.sqrt(np.einsum("...j,...j->...", d, d)).astype(np.float64)
 
 

@@ -1,18 +1,23 @@
 """The persistent query log (SQLite, WAL mode) and its background writer.
 
 Tables
-  queries      one row per answered item (see ``QUERY_COLUMNS``), raw input kept compactly
+  requests     one row per answered request: the client, its query numbers qn0+1..qn0+n, time,
+               level and answer kind, and per-item arrays as blobs (target probabilities, labels
+               sent, detector scores, levels after each item, inputs kept compactly)
   transitions  every level change with time, query count and evidence (JSON)
-  client_state pickled detector/ladder state per client, written on clean shutdown
-  meta         schema version
+  client_state pickled detector/ladder checkpoints per client
+  meta         schema version, the config the monitor ran with
 
-Writes go through :class:`Writer`, a daemon thread that batches rows into transactions; the
-request path only enqueues numpy arrays. ``Writer.close()`` drains the queue, so everything
+One row per request, not per item: the writer's work is one INSERT per request (measured
+~30 us per item with a row per item, most of it Python holding the GIL the request threads
+need). Readers expand rows to items (``iter_rows``, ``series``, ``stream``).
+
+Writes go through :class:`Writer`, a daemon thread that batches requests into transactions;
+the request path only enqueues numpy arrays. ``Writer.close()`` drains the queue, so everything
 enqueued before it is on disk afterwards.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import pickle
@@ -29,39 +34,40 @@ import numpy as np
 
 from common.types import Level
 
-SCHEMA_VERSION = "1"
-# raw_fmt: 1-3 zlib-compressed (written before the batched monitor), 4-6 plain bytes
+SCHEMA_VERSION = "2"
+SCORE_COLUMNS = ("s_prada", "s_ood", "s_similarity", "s_volume", "s_near_duplicate")
+NSCORES = len(SCORE_COLUMNS)
+# how an item's input is kept (per item in iter_rows' raw_fmt)
 RAW_NONE, RAW_U8, RAW_F16, RAW_F32 = 0, 1, 2, 3
-RAW_U8_PLAIN, RAW_F16_PLAIN, RAW_F32_PLAIN = 4, 5, 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS queries (
+CREATE TABLE IF NOT EXISTS requests (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     client TEXT NOT NULL,
-    qn INTEGER NOT NULL,            -- the client's query number, 1-based
+    qn0 INTEGER NOT NULL,           -- the client's query count before this request
+    n INTEGER NOT NULL,             -- items; their query numbers are qn0+1..qn0+n
     t REAL NOT NULL,                -- request time (unix seconds) used by the detectors
     request_id TEXT,
-    item INTEGER NOT NULL,          -- index within the request
-    digest TEXT NOT NULL,           -- blake2b-64 of the float32 input as received, 16 hex
-    target_label INTEGER NOT NULL,
-    target_top REAL NOT NULL,
-    target_probs BLOB NOT NULL,     -- float32 (10,)
     level INTEGER NOT NULL,         -- defence level the answer was sent with
     kind INTEGER NOT NULL,          -- AnswerKind
-    sent_label INTEGER NOT NULL,
-    sent_top REAL,                  -- top probability sent (NULL for label-only)
-    model TEXT,
-    watermarked INTEGER NOT NULL,
-    s_prada REAL, s_ood REAL, s_similarity REAL, s_volume REAL, s_near_duplicate REAL,
-    fired INTEGER NOT NULL,         -- bitmask over (prada, ood, similarity, volume, near_duplicate)
-    level_after INTEGER NOT NULL,   -- client level after this item
-    raw_fmt INTEGER NOT NULL,       -- 0 none; uint8, float16, float32: 1-3 zlib, 4-6 plain
-    raw BLOB
+    target_probs BLOB NOT NULL,     -- float32 (n, 10)
+    sent_labels BLOB NOT NULL,      -- int8 (n,)
+    sent_top BLOB,                  -- float32 (n,): top probability sent; NULL for label-only
+    models TEXT,                    -- JSON list of the model that answered each item
+    n_wm INTEGER NOT NULL,          -- watermarked items
+    watermarked BLOB,               -- uint8 (n,) 0/1; NULL when n_wm = 0
+    scores BLOB NOT NULL,           -- float64 (n, 5) in SCORE_COLUMNS order, NaN = none
+    fired BLOB NOT NULL,            -- uint8 (n,): bitmask over SCORE_COLUMNS' detectors
+    level_after BLOB NOT NULL,      -- int8 (n,): client level after each item
+    grid BLOB,                      -- uint8 (n,): 1 = input on the 0-255 grid; NULL = all on it
+    raw_u8 BLOB,                    -- on-grid inputs, uint8 (k, 784)
+    raw_f16 BLOB,                   -- other inputs, float16 (n - k, 784)
+    raw_f32 BLOB                    -- watermarked other inputs again, float32 (lossless)
 );
-CREATE UNIQUE INDEX IF NOT EXISTS queries_client_qn ON queries(client, qn);
-CREATE INDEX IF NOT EXISTS queries_t ON queries(t);
-CREATE INDEX IF NOT EXISTS queries_wm ON queries(watermarked) WHERE watermarked = 1;
+CREATE UNIQUE INDEX IF NOT EXISTS requests_client_qn ON requests(client, qn0);
+CREATE INDEX IF NOT EXISTS requests_t ON requests(t);
+CREATE INDEX IF NOT EXISTS requests_wm ON requests(n_wm) WHERE n_wm > 0;
 CREATE TABLE IF NOT EXISTS transitions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     client TEXT NOT NULL,
@@ -83,7 +89,9 @@ CREATE TABLE IF NOT EXISTS client_state (
 );
 """
 
-SCORE_COLUMNS = ("s_prada", "s_ood", "s_similarity", "s_volume", "s_near_duplicate")
+
+class SchemaError(RuntimeError):
+    """The database was written by another version of the monitor's log."""
 
 
 def connect(path: str | Path, create: bool = True) -> sqlite3.Connection:
@@ -95,6 +103,14 @@ def connect(path: str | Path, create: bool = True) -> sqlite3.Connection:
     con = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=NORMAL")
+    old = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='queries'"
+                      ).fetchone()
+    if old:
+        con.close()
+        raise SchemaError(f"{path} was written by an older modelguard (one row per item, schema "
+                          f"1); this version logs one row per request (schema {SCHEMA_VERSION}). "
+                          f"Move the file away (or point --monitor-db elsewhere) to start a "
+                          f"new log")
     if create:
         con.executescript(SCHEMA)
         con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -102,20 +118,9 @@ def connect(path: str | Path, create: bool = True) -> sqlite3.Connection:
     return con
 
 
-def decode_raw(fmt: int, blob: bytes | None) -> np.ndarray | None:
-    if fmt == RAW_NONE or blob is None:
-        return None
-    b = zlib.decompress(blob) if fmt in (RAW_U8, RAW_F16, RAW_F32) else blob
-    if fmt in (RAW_U8, RAW_U8_PLAIN):
-        return (np.frombuffer(b, np.uint8).astype(np.float32) / np.float32(255.0)).reshape(28, 28)
-    if fmt in (RAW_F16, RAW_F16_PLAIN):
-        return np.frombuffer(b, np.float16).astype(np.float32).reshape(28, 28)
-    return np.frombuffer(b, np.float32).copy().reshape(28, 28)
-
-
 @dataclass
 class Batch:
-    """One observe() call as handed to the writer (numpy, encoded to rows off the request path)."""
+    """One observe() call as handed to the writer (numpy; encoded off the request path)."""
 
     client: str
     qn0: int
@@ -130,65 +135,49 @@ class Batch:
     sent_top: np.ndarray | None
     models: list[str]
     watermarked: np.ndarray
-    scores: np.ndarray       # float64 (N,4), NaN = none
+    scores: np.ndarray       # float64 (N, 5), NaN = none
     fired: np.ndarray        # int (N,)
     level_after: np.ndarray  # int (N,)
     keep_raw: bool
 
-    def rows(self) -> list[tuple]:
-        """The batch's log rows, built with array operations: one digest and one raw blob per
-        item are the only per-item work (no compression: SQLite pages hold them as they are)."""
+    def row(self) -> tuple:
+        """The request's row: a handful of array-to-bytes conversions, no per-item work."""
         n = len(self.images)
         x = np.ascontiguousarray(self.images, np.float32).reshape(n, -1)
-        xb = x.tobytes()
-        step = x.shape[1] * 4
-        digests = [hashlib.blake2b(xb[i * step:(i + 1) * step], digest_size=8).hexdigest()
-                   for i in range(n)]
-        wm = np.asarray(self.watermarked, bool)
-        store = np.ones(n, bool) if self.keep_raw else wm.copy()
-        fmts = np.zeros(n, np.int64)
-        raws: list[bytes | None] = [None] * n
-        if store.any():
-            grid = np.asarray(self.on_grid, bool) & store
-            u8 = np.rint(x[grid] * 255.0).astype(np.uint8).tobytes()
-            for k, i in enumerate(np.flatnonzero(grid)):
-                raws[i] = u8[k * 784:(k + 1) * 784]
-            fmts[grid] = RAW_U8_PLAIN
-            f32 = store & ~grid & wm            # watermarked items: lossless
-            for i in np.flatnonzero(f32):
-                raws[i] = x[i].tobytes()
-            fmts[f32] = RAW_F32_PLAIN
-            f16 = store & ~grid & ~wm
-            h = x[f16].astype(np.float16).tobytes()
-            for k, i in enumerate(np.flatnonzero(f16)):
-                raws[i] = h[k * 1568:(k + 1) * 1568]
-            fmts[f16] = RAW_F16_PLAIN
-        p = np.asarray(self.target_probs, np.float32).reshape(n, -1)
-        pb = p.tobytes()
-        ps = p.shape[1] * 4
-        labels = p.argmax(1).tolist()
-        tops = p.max(1).astype(np.float64).tolist()
-        sent = np.asarray(self.sent_labels).astype(np.int64).tolist()
-        top = [None] * n if self.sent_top is None else \
-            np.asarray(self.sent_top, np.float64).tolist()
-        models = list(self.models) + [None] * (n - len(self.models))
-        sc = np.asarray(self.scores, np.float64)
-        scores = np.where(np.isnan(sc), None, sc.astype(object)).tolist()
-        fired = np.asarray(self.fired).astype(np.int64).tolist()
-        after = np.asarray(self.level_after).astype(np.int64).tolist()
-        wml = wm.astype(np.int64).tolist()
-        fl = fmts.tolist()
-        c, t, rid, lvl, kind, q0 = self.client, self.t, self.request_id, self.level, self.kind, \
-            self.qn0
-        return [(c, q0 + i + 1, t, rid, i, digests[i], labels[i], tops[i],
-                 pb[i * ps:(i + 1) * ps], lvl, kind, sent[i], top[i], models[i], wml[i],
-                 *scores[i], fired[i], after[i], fl[i], raws[i]) for i in range(n)]
+        wm = np.asarray(self.watermarked, bool).reshape(n)
+        grid = np.asarray(self.on_grid, bool).reshape(n)
+        u8 = f16 = f32 = None
+        if self.keep_raw or wm.any():
+            keep = np.ones(n, bool) if self.keep_raw else wm
+            g, o = keep & grid, keep & ~grid
+            if g.any():
+                u8 = np.rint(x[g] * 255.0).astype(np.uint8).tobytes()
+            if o.any():
+                f16 = x[o].astype(np.float16).tobytes()
+            if (o & wm).any():
+                f32 = x[o & wm].tobytes()
+            grid_blob = None if (keep & grid).all() and keep.all() else \
+                (grid.astype(np.uint8) + 2 * (~keep).astype(np.uint8)).tobytes()
+        else:
+            grid_blob = (2 * np.ones(n, np.uint8)).tobytes()  # 2 = not kept
+        models = list(self.models)
+        models_json = None if not models else json.dumps(models + [None] * (n - len(models)))
+        return (self.client, self.qn0, n, self.t, self.request_id, self.level, self.kind,
+                np.ascontiguousarray(self.target_probs, np.float32).tobytes(),
+                np.asarray(self.sent_labels).astype(np.int8).tobytes(),
+                None if self.sent_top is None else
+                np.asarray(self.sent_top, np.float32).tobytes(),
+                models_json, int(wm.sum()), wm.astype(np.uint8).tobytes() if wm.any() else None,
+                np.ascontiguousarray(self.scores, np.float64).tobytes(),
+                np.asarray(self.fired).astype(np.uint8).tobytes(),
+                np.asarray(self.level_after).astype(np.int8).tobytes(),
+                grid_blob, u8, f16, f32)
 
 
-INSERT_QUERY = ("INSERT INTO queries (client, qn, t, request_id, item, digest, target_label, "
-                "target_top, target_probs, level, kind, sent_label, sent_top, model, watermarked, "
-                + ", ".join(SCORE_COLUMNS) + ", fired, level_after, raw_fmt, raw) "
-                "VALUES (" + ",".join("?" * (19 + len(SCORE_COLUMNS))) + ")")
+INSERT_REQUEST = ("INSERT INTO requests (client, qn0, n, t, request_id, level, kind, "
+                  "target_probs, sent_labels, sent_top, models, n_wm, watermarked, scores, "
+                  "fired, level_after, grid, raw_u8, raw_f16, raw_f32) VALUES ("
+                  + ",".join("?" * 20) + ")")
 
 
 def transition_row(tr) -> tuple:
@@ -199,9 +188,59 @@ def transition_row(tr) -> tuple:
 _STOP = object()
 
 
+class Decoded:
+    """A request row expanded into per-item arrays."""
+
+    def __init__(self, r: sqlite3.Row, raw: bool = True):
+        n = r["n"]
+        self.client, self.qn0, self.n, self.t = r["client"], r["qn0"], n, r["t"]
+        self.request_id, self.level, self.kind = r["request_id"], r["level"], r["kind"]
+        self.seq = r["seq"]
+        self.probs = np.frombuffer(r["target_probs"], np.float32).reshape(n, -1)
+        self.sent_labels = np.frombuffer(r["sent_labels"], np.int8).astype(np.int64)
+        self.sent_top = (None if r["sent_top"] is None else
+                         np.frombuffer(r["sent_top"], np.float32).astype(np.float64))
+        self.models = json.loads(r["models"]) if r["models"] else [None] * n
+        self.watermarked = (np.zeros(n, bool) if r["watermarked"] is None else
+                            np.frombuffer(r["watermarked"], np.uint8).astype(bool))
+        self.scores = np.frombuffer(r["scores"], np.float64).reshape(n, NSCORES)
+        self.fired = np.frombuffer(r["fired"], np.uint8).astype(np.int64)
+        self.level_after = np.frombuffer(r["level_after"], np.int8).astype(np.int64)
+        code = (np.zeros(n, np.uint8) + 1 if r["grid"] is None else
+                np.frombuffer(r["grid"], np.uint8))
+        self.kept = code < 2
+        self.grid = code == 1
+        self.raw_fmt = np.where(~self.kept, RAW_NONE, np.where(
+            self.grid, RAW_U8, np.where(self.watermarked, RAW_F32, RAW_F16)))
+        self.x = None
+        self.x_exact = None
+        if raw:
+            self._inputs(r)
+
+    def _inputs(self, r) -> None:
+        """x: float32 (n, 28, 28) as the detectors saw the items (k/255 on the grid, else
+        float16), NaN where not kept; x_exact: as received where kept losslessly (on-grid and
+        watermarked items), else as x."""
+        n = self.n
+        x = np.full((n, 784), np.nan, np.float32)
+        g = self.kept & self.grid
+        o = self.kept & ~self.grid
+        if g.any():
+            x[g] = np.frombuffer(r["raw_u8"], np.uint8).reshape(-1, 784).astype(np.float32) \
+                / np.float32(255.0)
+        if o.any():
+            x[o] = np.frombuffer(r["raw_f16"], np.float16).reshape(-1, 784).astype(np.float32)
+        exact = x.copy()
+        ow = o & self.watermarked
+        if ow.any():
+            exact[ow] = np.frombuffer(r["raw_f32"], np.float32).reshape(-1, 784)
+        self.x = x.reshape(n, 28, 28)
+        self.x_exact = exact.reshape(n, 28, 28)
+
+
 class Writer(threading.Thread):
     """Background writer: takes Batch / Transition / state items from a queue, commits in
-    transactions of up to ``batch_size`` rows or every ``flush_seconds``."""
+    transactions of up to ``batch_size`` items or every ``flush_seconds``."""
 
     def __init__(self, path: str | Path, batch_size: int = 512, flush_seconds: float = 0.2,
                  retention_days: float = 0.0):
@@ -227,7 +266,7 @@ class Writer(threading.Thread):
 
     def _apply_retention(self) -> None:
         if self.retention_days > 0 and time.time() - self._last_retention > 3600:
-            self.con.execute("DELETE FROM queries WHERE t < ?",
+            self.con.execute("DELETE FROM requests WHERE t < ?",
                              (time.time() - self.retention_days * 86400,))
             self._last_retention = time.time()
 
@@ -243,7 +282,7 @@ class Writer(threading.Thread):
                 except queue.Empty:
                     continue
                 items = [item]
-                nrows = len(item[1].images) if isinstance(item[1], Batch) else 1
+                nrows = 1
                 deadline = time.monotonic() + self.flush_seconds
                 while nrows < self.batch_size and time.monotonic() < deadline:
                     try:
@@ -251,13 +290,13 @@ class Writer(threading.Thread):
                     except queue.Empty:
                         break
                     items.append(it)
-                    nrows += len(it[1].images) if isinstance(it[1], Batch) else 1
+                    nrows += 1
                 with con:  # one transaction
                     for _, it in items:
                         if it is _STOP:
                             stop = True
                         elif isinstance(it, Batch):
-                            con.executemany(INSERT_QUERY, it.rows())
+                            con.execute(INSERT_REQUEST, it.row())
                         elif isinstance(it, tuple) and it[0] == "state":
                             con.execute("INSERT OR REPLACE INTO client_state VALUES (?,?,?,?,?,?)",
                                         it[1:])
@@ -307,18 +346,19 @@ class QueryLog:
     # --- per-client summaries -------------------------------------------------------------------
     def client_ids(self) -> list[str]:
         return [r[0] for r in self.con.execute(
-            "SELECT client FROM queries GROUP BY client UNION SELECT client FROM transitions "
+            "SELECT client FROM requests GROUP BY client UNION SELECT client FROM transitions "
             "UNION SELECT client FROM client_state ORDER BY 1")]
 
     def has_client(self, client: str) -> bool:
         return bool(self.con.execute(
-            "SELECT 1 FROM queries WHERE client=? UNION SELECT 1 FROM transitions WHERE client=? "
-            "UNION SELECT 1 FROM client_state WHERE client=? LIMIT 1",
+            "SELECT 1 FROM requests WHERE client=? UNION SELECT 1 FROM transitions WHERE "
+            "client=? UNION SELECT 1 FROM client_state WHERE client=? LIMIT 1",
             (client, client, client)).fetchone())
 
     def max_qn(self, client: str) -> int:
-        r = self.con.execute("SELECT MAX(qn) FROM queries WHERE client=?", (client,)).fetchone()
-        return int(r[0] or 0)
+        r = self.con.execute("SELECT qn0 + n FROM requests WHERE client=? ORDER BY qn0 DESC "
+                             "LIMIT 1", (client,)).fetchone()
+        return int(r[0]) if r else 0
 
     def last_level(self, client: str) -> Level:
         r = self.con.execute("SELECT to_level FROM transitions WHERE client=? ORDER BY id DESC "
@@ -337,8 +377,8 @@ class QueryLog:
 
     def summary(self) -> list[dict]:
         rows = {r["client"]: dict(r) for r in self.con.execute(
-            "SELECT client, COUNT(*) AS queries, MIN(t) AS first_t, MAX(t) AS last_t, "
-            "MAX(qn) AS max_qn FROM queries GROUP BY client")}
+            "SELECT client, SUM(n) AS queries, MIN(t) AS first_t, MAX(t) AS last_t, "
+            "MAX(qn0 + n) AS max_qn FROM requests GROUP BY client")}
         for c in self.client_ids():
             d = rows.setdefault(c, {"client": c, "queries": 0, "first_t": None, "last_t": None,
                                     "max_qn": 0})
@@ -346,77 +386,85 @@ class QueryLog:
             tr = self.con.execute("SELECT t, qn FROM transitions WHERE client=? ORDER BY id DESC "
                                   "LIMIT 1", (c,)).fetchone()
             d["escalated_t"], d["escalated_qn"] = (tr[0], tr[1]) if tr else (None, None)
-            last = self.con.execute(
-                "SELECT " + ", ".join(SCORE_COLUMNS) + ", fired FROM queries WHERE client=? "
-                "ORDER BY qn DESC LIMIT 1", (c,)).fetchone()
-            d["scores"] = ({k: last[k] for k in SCORE_COLUMNS} | {"fired": last["fired"]}
-                           if last else {})
+            last = self.con.execute("SELECT * FROM requests WHERE client=? ORDER BY qn0 DESC "
+                                    "LIMIT 1", (c,)).fetchone()
+            if last:
+                dec = Decoded(last, raw=False)
+                sc = dec.scores[-1]
+                d["scores"] = ({k: (None if np.isnan(v) else float(v))
+                                for k, v in zip(SCORE_COLUMNS, sc)} | {"fired": int(dec.fired[-1])})
+            else:
+                d["scores"] = {}
         return [rows[c] for c in sorted(rows)]
 
-    def series(self, client: str) -> dict[str, np.ndarray]:
-        """qn, t, scores, fired, level, level_after for plotting/export."""
-        cur = self.con.execute("SELECT qn, t, " + ", ".join(SCORE_COLUMNS) + ", fired, level, "
-                               "level_after FROM queries WHERE client=? ORDER BY qn", (client,))
-        rows = cur.fetchall()
-        cols = ["qn", "t", *SCORE_COLUMNS, "fired", "level", "level_after"]
-        arr = np.array([tuple(np.nan if v is None else v for v in r) for r in rows],
-                       dtype=np.float64).reshape(len(rows), len(cols))
-        return {c: arr[:, i] for i, c in enumerate(cols)}
-
-    def iter_rows(self, client: str | None = None, raw: bool = False) -> Iterator[dict]:
-        cols = ("seq, client, qn, t, request_id, item, digest, target_label, target_top, level, "
-                "kind, sent_label, sent_top, model, watermarked, " + ", ".join(SCORE_COLUMNS)
-                + ", fired, level_after, raw_fmt" + (", raw" if raw else ""))
-        sql = f"SELECT {cols} FROM queries" + (" WHERE client=?" if client else "") + \
-            " ORDER BY seq"
-        for r in self.con.execute(sql, (client,) if client else ()):
-            yield dict(r)
-
-    def stream(self, client: str, start_qn: int = 0, chunk: int = 4096):
-        """Yield (item, t, x float32 (28,28) or None, target probs (10,)) in query order."""
-        last = start_qn
+    def _decoded(self, client: str | None = None, raw: bool = False, after_qn: int = 0,
+                 chunk: int = 512) -> Iterator[Decoded]:
+        """The requests in order (by the client's query number, or by arrival for all)."""
+        cols = "*" if raw else ("seq, client, qn0, n, t, request_id, level, kind, target_probs, "
+                                "sent_labels, sent_top, models, n_wm, watermarked, scores, fired, "
+                                "level_after, grid")
+        if client is None:
+            last = 0
+            while True:
+                rows = self.con.execute(f"SELECT {cols} FROM requests WHERE seq > ? ORDER BY seq "
+                                        f"LIMIT ?", (last, chunk)).fetchall()
+                if not rows:
+                    return
+                for r in rows:
+                    yield Decoded(r, raw)
+                last = rows[-1]["seq"]
+        last = after_qn - 1
         while True:
-            rows = self.con.execute(
-                "SELECT qn, item, t, target_probs, raw_fmt, raw FROM queries WHERE client=? "
-                "AND qn>? ORDER BY qn LIMIT ?", (client, last, chunk)).fetchall()
+            rows = self.con.execute(f"SELECT {cols} FROM requests WHERE client=? AND qn0 > ? "
+                                    f"ORDER BY qn0 LIMIT ?", (client, last, chunk)).fetchall()
             if not rows:
                 return
             for r in rows:
-                yield (r["item"], r["t"], decode_raw(r["raw_fmt"], r["raw"]),
-                       np.frombuffer(r["target_probs"], np.float32))
-            last = rows[-1]["qn"]
+                yield Decoded(r, raw)
+            last = rows[-1]["qn0"]
 
-    def requests(self, client: str, after_qn: int = 0, chunk: int = 4096):
+    def series(self, client: str) -> dict[str, np.ndarray]:
+        """qn, t, scores, fired, level, level_after per item, for plotting/export."""
+        parts = list(self._decoded(client))
+        if not parts:
+            cols = ["qn", "t", *SCORE_COLUMNS, "fired", "level", "level_after"]
+            return {c: np.zeros(0) for c in cols}
+        out = {"qn": np.concatenate([d.qn0 + 1 + np.arange(d.n) for d in parts]).astype(float),
+               "t": np.concatenate([np.full(d.n, d.t) for d in parts])}
+        sc = np.concatenate([d.scores for d in parts])
+        for i, c in enumerate(SCORE_COLUMNS):
+            out[c] = sc[:, i]
+        out["fired"] = np.concatenate([d.fired for d in parts]).astype(float)
+        out["level"] = np.concatenate([np.full(d.n, d.level) for d in parts]).astype(float)
+        out["level_after"] = np.concatenate([d.level_after for d in parts]).astype(float)
+        return out
+
+    def iter_rows(self, client: str | None = None, raw: bool = False) -> Iterator[dict]:
+        """One dict per item (the columns of the per-item view; ``raw``: the input as float32
+        (28, 28) under "x", None when not kept)."""
+        for d in self._decoded(client, raw):
+            for i in range(d.n):
+                row = {"seq": d.seq, "client": d.client, "qn": d.qn0 + i + 1, "t": d.t,
+                       "request_id": d.request_id, "item": i,
+                       "target_label": int(d.probs[i].argmax()),
+                       "target_top": float(d.probs[i].max()), "level": d.level,
+                       "kind": d.kind, "sent_label": int(d.sent_labels[i]),
+                       "sent_top": None if d.sent_top is None else float(d.sent_top[i]),
+                       "model": d.models[i], "watermarked": int(d.watermarked[i]),
+                       **{c: (None if np.isnan(v) else float(v))
+                          for c, v in zip(SCORE_COLUMNS, d.scores[i])},
+                       "fired": int(d.fired[i]), "level_after": int(d.level_after[i]),
+                       "raw_fmt": int(d.raw_fmt[i])}
+                if raw:
+                    row["x"] = d.x[i] if d.kept[i] else None
+                yield row
+
+    def requests(self, client: str, after_qn: int = 0):
         """The client's logged requests after query ``after_qn``, in order, as the detectors
         saw them: yields (first qn, t, x float32 (n, 28, 28) or None when an input was not
-        stored, target probs float32 (n, 10)). A request is the run of rows from an item 0 up
-        to the next item 0."""
-        cur: list = []
-        cur_t = None
-        first = after_qn + 1
-
-        def emit():
-            xs = [r[2] for r in cur]
-            x = None if any(v is None for v in xs) else np.stack(xs)
-            return first, cur_t, x, np.stack([r[3] for r in cur])
-
-        for item, t, x, p in self.stream(client, after_qn, chunk):
-            if item == 0 and cur:
-                yield emit()
-                first += len(cur)
-                cur = []
-            if not cur:
-                cur_t = t
-            cur.append((item, t, x, p))
-        if cur:
-            yield emit()
-
-    def raw_complete(self, client: str) -> bool:
-        r = self.con.execute("SELECT COUNT(*), MIN(qn) FROM queries WHERE client=? AND "
-                             "(raw_fmt=0 OR raw IS NULL)", (client,)).fetchone()
-        first = self.con.execute("SELECT MIN(qn) FROM queries WHERE client=?",
-                                 (client,)).fetchone()[0]
-        return r[0] == 0 and (first in (None, 1))
+        kept, target probs float32 (n, 10))."""
+        for d in self._decoded(client, raw=True, after_qn=after_qn):
+            yield d.qn0 + 1, d.t, (d.x if d.kept.all() else None), d.probs
 
     def load_state(self, client: str):
         r = self.con.execute("SELECT qn, level, config_hash, state FROM client_state WHERE "
@@ -430,20 +478,25 @@ class QueryLog:
     def watermark_records(self, client_id: str | None = None
                           ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(images float32 (M,28,28) as received, labels sent (M,) int64, client ids) for every
-        logged item whose answer was watermarked. Watermarked items are always stored
+        logged item whose answer was watermarked. Watermarked items are always kept
         losslessly, even with ``log.keep_raw = false``."""
-        sql = "SELECT client, sent_label, raw_fmt, raw FROM queries WHERE watermarked=1"
+        sql = "SELECT * FROM requests WHERE n_wm > 0"
         args: tuple = ()
         if client_id is not None:
             sql += " AND client=?"
             args = (client_id,)
-        rows = self.con.execute(sql + " ORDER BY seq", args).fetchall()
-        imgs = [decode_raw(r["raw_fmt"], r["raw"]) for r in rows]
-        if any(i is None for i in imgs):
-            raise RuntimeError("a watermarked item has no stored input (log written without raw)")
-        x = np.stack(imgs).astype(np.float32) if imgs else np.zeros((0, 28, 28), np.float32)
-        return x, np.array([r["sent_label"] for r in rows], dtype=np.int64), \
-            [r["client"] for r in rows]
+        xs, ls, cs = [], [], []
+        for r in self.con.execute(sql + " ORDER BY seq", args):
+            d = Decoded(r, raw=True)
+            w = d.watermarked
+            if not d.kept[w].all():
+                raise RuntimeError("a watermarked item has no stored input")
+            xs.append(d.x_exact[w])
+            ls.append(d.sent_labels[w])
+            cs += [d.client] * int(w.sum())
+        if not xs:
+            return np.zeros((0, 28, 28), np.float32), np.zeros(0, np.int64), []
+        return np.concatenate(xs).astype(np.float32), np.concatenate(ls), cs
 
 
 def pickle_state(engine) -> bytes:

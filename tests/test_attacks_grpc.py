@@ -67,7 +67,7 @@ def _server_counts(db, prefix, expect, timeout=10.0):
     while True:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
         try:
-            rows = dict(con.execute("SELECT client, COUNT(*) FROM queries WHERE client LIKE ? "
+            rows = dict(con.execute("SELECT client, SUM(n) FROM requests WHERE client LIKE ? "
                                     "GROUP BY client", (prefix + "%",)).fetchall())
         finally:
             con.close()

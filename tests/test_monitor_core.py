@@ -10,7 +10,7 @@ from common.types import Answer, AnswerKind, Level
 from monitor import Monitor, QueryLog, load_config
 from monitor.bench import FakeClock
 from monitor.config import config_from_dict
-from monitor.log import RAW_F16_PLAIN, RAW_F32_PLAIN, RAW_U8_PLAIN
+from monitor.log import RAW_F16, RAW_F32, RAW_U8
 
 
 def _probs(rng, n, conf=3.0):
@@ -55,7 +55,7 @@ def test_observe_logs_everything_and_escalates(tmp_path):
     with QueryLog(db) as q:
         rows = list(q.iter_rows("alice"))
         assert [r["qn"] for r in rows] == list(range(1, 201))
-        assert rows[0]["raw_fmt"] == RAW_U8_PLAIN  # on the 0-255 grid -> uint8
+        assert rows[0]["raw_fmt"] == RAW_U8  # on the 0-255 grid -> uint8
         trs = q.transitions("alice")
         assert [(t["from_level"], t["to_level"]) for t in trs] == [
             (Level.NORMAL, Level.NOISE), (Level.NOISE, Level.LABEL_ONLY)]
@@ -77,7 +77,7 @@ def test_float_inputs_stored_compactly_and_watermarked_losslessly(tmp_path):
         mon.observe("c", "r", x, p, _answer(p, np.array([0, 1, 0, 0], bool)), Level.NORMAL)
     with QueryLog(db) as q:
         fmts = [r["raw_fmt"] for r in q.iter_rows("c")]
-        assert fmts == [RAW_F16_PLAIN, RAW_F32_PLAIN, RAW_F16_PLAIN, RAW_F16_PLAIN]  # float16, except the watermarked item: float32
+        assert fmts == [RAW_F16, RAW_F32, RAW_F16, RAW_F16]  # float16, except the watermarked item: float32
         wx, _, _ = q.watermark_records()
         np.testing.assert_array_equal(wx[0], x[1])
 

@@ -134,10 +134,10 @@ def test_prada_growing_sets_and_thresholds_follow_the_paper():
 
 def _reference_prada(x, classes, cfg):
     """PRADA one item at a time, written plainly (a scan of the whole growing set, scipy's
-    Shapiro-Wilk on the re-filtered history), on the items as the detector compares them
-    (float16): what the batched, bounded-search, sorted-window detector must reproduce."""
+    Shapiro-Wilk on the re-filtered history): what the batched, bounded-search, sorted-window
+    detector must reproduce."""
     from scipy import stats
-    e = np.asarray(x, np.float32).reshape(len(x), -1).astype(np.float16).astype(np.float32)
+    e = np.asarray(x, np.float32).reshape(len(x), -1)
     G = {c: [] for c in range(10)}
     grow = {c: [] for c in range(10)}
     T = np.zeros(10)
