@@ -229,6 +229,17 @@ def cmd_replay(a) -> int:
     return 0
 
 
+def cmd_migrate(a) -> int:
+    from monitor.migrate import migrate
+    try:
+        res = migrate(a.db, a.output, progress=lambda c, n: print(f"  {c}: {n} items so far",
+                                                                  file=sys.stderr))
+    except (FileExistsError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"wrote {a.output}: {res['requests']} requests, {res['items']} items (from {a.db})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m monitor", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", action="append", help="only this client (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every replayed transition")
     p.set_defaults(fn=cmd_replay)
+    p = sub.add_parser("migrate", help="convert a log written before the batched monitor "
+                                       "(one row per item) into the current layout")
+    p.add_argument("output", help="the new database file (must not exist)")
+    p.set_defaults(fn=cmd_migrate)
     return ap
 
 
@@ -265,11 +280,12 @@ def main(argv=None) -> int:
     from threadpoolctl import threadpool_limits
 
     from monitor.config import ConfigError
+    from monitor.log import SchemaError
 
     threadpool_limits(1, user_api="blas")  # replay's detectors: one BLAS thread (see dataplane)
     try:
         return a.fn(a)
-    except (CliError, ConfigError, FileNotFoundError) as exc:
+    except (CliError, ConfigError, FileNotFoundError, SchemaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:

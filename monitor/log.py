@@ -109,8 +109,8 @@ def connect(path: str | Path, create: bool = True) -> sqlite3.Connection:
         con.close()
         raise SchemaError(f"{path} was written by an older modelguard (one row per item, schema "
                           f"1); this version logs one row per request (schema {SCHEMA_VERSION}). "
-                          f"Move the file away (or point --monitor-db elsewhere) to start a "
-                          f"new log")
+                          f"Convert it with `python -m monitor --db {path} migrate NEW.db`, or "
+                          f"move it away (or point --monitor-db elsewhere) to start a new log")
     if create:
         con.executescript(SCHEMA)
         con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
