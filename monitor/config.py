@@ -169,7 +169,8 @@ class ExecutionConfig(_Strict):
 
     mode: Literal["sync", "async"] = Field(
         "sync", description="sync: the answer waits for the detectors; async: it does not (the "
-                            "client's order is kept, a new level applies from a later request)")
+                            "client's order is kept; its next request waits for them, so a new "
+                            "level applies from the client's next request)")
     checkpoint_every: int = Field(2000, ge=1, description="a client's detector state is "
                                   "checkpointed after this many new queries (bounds the replay "
                                   "after a crash)")

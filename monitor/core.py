@@ -34,7 +34,8 @@ class Monitor:
     under the client's lock), applies the ladder, hands the log rows to the store and returns
     the level after these N queries. In ``execution.mode = "async"`` it returns at once with the
     current level and the detectors run on a background thread, one request after another in
-    arrival order, so a new level applies from a later request.
+    arrival order; the client's next ``level`` call waits until they have run, so a new level
+    applies from the client's next request, as in sync mode.
     close(): drains everything, checkpoints every client in memory, closes the store.
 
     Memory is bounded: at most ``execution.max_clients`` clients are held; the least recently
@@ -76,6 +77,8 @@ class Monitor:
         self._queue: queue.Queue | None = None
         self._worker: threading.Thread | None = None
         self._worker_error: BaseException | None = None
+        self._pending: dict[str, int] = {}     # async: requests queued per client
+        self._idle = threading.Condition()
         if self._exec.mode == "async":
             self._queue = queue.Queue(maxsize=self._exec.queue_limit)
             self._worker = threading.Thread(target=self._run_async, name="monitor-detectors",
@@ -209,6 +212,12 @@ class Monitor:
 
     # --- service API --------------------------------------------------------------------------
     def level(self, client_id: str) -> Level:
+        if self._queue is not None and self._pending.get(client_id):
+            # async: a request's level reflects all of the client's earlier requests (its
+            # previous answer did not wait for the detectors; this one waits for them instead)
+            with self._idle:
+                while self._pending.get(client_id) and self._worker_error is None:
+                    self._idle.wait(1.0)
         eng = self._engines.get(client_id)
         if eng is not None:
             return eng.level
@@ -228,6 +237,8 @@ class Monitor:
             return self._process(job)
         if self._worker_error is not None:
             raise RuntimeError(f"monitor worker failed: {self._worker_error!r}")
+        with self._idle:
+            self._pending[client_id] = self._pending.get(client_id, 0) + 1
         self._queue.put(job)
         eng = self._engines.get(client_id)
         return level if eng is None else eng.level
@@ -271,6 +282,14 @@ class Monitor:
                 self._worker_error = exc
                 log.exception("monitor worker failed")
             finally:
+                if job is not _STOP:
+                    with self._idle:
+                        left = self._pending.get(job[0], 1) - 1
+                        if left:
+                            self._pending[job[0]] = left
+                        else:
+                            self._pending.pop(job[0], None)
+                        self._idle.notify_all()
                 q.task_done()
 
     def flush(self) -> None:
