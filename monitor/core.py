@@ -45,6 +45,9 @@ class Monitor:
 
     db_path None: a temporary database in a fresh temp directory, deleted on close (no
     persistence; for tests and experiments). store: any MonitorStore (db_path is then ignored).
+    warm: restore the most recently checkpointed clients (up to max_clients) on a background
+    thread right away; ``ready()`` says when that is done (the server reports not-ready until
+    then, so a balancer sends traffic once first requests are fast again).
     clock: the time source for request timestamps (default time.time); the timestamps are logged
     and are all the detectors ever see of time, so replay is exact.
     """
@@ -203,6 +206,10 @@ class Monitor:
                         self._engine(c)
         except Exception as exc:  # noqa: BLE001 - warming is an optimisation
             log.warning("warming client state failed: %r", exc)
+
+    def ready(self) -> bool:
+        """False while the clients active before a restart are still being restored."""
+        return self._warmer is None or not self._warmer.is_alive()
 
     def resident_clients(self) -> int:
         """Clients whose detector state is in memory (evicted ones in flight to the store

@@ -33,6 +33,9 @@ class NullMonitor:
     def flush(self) -> None:
         pass
 
+    def ready(self) -> bool:
+        return True
+
     def close(self) -> None:
         self._closed = True
 

@@ -69,7 +69,10 @@ class DataPlane:
 
     # -- readiness -----------------------------------------------------------------------------
     def ready(self) -> bool:
-        return self._ready.is_set()
+        """Accepting calls, and the monitor has restored the clients active before a restart
+        (requests are answered meanwhile too, only the first of a client not yet restored
+        waits for its state)."""
+        return self._ready.is_set() and self.monitor.ready()
 
     def shutdown(self) -> None:
         self._ready.clear()
@@ -93,7 +96,7 @@ class DataPlane:
 
     def predict(self, client_id: str, request_id: str | None, images: np.ndarray,
                 want_probabilities: bool = True) -> PredictResult:
-        if not self.ready():
+        if not self._ready.is_set():
             raise NotReady("the server is not ready (starting up or shutting down)")
         request_id = request_id or uuid.uuid4().hex
         level = self.monitor.level(client_id)
@@ -139,7 +142,7 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
     if cfg.monitor:
         from monitor import Monitor
 
-        mon = Monitor(monitor_config, cfg.monitor_db)
+        mon = Monitor(monitor_config, cfg.monitor_db, warm=True)
     else:
         from monitor.null import NullMonitor
 

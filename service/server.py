@@ -48,9 +48,25 @@ class Server:
 
     def start(self) -> "Server":
         self.grpc.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.plane.ready():
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        else:  # the monitor is restoring client state after a restart: NOT_SERVING until done
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            threading.Thread(target=self._serving_when_ready, name="health-ready",
+                             daemon=True).start()
         return self
+
+    def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def _serving_when_ready(self) -> None:
+        while not self._stopped.is_set():
+            if self.plane.ready():
+                self._set_health(health_pb2.HealthCheckResponse.SERVING)
+                log.info("monitor state restored; health SERVING")
+                return
+            self._stopped.wait(0.05)
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful: stop taking calls, finish those in flight, flush the monitor's log."""

@@ -4,6 +4,7 @@ the same, whatever the runtime did to memory and threads."""
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -146,3 +147,22 @@ def test_execution_keys_are_validated():
         _cfg(mode="threads")
     with pytest.raises(ConfigError, match="execution.max_clients"):
         _cfg(max_clients=0)
+
+
+def test_warm_start_restores_recent_clients_before_ready(streams, tmp_path):
+    db = tmp_path / "m.db"
+    with Monitor(_cfg(), db, clock=FakeClock()) as mon:
+        _run(mon, streams, upto=300)
+        before = {c: mon.level(c) for c in streams}
+    mon2 = Monitor(_cfg(), db, clock=FakeClock(), warm=True)
+    try:
+        for _ in range(100):
+            if mon2.ready():
+                break
+            time.sleep(0.05)
+        assert mon2.ready()
+        assert mon2.resident_clients() == 3        # restored in the background, not on demand
+        assert {c: mon2._engines[c].level for c in streams} == before
+        assert all(mon2._engines[c].qn == 300 for c in streams)
+    finally:
+        mon2.close()
