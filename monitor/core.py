@@ -87,6 +87,11 @@ class Monitor:
             self._worker = threading.Thread(target=self._run_async, name="monitor-detectors",
                                             daemon=True)
             self._worker.start()
+        self._ckpt_due: set[str] = set()
+        self._ckpt_queue: queue.Queue = queue.Queue()
+        self._ckpt_thread = threading.Thread(target=self._run_checkpoints,
+                                             name="monitor-checkpoints", daemon=True)
+        self._ckpt_thread.start()
         self._warmer: threading.Thread | None = None
         if warm:
             self._warmer = threading.Thread(target=self._warm, name="monitor-warm", daemon=True)
@@ -164,6 +169,22 @@ class Monitor:
                                       pickle_state(eng), time.time())
         self._saved_qn[client] = eng.qn
         return ticket
+
+    def _run_checkpoints(self) -> None:
+        while True:
+            c = self._ckpt_queue.get()
+            try:
+                if c is _STOP:
+                    return
+                with self._lock(c):
+                    self._ckpt_due.discard(c)
+                    eng = self._engines.get(c)
+                    if eng is not None:
+                        self._checkpoint(c, eng)
+            except Exception as exc:  # noqa: BLE001 - the next checkpoint or close() retries
+                log.warning("checkpoint of client %s failed: %r", c, exc)
+            finally:
+                self._ckpt_queue.task_done()
 
     def _forget_committed(self) -> None:
         done = self.store.committed()
@@ -272,8 +293,11 @@ class Monitor:
                 after, self.config.log.keep_raw))
             for tr in transitions:
                 self.store.put_transition(tr)
-            if eng.qn - self._saved_qn.get(client_id, 0) >= self._exec.checkpoint_every:
-                self._checkpoint(client_id, eng)
+            if eng.qn - self._saved_qn.get(client_id, 0) >= self._exec.checkpoint_every and \
+                    client_id not in self._ckpt_due:
+                # pickled by the checkpointer thread (under this client's lock), not here
+                self._ckpt_due.add(client_id)
+                self._ckpt_queue.put(client_id)
             return eng.level
 
     def _run_async(self) -> None:
@@ -300,11 +324,13 @@ class Monitor:
                 q.task_done()
 
     def flush(self) -> None:
-        """Wait until everything observed so far is processed and committed."""
+        """Wait until everything observed so far is processed and committed (checkpoints that
+        are due included)."""
         if self._queue is not None:
             self._queue.join()
             if self._worker_error is not None:
                 raise RuntimeError(f"monitor worker failed: {self._worker_error!r}")
+        self._ckpt_queue.join()
         self.store.flush()
 
     def checkpoint_all(self) -> None:
@@ -326,6 +352,8 @@ class Monitor:
                 self._worker.join()
             if self._warmer is not None:
                 self._warmer.join()
+            self._ckpt_queue.put(_STOP)
+            self._ckpt_thread.join()
             self.checkpoint_all()
         finally:
             self.store.close()

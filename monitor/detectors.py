@@ -98,6 +98,7 @@ class Items:
     enc: np.ndarray      # float32 (N, 64): DCT encodings of v
     norm: np.ndarray     # float64 (N,): squared norms of the encodings
     res: np.ndarray      # float32 (N,): norms of the residuals (v minus its 64 frequencies)
+    grid: np.ndarray     # bool (N,): item is exactly k/255 for integers k in 0..255
     _intra: np.ndarray | None = None
     _intra_lb: np.ndarray | None = None
 
@@ -105,8 +106,10 @@ class Items:
     def make(cls, x: np.ndarray, probs: np.ndarray) -> "Items":
         v = np.ascontiguousarray(x, np.float32).reshape(len(x), -1)
         e = encode(v)
+        y = v * np.float32(255.0)
+        grid = (np.rint(y) == y).all(1) & (v >= 0).all(1) & (v <= 1).all(1)
         return cls(v, np.asarray(probs, np.float32).reshape(len(x), -1), e, sq_norms(e),
-                   residual_norms(v, e))
+                   residual_norms(v, e), grid)
 
     def __len__(self) -> int:
         return len(self.v)
@@ -131,9 +134,42 @@ class Items:
         return self._intra_lb
 
 
+class PixelRing(Ring):
+    """A Ring of items (v), their encodings (e), squared encoding norms (n) and residual norms
+    (r). Pickled compactly: items on the 0-255 grid (most of them) as uint8, the rest as
+    float32; restored bit for bit (k/255 in float32 exactly as det_view makes it)."""
+
+    def __init__(self, size: int):
+        super().__init__(size, v=((PIX,), np.float32), e=((DIM,), np.float32),
+                         n=((), np.float64), r=((), np.float32), g=((), bool))
+
+    def add_items(self, items: "Items", rows: np.ndarray | slice = slice(None)) -> None:
+        self.add(v=items.v[rows], e=items.enc[rows], n=items.norm[rows], r=items.res[rows],
+                 g=items.grid[rows])
+
+    def __getstate__(self):
+        st = super().__getstate__()
+        v = st["cols"].pop("v")
+        grid = st["cols"]["g"]
+        u8 = v[grid]
+        u8 *= np.float32(255.0)
+        np.rint(u8, out=u8)
+        st["v_u8"] = u8.astype(np.uint8)
+        st["v_f32"] = v[~grid]
+        return st
+
+    def __setstate__(self, st):
+        u8, f32 = st.pop("v_u8"), st.pop("v_f32")
+        grid = st["cols"]["g"]
+        v = np.empty((len(grid), PIX), np.float32)
+        v[grid] = u8.astype(np.float32) / np.float32(255.0)
+        v[~grid] = f32
+        st["cols"]["v"] = v
+        super().__setstate__(st)
+
+
 def _pixel_ring(size: int) -> Ring:
-    return Ring(size, v=((PIX,), np.float32), e=((DIM,), np.float32), n=((), np.float64),
-                r=((), np.float32))
+    return PixelRing(size)
 
 
 class Detector:
@@ -246,7 +282,7 @@ class Prada(Detector):
             self.grow_n[c], self.grow_sum[c], self.grow_sq[c] = gn, gs, gq
             if joined:
                 j = idx[np.asarray(joined)]
-                self.G[c].add(v=items.v[j], e=items.enc[j], n=items.norm[j], r=items.res[j])
+                self.G[c].add_items(items, j)
         # record the distances in item order; test at every check_every-th item
         W = np.empty(n)
         fires = np.empty(n, dtype=bool)
@@ -473,7 +509,7 @@ class NearDuplicate(Detector):
         if len(ri):
             d = pixel_dist(items.v[ri], items.v[cj])
             near[ri[(d > cfg.duplicate) & (d < cfg.radius)]] = True
-        self.hist.add(v=items.v, e=items.enc, n=items.norm, r=items.res)
+        self.hist.add_items(items)
         n0 = self.share.n
         rate = self.share.push(near)
         ns = n0 + 1 + np.arange(n)

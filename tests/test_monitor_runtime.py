@@ -112,15 +112,17 @@ def test_restart_after_a_crash_replays_only_since_the_last_checkpoint(streams, r
     db = tmp_path / "m.db"
     clock = FakeClock()
     mon = Monitor(_cfg(checkpoint_every=200), db, clock=clock)
-    _run(mon, streams, upto=510)
-    mon.store.flush()          # what was logged is on disk; then the process "dies": no close(),
+    _run(mon, streams, upto=420)
+    mon.flush()                # the checkpoints due at 420 are written (by a background thread)
+    _run(mon, streams, start=420, upto=510)
+    mon.flush()                # what was logged is on disk; then the process "dies": no close(),
     mon._closed = True         # no final checkpoint (the writer thread is simply abandoned)
     caplog.set_level(logging.INFO, logger="modelguard.monitor")
     with Monitor(_cfg(checkpoint_every=200), db, clock=clock) as mon2:
         _run(mon2, streams, start=510)
     replays = [r.getMessage() for r in caplog.records if "replayed" in r.getMessage()]
     assert len(replays) == 3
-    for msg in replays:  # checkpoints at 420 (the first request boundary past 400)
+    for msg in replays:  # from the last checkpoint (420) up to 510: nothing before it
         assert "queries 421..510" in msg, msg
     _same(_decisions(db), reference)
 
