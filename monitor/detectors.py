@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 from scipy import special
@@ -89,27 +88,41 @@ def shapiro_w_sorted(x: np.ndarray) -> float:
     return float(np.dot(_sw_coefficients(len(x)), xc) ** 2 / ss)
 
 
-@dataclass
 class Items:
-    """One request's items, prepared once and shared by every detector."""
+    """One request's items, prepared once and shared by every detector. The DCT encodings,
+    norms and grid flags are computed on first use (the OOD and volume detectors need none)."""
 
-    v: np.ndarray        # float32 (N, 784): the items as stored (k/255 on the grid, else float16)
-    probs: np.ndarray    # float32 (N, 10): the target's probabilities
-    enc: np.ndarray      # float32 (N, 64): DCT encodings of v
-    norm: np.ndarray     # float64 (N,): squared norms of the encodings
-    res: np.ndarray      # float32 (N,): norms of the residuals (v minus its 64 frequencies)
-    grid: np.ndarray     # bool (N,): item is exactly k/255 for integers k in 0..255
-    _intra: np.ndarray | None = None
-    _intra_lb: np.ndarray | None = None
+    def __init__(self, v: np.ndarray, probs: np.ndarray):
+        self.v = v              # float32 (N, 784): the items as stored (k/255 on the grid, else
+        self.probs = probs      # float16); float32 (N, 10): the target's probabilities
+        self._intra = None
+        self._intra_lb = None
 
     @classmethod
     def make(cls, x: np.ndarray, probs: np.ndarray) -> "Items":
         v = np.ascontiguousarray(x, np.float32).reshape(len(x), -1)
-        e = encode(v)
-        y = v * np.float32(255.0)
-        grid = (np.rint(y) == y).all(1) & (v >= 0).all(1) & (v <= 1).all(1)
-        return cls(v, np.asarray(probs, np.float32).reshape(len(x), -1), e, sq_norms(e),
-                   residual_norms(v, e), grid)
+        return cls(v, np.asarray(probs, np.float32).reshape(len(x), -1))
+
+    @cached_property
+    def enc(self) -> np.ndarray:
+        """float32 (N, 64): DCT encodings of v."""
+        return encode(self.v)
+
+    @cached_property
+    def norm(self) -> np.ndarray:
+        """float64 (N,): squared norms of the encodings."""
+        return sq_norms(self.enc)
+
+    @cached_property
+    def res(self) -> np.ndarray:
+        """float32 (N,): norms of the residuals (v minus its 64 frequencies)."""
+        return residual_norms(self.v, self.enc)
+
+    @cached_property
+    def grid(self) -> np.ndarray:
+        """bool (N,): the item is exactly k/255 for integers k in 0..255."""
+        y = self.v * np.float32(255.0)
+        return (np.rint(y) == y).all(1) & (self.v >= 0).all(1) & (self.v <= 1).all(1)
 
     def __len__(self) -> int:
         return len(self.v)
