@@ -37,13 +37,19 @@ def det_view(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     grid become exactly k/255 (stored as uint8); anything else is rounded to float16. Idempotent,
     so replaying the stored items reproduces the live inputs bit for bit."""
     x = np.asarray(images, dtype=np.float32)
-    y = x * np.float32(255.0)
+    flat = x.reshape(len(x), -1)
+    y = flat * np.float32(255.0)
     r = np.rint(y)
-    on_grid = (np.abs(y - r) <= 1e-3).reshape(len(x), -1).all(1) & (x.reshape(len(x), -1).min(1) >= 0) \
-        & (x.reshape(len(x), -1).max(1) <= 1)
-    out = x.astype(np.float16).astype(np.float32)
-    if on_grid.any():
-        out[on_grid] = r[on_grid].astype(np.uint8).astype(np.float32) / np.float32(255.0)
+    y -= r
+    np.abs(y, out=y)
+    on_grid = (y.max(1, initial=0.0) <= 1e-3) & (flat.min(1, initial=0.0) >= 0) \
+        & (flat.max(1, initial=0.0) <= 1)
+    r = r.reshape(x.shape)
+    out = r
+    out /= np.float32(255.0)          # k/255 exactly as uint8 k -> float32 / 255 gives it
+    off = ~on_grid
+    if off.any():                     # only off-grid items pay for the float16 rounding
+        out[off] = x[off].astype(np.float16).astype(np.float32)
     return out, on_grid
 
 
