@@ -278,9 +278,17 @@ class Monitor:
         xd, on_grid = det_view(images)
         with self._lock(client_id):
             eng = self._engine(client_id)
-            transitions = eng.begin_batch(t)
-            qn0 = eng.qn
-            scores, fired, after, trs = eng.observe_batch(xd.reshape(len(xd), -1), probs, t)
+            try:
+                transitions = eng.begin_batch(t)
+                qn0 = eng.qn
+                scores, fired, after, trs = eng.observe_batch(xd.reshape(len(xd), -1), probs, t)
+            except Exception:
+                # the engine may be half-updated: drop it; the client's next request restores
+                # it from its checkpoint and the log (which does not hold this request)
+                with self._global:
+                    self._engines.pop(client_id, None)
+                self._saved_qn.pop(client_id, None)
+                raise
             transitions += trs
             for tr in trs:
                 log.warning("client %s escalated %s -> %s at query %d (%s)", client_id,
@@ -307,8 +315,10 @@ class Monitor:
             try:
                 if job is _STOP:
                     return
-                if self._worker_error is None:
-                    self._process(job)
+                self._process(job)
+            except Exception:  # noqa: BLE001 - one request's detectors failed: log it, go on
+                log.exception("monitor: detectors failed on a request of client %s; its state "
+                              "is restored from the log on its next request", job[0])
             except BaseException as exc:  # surfaced by observe()/flush()/close()
                 self._worker_error = exc
                 log.exception("monitor worker failed")

@@ -41,6 +41,11 @@ PIX = 28 * 28
 
 # squared-distance margin above the float32 error of approx_sq for encodings of norm <= 28
 SQ_TOL = 0.05
+# the same for pixel-space products (784 terms in [0, 1]: |x . y| <= 784)
+PIXEL_SQ_TOL = 0.5
+# above this share of candidate pairs, one pixel-space matrix product is cheaper than comparing
+# the candidates one by one
+PIXEL_PAIRS_MAX_SHARE = 0.1
 
 # Shapiro-Wilk W (Royston 1995, algorithm AS R94, as scipy.stats.shapiro computes it) from
 # sorted data, with the coefficients cached per sample size: W is the squared correlation of the
@@ -243,15 +248,23 @@ class Prada(Detector):
     def _min_to_set(self, c: int, items: Items, idx: np.ndarray) -> np.ndarray:
         """Exact pixel distance from each item idx to its nearest element of G_c (inf when G_c
         is empty): the element with the lowest bound gives an upper bound u; only elements
-        whose lower bound is below u can be nearer, and only those are compared in pixels."""
+        whose lower bound is below u can be nearer, and only those are compared in pixels.
+        When the bounds exclude little (items whose energy lies outside the 64 frequencies, such
+        as noise), one pixel-space matrix product finds the candidates instead: the cost per
+        item stays bounded by the set size either way."""
         Gv, Ge, Gn, Gr = self.G[c].get("v", "e", "n", "r")
         if len(Gv) == 0:
             return np.full(len(idx), np.inf)
+        q = items.v[idx]
         lb = lower_bound_sq(items.enc[idx], items.norm[idx], items.res[idx], Ge, Gn, Gr)
         best = lb.argmin(1)
-        u = pixel_dist(items.v[idx], Gv[best])
-        ri, cj = np.nonzero(lb <= (u * u + SQ_TOL)[:, None].astype(np.float32))
-        d = pixel_dist(items.v[idx][ri], Gv[cj])
+        u = pixel_dist(q, Gv[best])
+        cand = lb <= (u * u + SQ_TOL)[:, None].astype(np.float32)
+        if cand.sum() > PIXEL_PAIRS_MAX_SHARE * cand.size:
+            s = approx_sq(q, sq_norms(q), Gv, sq_norms(Gv))      # float32, pixel space
+            cand = s <= (s.min(1) + PIXEL_SQ_TOL)[:, None]
+        ri, cj = np.nonzero(cand)
+        d = pixel_dist(q[ri], Gv[cj])
         out = u.copy()
         np.minimum.at(out, ri, d)
         return out
@@ -422,7 +435,13 @@ def _pairs_below(items: Items, idx: np.ndarray, bound: np.ndarray) -> np.ndarray
     lb = items.intra_lb[np.ix_(idx, idx)]           # +inf for b >= a
     with np.errstate(over="ignore"):
         lim = np.minimum(bound * bound + SQ_TOL, np.finfo(np.float32).max).astype(np.float32)
-    ri, cj = np.nonzero(lb <= lim[:, None])
+    cand = lb <= lim[:, None]
+    if cand.sum() > PIXEL_PAIRS_MAX_SHARE * k * k:   # the bounds exclude little: pixel product
+        q = items.v[idx]
+        s = approx_sq(q, sq_norms(q), q, sq_norms(q))
+        s[np.triu_indices(k)] = np.inf
+        cand = s <= (lim + np.float32(PIXEL_SQ_TOL))[:, None]
+    ri, cj = np.nonzero(cand)
     out = np.full((k, k), np.inf)
     if len(ri):
         out[ri, cj] = pixel_dist(items.v[idx[ri]], items.v[idx[cj]])

@@ -168,3 +168,31 @@ def test_warm_start_restores_recent_clients_before_ready(streams, tmp_path):
         assert all(mon2._engines[c].qn == 300 for c in streams)
     finally:
         mon2.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_failing_detector_costs_one_request_not_the_client(streams, tmp_path, monkeypatch,
+                                                               mode):
+    from monitor.detectors import Prada
+    x, p = streams["natural"]
+    real = Prada.observe_batch
+    calls = {"n": 0}
+
+    def flaky(self, items, t):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise IndexError("injected")
+        return real(self, items, t)
+
+    monkeypatch.setattr(Prada, "observe_batch", flaky)
+    with Monitor(_cfg(mode=mode), tmp_path / "m.db", clock=FakeClock()) as mon:
+        for i in range(0, 150, 30):
+            try:
+                mon.observe("c", f"r{i}", x[i:i + 30], p[i:i + 30], _answer(p[i:i + 30]),
+                            mon.level("c"))
+            except IndexError:
+                assert mode == "sync" and i == 60
+        mon.flush()
+        with QueryLog(mon.db_path) as q:   # the failed request is not logged; the rest are, in
+            assert q.max_qn("c") == 120    # order, with no gap in the client's query numbers
+            assert [r[0] for r in q.requests("c")] == [1, 31, 61, 91]
