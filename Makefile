@@ -63,6 +63,7 @@ attack: $(STUBS) $(TARGET_CKPT)
 	$(PY) -m client copycat --address $(HOST):$(PORT) --budget 5000 --json results/copycat.json $(ARGS)
 
 bench: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
+	$(PY) -m lab.serving
 	$(PY) -m monitor.bench
 	$(PY) -m client.bench_attacks
 	$(PY) -m service.defences bench

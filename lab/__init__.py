@@ -1,0 +1,6 @@
+"""modelguard lab: measurement harnesses that drive the product from outside.
+
+Nothing in the product packages (service/, monitor/, client/, common/) imports ``lab``.
+``python -m lab.serving``: the wire-speed benchmark (server vs a bare echo server of the same
+contract, monitor cost at long client histories, crash recovery, unary latency at long history).
+"""

@@ -1,0 +1,110 @@
+"""``python -m lab.async_lag``: how much later an escalation takes effect in async mode.
+
+In ``execution.mode = "async"`` the answer does not wait for the detectors, so a client keeps
+getting the old level's answers until the detectors have caught up with its requests. This
+drives the real data plane (target model, policies, watermark, monitor; no gRPC) with one client
+sending its requests one after another, as an attack script does, in sync and in async mode, and
+reports for each stream and level: the query at which the monitor decided the escalation, the
+first query answered at that level, and the lag in queries between the two (sync mode has a lag
+too: the rest of the request in flight).
+
+Streams (evaluation protocol: pool = test 0-4999; MNIST the OOD pool): the JBDA stand-in from
+150 seeds (monitor.bench.papernot_stream) and a Knockoff-style MNIST stream.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.types import Level
+
+
+def run(mode: str, stream: np.ndarray, batch: int, target: Path, artifacts: Path,
+        client: str = "attacker") -> dict:
+    from monitor import QueryLog, load_config
+    from service.config import ServerConfig
+    from service.dataplane import build_dataplane
+
+    cfg_m = load_config(None)
+    cfg_m = cfg_m.model_copy(update={"execution": cfg_m.execution.model_copy(
+        update={"mode": mode})})
+    tmp = Path(tempfile.mkdtemp(prefix="mg-lag-"))
+    cfg = ServerConfig(port=0, target=target, artifacts=artifacts, monitor_db=tmp / "m.db",
+                       secret="lag-bench")
+    plane = build_dataplane(cfg, cfg_m)
+    served = []          # (first qn of the request, n, level the answer was sent at)
+    qn = 0
+    t0 = time.perf_counter()
+    try:
+        for i in range(0, len(stream), batch):
+            x = stream[i:i + batch]
+            res = plane.predict(client, None, x)
+            served.append((qn + 1, len(x), int(res.level)))
+            qn += len(x)
+        elapsed = time.perf_counter() - t0
+        plane.monitor.flush()
+        with QueryLog(plane.monitor.db_path) as q:
+            trs = q.transitions(client)
+    finally:
+        plane.close()
+    out = {"mode": mode, "batch": batch, "queries": qn, "seconds": round(elapsed, 2),
+           "levels": {}}
+    for tr in trs:
+        lvl = int(tr["to_level"])
+        first = next((q0 for q0, n, l in served if l >= lvl), None)
+        out["levels"][Level(lvl).name] = {
+            "decided_at": tr["qn"], "first_answered_at": first,
+            "lag_queries": None if first is None else first - tr["qn"]}
+    return out
+
+
+def main(argv=None) -> int:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from monitor import bench
+
+    ap = argparse.ArgumentParser(prog="python -m lab.async_lag", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", type=Path, default=Path("artifacts/target.pt"))
+    ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    ap.add_argument("--batches", default="1,64", help="request sizes (comma-separated)")
+    ap.add_argument("--queries", type=int, default=3000, help="queries per stream")
+    ap.add_argument("--out", type=Path, default=Path("results/bench/async_lag.json"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    threadpool_limits(1, user_api="blas")
+    if not a.target.exists():
+        ap.error(f"no target at {a.target}; run `make train` first")
+    target, _ = bench.get_target(str(a.target))
+    streams = {"JBDA (150 seeds)": bench.papernot_stream(target)[:a.queries],
+               "Knockoff (MNIST)": bench.mnist_stream(a.queries)}
+    rows, results = [], []
+    print("| stream | batch | level | mode | decided at query | first answered at | lag (queries) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, x in streams.items():
+        for b in (int(v) for v in a.batches.split(",")):
+            per_mode = {m: run(m, x, b, a.target, a.artifacts) for m in ("sync", "async")}
+            results.append({"stream": name, **{m: r for m, r in per_mode.items()}})
+            levels = sorted(set(per_mode["sync"]["levels"]) | set(per_mode["async"]["levels"]),
+                            key=lambda s: Level[s])
+            for lvl in levels:
+                for m in ("sync", "async"):
+                    d = per_mode[m]["levels"].get(lvl, {})
+                    row = [name, b, lvl, m, d.get("decided_at", "-"),
+                           d.get("first_answered_at", "-"), d.get("lag_queries", "-")]
+                    rows.append(row)
+                    print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

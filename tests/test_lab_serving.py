@@ -1,0 +1,114 @@
+"""lab.serving (the wire-speed benchmark): the echo server of the same contract answers raw
+pre-encoded requests like the real server, and a small matrix against the echo alone counts
+what it sends."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_product_packages_never_import_lab():
+    imports_lab = re.compile(r"^\s*(from\s+lab(\.|\s)|import\s+lab(\.|\s|,|$))", re.M)
+    for pkg in ("service", "monitor", "client", "common", "protos"):
+        for f in (REPO / pkg).rglob("*.py"):
+            assert not imports_lab.search(f.read_text()), f"{f} imports lab"
+
+
+def test_toml_writer_round_trips_the_monitor_config():
+    import tomllib
+
+    from lab import tomlw
+    d = tomllib.loads((REPO / "monitor" / "default.toml").read_text())
+    d["detectors"]["prada"]["enabled"] = False
+    d["rules"] = []
+    d["extra"] = {"s": 'a "quoted"\nline', "f": 1e-9, "l": [1, 2], "nested": {"k": True}}
+    assert tomllib.loads(tomlw.dumps(d)) == d
+
+
+@pytest.mark.parametrize("fmt", ["predictions", "packed"])
+def test_echo_server_answers_raw_pre_encoded_requests(tmp_path, fmt):
+    import grpc
+
+    from lab.loadgen import check_response, encode_request, packed_supported
+    from lab.serving import echo_server
+    from protos import inference_pb2 as pb
+
+    if fmt == "packed" and not packed_supported():
+        pytest.skip("protos without PredictRequest.format")
+    echo = echo_server(workers=2, workdir=tmp_path)
+    try:
+        echo.wait_ready(timeout=30)
+        rng = np.random.default_rng(0)
+        with grpc.insecure_channel(echo.address) as ch:
+            call = ch.unary_unary("/modelguard.v1.Inference/Predict", request_serializer=None,
+                                  response_deserializer=None)
+            for n in (1, 7, 64, 256):
+                raw = encode_request(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), fmt)
+                resp = call(raw, metadata=(("x-api-key", "t"),), timeout=10)
+                assert isinstance(resp, bytes)
+                c = check_response(resp, n)
+                assert c["ok"] and c["n"] == n and c["n_probs"] == [10]
+                assert c["format"] == fmt and c["kind"] == "ANSWER_PROBABILITIES"
+                r = pb.PredictResponse.FromString(resp)
+                if fmt == "predictions":
+                    assert len(r.predictions) == n
+                    assert all(len(p.probabilities) == 10 for p in r.predictions)
+                    probs = np.array([list(p.probabilities) for p in r.predictions])
+                    assert [p.label for p in r.predictions] == list(probs.argmax(1))
+                else:
+                    probs = np.frombuffer(r.raw_output, "<f4").reshape(n, 10)
+                    assert list(r.labels) == list(probs.argmax(1))
+                assert np.allclose(probs.sum(1), 1, atol=1e-5)
+                # cached per N: the same bytes again
+                assert call(raw, metadata=(("x-api-key", "t"),), timeout=10) == resp
+            bad = encode_request(np.zeros((3, 28, 28), np.uint8))[:-5]  # truncated raw_input
+            with pytest.raises(grpc.RpcError) as e:
+                call(bad, timeout=10)
+            assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                      grpc.StatusCode.INTERNAL)
+    finally:
+        echo.stop()
+    assert not echo.alive()
+
+
+def test_quick_matrix_against_the_echo_alone(tmp_path):
+    out = tmp_path / "bench"
+    batches, clients = [1, 64], [1, 3]
+    cmd = [sys.executable, "-m", "lab.serving", "--matrix", "--quick", "--profiles", "echo",
+           "--formats", "predictions", "--batches", ",".join(map(str, batches)),
+           "--clients", ",".join(map(str, clients)), "--seconds", "0.5", "--warmup", "0.2",
+           "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "serving.json").read_text())
+    rows = res["matrix"]
+    assert sorted((r["batch"], r["clients"]) for r in rows) == \
+        sorted((b, c) for b in batches for c in clients)
+    for r in rows:
+        assert r["profile"] == "echo" and r["format"] == "predictions"
+        assert r["requests"] > 0 and r["img_s"] > 0
+        assert r["images"] == r["requests"] * r["batch"]
+        assert r["img_s"] == pytest.approx(r["images"] / r["seconds"], rel=1e-3)
+        assert r["responses_ok"] and r["errors"] == {}
+        assert r["answers"] == {"probs": r["clients"]}  # every client got answers
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+    md = (out / "serving.md").read_text()
+    table = [l for l in md.splitlines() if l.startswith("| echo |")]
+    assert len(table) == len(rows)
+    # the table was printed as it went
+    assert sum(l.startswith("| echo |") for l in p.stdout.splitlines()) == len(rows)
