@@ -20,7 +20,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 DETECTOR_NAMES = ("prada", "ood", "similarity", "volume", "near_duplicate")
 # bumped whenever detector semantics or the pickled state layout change: stored states of another
 # version are not loaded (the state is rebuilt from the log instead)
-ENGINE_VERSION = "batched-dct8-1"
+ENGINE_VERSION = "batched-dct8-2"
 
 
 class ConfigError(ValueError):

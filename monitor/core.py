@@ -288,6 +288,10 @@ class Monitor:
                 with self._global:
                     self._engines.pop(client_id, None)
                 self._saved_qn.pop(client_id, None)
+                try:  # the reload must see every request of this client logged so far
+                    self.store.flush()
+                except Exception:  # noqa: BLE001 - the writer's own error surfaces elsewhere
+                    pass
                 raise
             transitions += trs
             for tr in trs:

@@ -62,9 +62,10 @@ def _poly(c, x: float) -> float:
     return r
 
 
-@lru_cache(maxsize=256)
-def _sw_coefficients(n: int) -> np.ndarray:
-    """Unit-norm, zero-mean Shapiro-Wilk coefficient vector for n >= 6 (n sorted values)."""
+@lru_cache(maxsize=1024)
+def _sw_half(n: int) -> np.ndarray:
+    """The upper half of the Shapiro-Wilk coefficient vector for n >= 6 sorted values, scaled
+    so that the full antisymmetric vector has unit norm (cached per n: <= 20 MB in all)."""
     m = special.ndtri((np.arange(1, n + 1) - 0.375) / (n + 0.25))
     summ2 = float(np.dot(m, m))
     ssumm2 = math.sqrt(summ2)
@@ -72,25 +73,25 @@ def _sw_coefficients(n: int) -> np.ndarray:
     a1 = _poly(_C1, rsn) - m[0] / ssumm2
     a2 = -m[1] / ssumm2 + _poly(_C2, rsn)
     fac = math.sqrt((summ2 - 2 * m[0] ** 2 - 2 * m[1] ** 2) / (1 - 2 * a1 ** 2 - 2 * a2 ** 2))
-    nn2 = n // 2
-    half = -m[:nn2] / fac
+    half = -m[:n // 2] / fac
     half[0], half[1] = a1, a2
-    a = np.zeros(n)
-    a[:nn2] = -half
-    a[n - nn2:] = half[::-1]
-    a -= a.mean()
-    a /= math.sqrt(float(np.dot(a, a)))
-    a.setflags(write=False)
-    return a
+    half /= math.sqrt(2.0 * float(np.dot(half, half)))
+    half.setflags(write=False)
+    return half
 
 
 def shapiro_w_sorted(x: np.ndarray) -> float:
-    """Shapiro-Wilk W of an already sorted sample (len >= 6); NaN for a constant sample."""
-    xc = x - x.mean()
-    ss = float(np.dot(xc, xc))
+    """Shapiro-Wilk W of an already sorted sample (len >= 6); NaN for a constant sample.
+    W = (sum_i a_i x_(i))^2 / sum (x - mean)^2 with the antisymmetric coefficients a."""
+    n = len(x)
+    half = _sw_half(n)
+    k = len(half)
+    num = float(np.dot(half, x[::-1][:k] - x[:k]))
+    mean = float(x.mean())
+    ss = float(np.dot(x, x)) - n * mean * mean
     if ss <= 0.0:
         return math.nan
-    return float(np.dot(_sw_coefficients(len(x)), xc) ** 2 / ss)
+    return num * num / ss
 
 
 class Items:
@@ -122,6 +123,11 @@ class Items:
     def res(self) -> np.ndarray:
         """float32 (N,): norms of the residuals (v minus its 64 frequencies)."""
         return residual_norms(self.v, self.enc)
+
+    @cached_property
+    def pnorm(self) -> np.ndarray:
+        """float64 (N,): squared pixel norms of v."""
+        return sq_norms(self.v)
 
     @cached_property
     def grid(self) -> np.ndarray:
@@ -159,11 +165,12 @@ class PixelRing(Ring):
 
     def __init__(self, size: int):
         super().__init__(size, v=((PIX,), np.float32), e=((DIM,), np.float32),
-                         n=((), np.float64), r=((), np.float32), g=((), bool))
+                         n=((), np.float64), r=((), np.float32), g=((), bool),
+                         p=((), np.float64))
 
     def add_items(self, items: "Items", rows: np.ndarray | slice = slice(None)) -> None:
         self.add(v=items.v[rows], e=items.enc[rows], n=items.norm[rows], r=items.res[rows],
-                 g=items.grid[rows])
+                 g=items.grid[rows], p=items.pnorm[rows])
 
     def __getstate__(self):
         st = super().__getstate__()
@@ -252,7 +259,7 @@ class Prada(Detector):
         When the bounds exclude little (items whose energy lies outside the 64 frequencies, such
         as noise), one pixel-space matrix product finds the candidates instead: the cost per
         item stays bounded by the set size either way."""
-        Gv, Ge, Gn, Gr = self.G[c].get("v", "e", "n", "r")
+        Gv, Ge, Gn, Gr, Gp = self.G[c].get("v", "e", "n", "r", "p")
         if len(Gv) == 0:
             return np.full(len(idx), np.inf)
         q = items.v[idx]
@@ -261,7 +268,7 @@ class Prada(Detector):
         u = pixel_dist(q, Gv[best])
         cand = lb <= (u * u + SQ_TOL)[:, None].astype(np.float32)
         if cand.sum() > PIXEL_PAIRS_MAX_SHARE * cand.size:
-            s = approx_sq(q, sq_norms(q), Gv, sq_norms(Gv))      # float32, pixel space
+            s = approx_sq(q, items.pnorm[idx], Gv, Gp)           # float32, pixel space
             cand = s <= (s.min(1) + PIXEL_SQ_TOL)[:, None]
         ri, cj = np.nonzero(cand)
         d = pixel_dist(q[ri], Gv[cj])
@@ -372,7 +379,9 @@ class Prada(Detector):
         S = self.S
         if len(S) == 0:
             return
-        mu, sd = S.mean(), S.std()
+        n = len(S)
+        mu = float(S.mean())
+        sd = math.sqrt(max(float(np.dot(S, S)) / n - mu * mu, 0.0))
         if sd > 0:
             lim = cfg.outlier_sigma * sd
             lo = int(np.searchsorted(S, mu - lim, side="right"))
@@ -390,25 +399,43 @@ class Prada(Detector):
 
 
 class _RollingShare:
-    """Share of True among the last ``window`` flags, for every flag of a batch."""
+    """Share of True among the last ``window`` flags, for every flag of a batch: a ring buffer
+    with a running count (O(1) per flag), plus a cumulative-sum path for large batches."""
 
     def __init__(self, window: int):
         self.window = window
-        self.tail = np.zeros(0, dtype=bool)   # the last <= window flags
+        self.ring = np.zeros(window, dtype=bool)
+        self.count = 0
         self.n = 0
 
     def push(self, flags: np.ndarray) -> np.ndarray:
         flags = np.asarray(flags, dtype=bool)
-        allf = np.concatenate([self.tail, flags])
+        k, w = len(flags), self.window
+        if k <= 16:                                   # small requests: plain Python is cheaper
+            out = np.empty(k)
+            ring, count, n = self.ring, self.count, self.n
+            for j, f in enumerate(flags.tolist()):
+                i = n % w
+                count += f - int(ring[i])
+                ring[i] = f
+                n += 1
+                out[j] = count / min(n, w)
+            self.count, self.n = count, n
+            return out
+        m = min(self.n, w)                            # the last m flags, oldest first
+        tail = np.roll(self.ring, -(self.n % w))[w - m:] if self.n >= w else self.ring[:m]
+        allf = np.concatenate([tail, flags])
         c = np.concatenate([[0], np.cumsum(allf, dtype=np.int64)])
-        L = len(self.tail)
-        end = L + 1 + np.arange(len(flags))             # prefix length including item i
-        lo = np.maximum(end - self.window, 0)
-        counts = c[end] - c[lo]
-        ns = self.n + 1 + np.arange(len(flags))
-        self.n += len(flags)
-        self.tail = allf[-self.window:].copy()
-        return counts / np.minimum(ns, self.window)
+        end = m + 1 + np.arange(k)                    # prefix length including item i
+        counts = c[end] - c[np.maximum(end - w, 0)]
+        ns = self.n + 1 + np.arange(k)
+        slots = (self.n + np.arange(k)) % w
+        if k >= w:
+            slots, flags = slots[-w:], flags[-w:]
+        self.ring[slots] = flags
+        self.n += k
+        self.count = int(counts[-1])
+        return counts / np.minimum(ns, w)
 
 
 class OODRate(Detector):
@@ -437,8 +464,8 @@ def _pairs_below(items: Items, idx: np.ndarray, bound: np.ndarray) -> np.ndarray
         lim = np.minimum(bound * bound + SQ_TOL, np.finfo(np.float32).max).astype(np.float32)
     cand = lb <= lim[:, None]
     if cand.sum() > PIXEL_PAIRS_MAX_SHARE * k * k:   # the bounds exclude little: pixel product
-        q = items.v[idx]
-        s = approx_sq(q, sq_norms(q), q, sq_norms(q))
+        q, qn = items.v[idx], items.pnorm[idx]
+        s = approx_sq(q, qn, q, qn)
         s[np.triu_indices(k)] = np.inf
         cand = s <= (lim + np.float32(PIXEL_SQ_TOL))[:, None]
     ri, cj = np.nonzero(cand)
@@ -499,7 +526,7 @@ class Similarity(Detector):
             pick = torch.topk(torch.from_numpy(vals), k, dim=1, largest=False, sorted=False
                               ).indices.numpy()
             idx = np.take_along_axis(cols, pick, axis=1)
-            d = exact_dist(_gather(He, items.enc, idx), q[:, None, :])
+            d = pixel_dist(_gather(He, items.enc, idx), q[:, None, :])  # float32, no BLAS
             score[rows] = d.mean(1)
         self.hist.add(e=items.enc, n=items.norm)
         with np.errstate(invalid="ignore"):
@@ -525,6 +552,28 @@ class NearDuplicate(Detector):
     def nbytes(self) -> int:
         return self.hist.nbytes()
 
+    def _search(self, near: np.ndarray, lb: np.ndarray, hi: np.float32, q: np.ndarray,
+                h: np.ndarray) -> None:
+        """Set near[i] when some column j with lb[i, j] <= hi holds an item at a pixel distance
+        in (duplicate, radius) from q[i]. The lowest-bound candidate of each row is tried first:
+        on near-copy streams it settles most rows with one comparison each."""
+        cfg = self.cfg
+        cand = lb <= hi
+        cand[near] = False
+        rows = np.flatnonzero(cand.any(1))
+        if len(rows) == 0:
+            return
+        best = lb[rows].argmin(1)
+        d = pixel_dist(q[rows], h[best])
+        hit = (d > cfg.duplicate) & (d < cfg.radius)
+        near[rows[hit]] = True
+        cand[rows[hit]] = False
+        cand[rows, best] = False
+        ri, cj = np.nonzero(cand)
+        if len(ri):
+            d = pixel_dist(q[ri], h[cj])
+            near[ri[(d > cfg.duplicate) & (d < cfg.radius)]] = True
+
     def observe_batch(self, items, t):
         cfg = self.cfg
         n = len(items)
@@ -532,15 +581,9 @@ class NearDuplicate(Detector):
         hi = np.float32(cfg.radius ** 2 + SQ_TOL)
         Hv, He, Hn, Hr = self.hist.get("v", "e", "n", "r")
         if len(Hv):
-            ri, cj = np.nonzero(lower_bound_sq(items.enc, items.norm, items.res, He, Hn, Hr)
-                                <= hi)
-            if len(ri):
-                d = pixel_dist(items.v[ri], Hv[cj])
-                near[ri[(d > cfg.duplicate) & (d < cfg.radius)]] = True
-        ri, cj = np.nonzero(items.intra_lb <= hi)               # earlier items of the request
-        if len(ri):
-            d = pixel_dist(items.v[ri], items.v[cj])
-            near[ri[(d > cfg.duplicate) & (d < cfg.radius)]] = True
+            self._search(near, lower_bound_sq(items.enc, items.norm, items.res, He, Hn, Hr),
+                         hi, items.v, Hv)
+        self._search(near, items.intra_lb, hi, items.v, items.v)  # earlier items of the request
         self.hist.add_items(items)
         n0 = self.share.n
         rate = self.share.push(near)
