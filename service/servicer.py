@@ -73,7 +73,7 @@ def build_response(fmt: int, answer: Answer, request_id: str, model_name: str,
     little-endian; empty when probabilities are withheld). FORMAT_PREDICTIONS (the original
     contract, the default): one Prediction per image, built from bytes encoded with array ops
     from 8 images on (measured 18x cheaper than constructing 256 messages one by one;
-    service/bench_hotpath.py)."""
+    lab/hotpath.py)."""
     kind = (pb.ANSWER_PROBABILITIES if answer.kind == AnswerKind.PROBABILITIES
             else pb.ANSWER_LABEL_ONLY)
     resp = pb.PredictResponse(id=request_id, model_name=model_name,

@@ -148,14 +148,8 @@ def test_cli_copycat_writes_json(grpc_target, small_target, tmp_path):
 
 def _legacy_response(answer, rid="r"):
     """The response as the server built it before the packed format: one message per image."""
-    if answer.probs is None:
-        preds = [pb.Prediction(label=int(l)) for l in answer.labels]
-    else:
-        preds = [pb.Prediction(label=int(l), probabilities=p)
-                 for l, p in zip(answer.labels, answer.probs.tolist())]
-    kind = pb.ANSWER_PROBABILITIES if answer.probs is not None else pb.ANSWER_LABEL_ONLY
-    return pb.PredictResponse(id=rid, model_name="target", model_version="v", kind=kind,
-                              predictions=preds)
+    from lab.hotpath import legacy_response
+    return legacy_response(pb, answer, rid, model_version="v")
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 64, 256])

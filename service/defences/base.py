@@ -118,7 +118,7 @@ def image_digests(key: bytes, images: np.ndarray) -> np.ndarray:
 
     One C hash call per image (a copy of the keyed BLAKE2b state fed the image's 784 bytes):
     there is no sound vectorised keyed hash in numpy, and this is the fastest per-image option
-    measured (service/bench_hotpath.py)."""
+    measured (lab/hotpath.py)."""
     if not key:
         raise ValueError("keyed digests need a non-empty key")
     q = quantise(images)

@@ -1,4 +1,4 @@
-"""python -m service.bench_hotpath: the per-request work outside the model, old vs new, in process.
+"""python -m lab.hotpath: the per-request work outside the model, old vs new, in process.
 
 Issue #8 item 4 ("no per-image Python on the hot path"). For batches of N = 1, 64, 256 images it
 times, in the same process and interleaved (so machine noise hits both sides alike):
@@ -68,16 +68,17 @@ def legacy_context(mod, client: str, request_id: str):
     return mod.PolicyContext(client_id=client, key=KEY, rng=rng)
 
 
-def legacy_response(pb, answer, request_id: str):
-    """The pre-change servicer: one Prediction message per image."""
+def legacy_response(pb, answer, request_id: str, model_version: str = "1"):
+    """The pre-change servicer: one Prediction message per image (also the reference the
+    packed-format tests compare with)."""
     if answer.probs is None:
         preds = [pb.Prediction(label=int(l)) for l in answer.labels]
     else:
         preds = [pb.Prediction(label=int(l), probabilities=p)
                  for l, p in zip(answer.labels, answer.probs.tolist())]
     kind = pb.ANSWER_PROBABILITIES if answer.probs is not None else pb.ANSWER_LABEL_ONLY
-    return pb.PredictResponse(id=request_id, model_name="target", model_version="1", kind=kind,
-                              predictions=preds)
+    return pb.PredictResponse(id=request_id, model_name="target", model_version=model_version,
+                              kind=kind, predictions=preds)
 
 
 def _calls_per_block(fn, min_block_s: float) -> int:
@@ -132,7 +133,7 @@ def misinformation_models(artifacts: Path, legacy, new_pool):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench_hotpath", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m lab.hotpath", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref", default=DEFAULT_REF, help="git revision of the old code")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
