@@ -298,3 +298,28 @@ def test_near_duplicate_fires_on_interleaved_jacobian_style_stream(fashion):
 def test_near_duplicate_config_validation():
     with pytest.raises(ValueError, match="duplicate"):
         NearDuplicateConfig(radius=0.1, duplicate=0.2)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_prada_matches_the_definition_on_noise_where_the_dct_bounds_are_loose(batch,
+                                                                              monkeypatch):
+    """Uniform noise has most of its energy outside the 64 frequencies: the lower bounds
+    exclude almost nothing and the detector falls back to a pixel-space product. Same answers."""
+    import monitor.detectors as D
+    calls = {"n": 0}
+    real = D.approx_sq
+
+    def spy(q, qn, h, hn):
+        calls["n"] += q.shape[1] == 784          # pixel-space products only
+        return real(q, qn, h, hn)
+
+    monkeypatch.setattr(D, "approx_sq", spy)
+    rng = np.random.default_rng(7)
+    xs = rng.random((600, 28, 28), dtype=np.float32)
+    cls = rng.integers(0, 3, 600)
+    cfg = PradaConfig(window=200, check_every=5, min_class_distances=5, min_pooled=20)
+    Wr, fr = _reference_prada(xs, cls, cfg)
+    W, f, _ = _run_prada(xs, cls, cfg, batch=batch)
+    assert calls["n"] > 0                          # the fallback really ran
+    np.testing.assert_allclose(W, Wr, rtol=0, atol=1e-8, equal_nan=True)
+    np.testing.assert_array_equal(f, fr)
