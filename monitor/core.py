@@ -202,8 +202,8 @@ class Monitor:
             if victim is None:
                 return
             lk = self._lock(victim)
-            if not lk.acquire(timeout=1.0):
-                return  # busy right now: try again on a later load
+            if not lk.acquire(blocking=False):
+                return  # in use right now (so not idle): try again on a later load
             try:
                 eng = self._engines.get(victim)
                 if eng is not None:
