@@ -34,7 +34,7 @@ from scipy import special
 
 from monitor.config import (NearDuplicateConfig, OODConfig, PradaConfig, SimilarityConfig,
                             VolumeConfig)
-from monitor.features import (DIM, Ring, approx_sq, encode, exact_dist, lower_bound_sq,
+from monitor.features import (DIM, Ring, approx_sq, encode, lower_bound_sq,
                               pixel_dist, residual_norms, sq_norms)
 
 PIX = 28 * 28

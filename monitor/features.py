@@ -7,10 +7,11 @@ is data-independent (no artefact to ship, nothing to retrain when the target cha
 computing it costs one small matrix product per request.
 
 Distances are found in two steps: a float32 matrix product gives approximate squared distances
-for whole blocks (a batch against a history) and selects candidates; the candidates' distances
-are then recomputed exactly in float64 from the stored encodings, so the values the detectors
-record do not depend on BLAS blocking or rounding. Candidate selection keeps a margin (``TOL``)
-above the float32 error, so a candidate that could win is never dropped.
+(or lower bounds of pixel distances) for whole blocks (a batch against a history) and selects
+candidates; the candidates' distances are then recomputed element-wise without BLAS
+(:func:`pixel_dist`), so the values the detectors record do not depend on BLAS blocking or
+rounding. Candidate selection keeps a margin above the float32 error, so a candidate that could
+win is never dropped.
 """
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ import numpy as np
 SIDE = 28
 FREQS = 8                      # 8 x 8 lowest frequencies
 DIM = FREQS * FREQS            # 64
-# float32 squared distances of encodings with norm <= 28 carry an absolute error far below this
-TOL = 1e-3
 
 
 def dct_matrix(n: int, k: int) -> np.ndarray:
@@ -51,7 +50,7 @@ def sq_norms(e: np.ndarray) -> np.ndarray:
 def approx_sq(q: np.ndarray, qn: np.ndarray, h: np.ndarray, hn: np.ndarray) -> np.ndarray:
     """Approximate squared distances (len(q), len(h)) in float32 (one BLAS product and three
     in-place passes); clipped at 0. For candidate selection only: exact values come from
-    :func:`exact_dist`."""
+    :func:`pixel_dist`."""
     s = q @ h.T
     s *= np.float32(-2.0)
     s += qn.astype(np.float32)[:, None]
@@ -85,12 +84,6 @@ def pixel_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     BLAS: reproducible, and exactly 0 for identical items."""
     d = a - b
     return np.sqrt(np.einsum("...j,...j->...", d, d)).astype(np.float64)
-
-
-def exact_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact L2 distances between rows a[i] and b[i] (float64)."""
-    d = a.astype(np.float64) - b.astype(np.float64)
-    return np.sqrt(np.einsum("...j,...j->...", d, d))
 
 
 class Ring:
