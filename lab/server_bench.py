@@ -1,4 +1,4 @@
-"""python -m service.bench: latency and throughput of the real server, monitor included.
+"""python -m lab.server_bench: latency and throughput of the real server, monitor included.
 
 Starts the server in process on a free port (the trained target, the shipped monitor config with
 identity answers so every level costs the same, a fresh log), then measures over gRPC:
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from service.dataplane import build_dataplane
     from service.server import Server
 
-    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m lab.server_bench", description=__doc__)
     p.add_argument("--target", type=Path, default=Path("artifacts/target.pt"))
     p.add_argument("--calls", type=int, default=2000, help="single-image calls for latency")
     p.add_argument("--clients", type=int, default=4, help="concurrent clients for throughput")
