@@ -25,7 +25,7 @@ help:
 	@echo "make train    train the target model (if missing)"
 	@echo "make models   train the defences' model pool (if missing)"
 	@echo "make attack   run the original copycat attack against a running server"
-	@echo "make bench    monitor cost + attack table + defence table (long)"
+	@echo "make bench    wire-speed benchmark + monitor calibration + attack table + defence table (long)"
 	@echo "make eval     end-to-end evaluation against a live server (long)"
 	@echo "make clean    remove generated stubs and caches; distclean also venv, artifacts, results"
 
@@ -66,7 +66,7 @@ bench: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
 	$(PY) -m lab.serving
 	$(PY) -m monitor.bench
 	$(PY) -m client.bench_attacks
-	$(PY) -m service.defences bench
+	$(PY) -m lab.defences
 
 eval: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
 	$(PY) -m client.campaign --out results/campaign $(ARGS)

@@ -1,4 +1,6 @@
-"""python -m service.defences {train-pool, verify, bench}"""
+"""python -m service.defences {train-pool, verify}
+
+(The policy table and the watermark demo, which run the attacks: python -m lab.defences.)"""
 from __future__ import annotations
 
 import argparse
@@ -85,12 +87,6 @@ def cmd_verify(args) -> int:
     return 0 if res.stolen else 2 if args.exit_code else 0
 
 
-def cmd_bench(args) -> int:
-    from service.defences import bench
-
-    return bench.main(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m service.defences", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -124,11 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument("--exit-code", action="store_true", help="exit 2 when not shown stolen")
     vp.add_argument("--threads", type=int, default=1)
     vp.set_defaults(func=cmd_verify)
-
-    bp = sub.add_parser("bench", help="measure every policy against the copycat attacks")
-    from service.defences.bench import add_arguments
-    add_arguments(bp)
-    bp.set_defaults(func=cmd_bench)
     return ap
 
 

@@ -1,4 +1,5 @@
-"""Measure each policy applied to ALL answers, in process (no gRPC), on real Fashion-MNIST:
+"""``python -m lab.defences``: measure each policy applied to ALL answers, in process (no gRPC),
+on real Fashion-MNIST:
 
 - honest accuracy: accuracy (vs the true labels) of the labels honest clients receive for the
   5,000 pool images; also how often the label differs from the target's own decision;
@@ -283,7 +284,7 @@ def markdown(rows: list[dict], wm: dict | None, args, target_meta: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
+def run(args) -> int:
     t0 = time.perf_counter()
     b = _Bench(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -301,3 +302,16 @@ def main(args) -> int:
     print(md)
     print(f"wrote {args.out}/defences{suffix}.json and .md in {result['wall_time_s']} s")
     return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m lab.defences", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
