@@ -26,8 +26,6 @@ SERVICE = "modelguard.v1.Inference"
 H = W = 28
 
 
-PACKED = "format" in pb.PredictRequest.DESCRIPTOR.fields_by_name  # proto v1.1 stubs
-
 
 def response_bytes(n: int, packed: bool = False, seed: int = 0) -> bytes:
     """A serialized PredictResponse for ``n`` images, shaped like the real server's: one
@@ -73,7 +71,7 @@ class EchoHandlers:
         if len(request.raw_input) != n * H * W * itemsize:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"raw_input has {len(request.raw_input)} bytes for shape {list(shape)}")
-        return self._response(n, PACKED and request.format == pb.FORMAT_PACKED)
+        return self._response(n, request.format == pb.FORMAT_PACKED)
 
     def ready(self, request, context):
         return self._ready
@@ -108,7 +106,7 @@ def build_server(host: str = "127.0.0.1", port: int = 0, workers: int = 4, max_b
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=opts)
     handlers = EchoHandlers(max_batch)
     for n in (1, 64, 256, 512):  # warm the cache for the usual batch sizes
-        for packed in ((False, True) if PACKED else (False,)):
+        for packed in (False, True):
             if n <= max_batch:
                 handlers._response(n, packed)
     server.add_generic_rpc_handlers((handlers.generic_handler(),))

@@ -29,23 +29,15 @@ MAX_MSG = 512 * H * W * 4 + 64 * 1024
 FORMATS = ("predictions", "packed")
 
 
-def packed_supported() -> bool:
-    """Do the generated stubs know PredictRequest.format (the packed response, proto v1.1)?"""
-    from protos import inference_pb2 as pb
-    return "format" in pb.PredictRequest.DESCRIPTOR.fields_by_name
-
-
 def encode_request(images_u8, fmt: str = "predictions", request_id: str = "") -> bytes:
     """Serialized PredictRequest (UINT8) for an (N, 28, 28) uint8 array; ``fmt`` "packed" asks
-    for the packed response (labels + raw_output) where the proto has it."""
+    for the packed response (labels + raw_output)."""
     import numpy as np
 
     from protos import inference_pb2 as pb
     x = np.ascontiguousarray(images_u8, dtype=np.uint8)
     kw = {}
     if fmt == "packed":
-        if not packed_supported():
-            raise ValueError("these protos have no PredictRequest.format: no packed responses")
         kw["format"] = pb.FORMAT_PACKED
     elif fmt != "predictions":
         raise ValueError(f"unknown response format {fmt!r}; expected one of {FORMATS}")

@@ -27,8 +27,6 @@ def _percentiles(samples_s: list[float]) -> dict:
 
 
 def main(argv=None) -> int:
-    import torch
-
     from client.api import ModelClient
     from common import data
     from service.config import ServerConfig

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from lab import tomlw
-from lab.loadgen import FORMATS, ClientPool, packed_supported
+from lab.loadgen import FORMATS, ClientPool
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -871,17 +871,13 @@ def parse_args(argv=None):
     a.crash_clients = dflt(a.crash_clients, 32, 8)
     a.crash_queries = dflt(a.crash_queries, 5000, 640)
     a.cost_calls1, a.cost_calls256 = (50, 5) if q else (200, 20)
-    a.formats = dflt(a.formats, list(FORMATS) if packed_supported() else ["predictions"],
-                     ["predictions"])
+    a.formats = dflt(a.formats, list(FORMATS), ["predictions"])
     bad = [p for p in a.profiles if p != "echo" and p not in PROFILES]
     if bad:
         ap.error(f"unknown profile(s) {bad}; expected echo or some of {list(PROFILES)}")
     bad = [f for f in a.formats if f not in FORMATS]
     if bad:
         ap.error(f"unknown format(s) {bad}; expected some of {list(FORMATS)}")
-    if "packed" in a.formats and not packed_supported():
-        ap.error("--formats packed: the generated protos have no PredictRequest.format; "
-                 "run `make protos`")
     if max(a.batches) > 512:
         ap.error("batches above the server's limit of 512")
     if not 0 < a.crash_at < 1:

@@ -136,7 +136,7 @@ class Monitor:
         if eng.qn < max_qn:
             start = eng.qn
             try:
-                feed(eng, _StoreLog(st), client)
+                feed(eng, st, client)
                 log.info("client %s: replayed queries %d..%d after its checkpoint", client,
                          start + 1, max_qn)
             except RuntimeError as exc:
@@ -281,7 +281,8 @@ class Monitor:
             try:
                 transitions = eng.begin_batch(t)
                 qn0 = eng.qn
-                scores, fired, after, trs = eng.observe_batch(xd.reshape(len(xd), -1), probs, t)
+                scores, fired, after, trs = eng.observe_batch(xd.reshape(len(xd), -1), probs, t,
+                                                              on_grid)
             except Exception:
                 # the engine may be half-updated: drop it; the client's next request restores
                 # it from its checkpoint and the log (which does not hold this request)
@@ -382,12 +383,3 @@ class Monitor:
     def __exit__(self, *a):
         self.close()
 
-
-class _StoreLog:
-    """Adapter: replay.feed reads ``requests`` from a QueryLog; a store offers the same."""
-
-    def __init__(self, store: MonitorStore):
-        self.store = store
-
-    def requests(self, client: str, after_qn: int = 0):
-        return self.store.requests(client, after_qn)

@@ -105,9 +105,14 @@ class Items:
         self._intra_lb = None
 
     @classmethod
-    def make(cls, x: np.ndarray, probs: np.ndarray) -> "Items":
+    def make(cls, x: np.ndarray, probs: np.ndarray, grid: np.ndarray | None = None
+             ) -> "Items":
+        """grid: det_view's on-grid flags when the caller has them (else computed on use)."""
         v = np.ascontiguousarray(x, np.float32).reshape(len(x), -1)
-        return cls(v, np.asarray(probs, np.float32).reshape(len(x), -1))
+        items = cls(v, np.asarray(probs, np.float32).reshape(len(x), -1))
+        if grid is not None:
+            items.__dict__["grid"] = np.asarray(grid, dtype=bool)  # the cached_property's slot
+        return items
 
     @cached_property
     def enc(self) -> np.ndarray:

@@ -62,7 +62,6 @@ class ClientEngine:
         self.qn = 0
         self.last_hold_t: float | None = None
         self.last_change_t: float | None = None
-        self.last_scores: dict[str, float | None] = {}
         self._bind(cfg)
 
     def _bind(self, cfg: MonitorConfig) -> None:
@@ -99,13 +98,15 @@ class ClientEngine:
         self.last_change_t = t
         return [tr]
 
-    def observe_batch(self, x: np.ndarray, probs: np.ndarray, t: float):
+    def observe_batch(self, x: np.ndarray, probs: np.ndarray, t: float,
+                      on_grid: np.ndarray | None = None):
         """Process one request's N items (x float32 (N, 784) as stored, probs (N, 10)), in
         order. Returns (scores float64 (N, len(DETECTOR_NAMES)), NaN = none; fired int64 bitmask
         (N,); level after each item int64 (N,); transitions). Rules are applied per item exactly
         as one item at a time would: hit counters are cumulative sums, and the level after item
-        i is the highest level any rule reached at items 0..i."""
-        items = Items.make(x, probs)
+        i is the highest level any rule reached at items 0..i. on_grid: det_view's flags, when
+        the caller has them."""
+        items = Items.make(x, probs, on_grid)
         n = len(items)
         scores = np.full((n, len(DETECTOR_NAMES)), np.nan)
         firing = {}

@@ -156,7 +156,7 @@ class Batch:
                 f16 = x[o].astype(np.float16).tobytes()
             if (o & wm).any():
                 f32 = x[o & wm].tobytes()
-            grid_blob = None if (keep & grid).all() and keep.all() else \
+            grid_blob = None if (keep & grid).all() else \
                 (grid.astype(np.uint8) + 2 * (~keep).astype(np.uint8)).tobytes()
         else:
             grid_blob = (2 * np.ones(n, np.uint8)).tobytes()  # 2 = not kept

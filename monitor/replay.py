@@ -12,11 +12,12 @@ from monitor.engine import ClientEngine, Transition, det_view
 from monitor.log import QueryLog
 
 
-def feed(eng: ClientEngine, qlog: QueryLog, client: str) -> list[Transition]:
+def feed(eng: ClientEngine, log, client: str) -> list[Transition]:
     """Feed the client's logged requests after ``eng.qn`` through ``eng``, request by request as
-    they arrived (so batched detectors see the same batches as live). Returns the transitions."""
+    they arrived (so batched detectors see the same batches as live). ``log``: a QueryLog or a
+    MonitorStore (both have ``requests(client, after_qn)``). Returns the transitions."""
     trs: list[Transition] = []
-    for qn0, t, x, p in qlog.requests(client, eng.qn):
+    for qn0, t, x, p in log.requests(client, eng.qn):
         if x is None:
             raise RuntimeError(f"client {client!r}: a query of the request starting at {qn0} has "
                                f"no stored input (log.keep_raw was false or retention removed "
@@ -24,8 +25,8 @@ def feed(eng: ClientEngine, qlog: QueryLog, client: str) -> list[Transition]:
         if qn0 != eng.qn + 1:
             raise RuntimeError(f"client {client!r}: the log skips from query {eng.qn} to {qn0}")
         trs += eng.begin_batch(t)
-        xd, _ = det_view(x)
-        trs += eng.observe_batch(xd.reshape(len(xd), -1), p, t)[3]
+        xd, on_grid = det_view(x)
+        trs += eng.observe_batch(xd.reshape(len(xd), -1), p, t, on_grid)[3]
     return trs
 
 

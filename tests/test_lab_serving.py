@@ -44,12 +44,10 @@ def test_toml_writer_round_trips_the_monitor_config():
 def test_echo_server_answers_raw_pre_encoded_requests(tmp_path, fmt):
     import grpc
 
-    from lab.loadgen import check_response, encode_request, packed_supported
+    from lab.loadgen import check_response, encode_request
     from lab.serving import echo_server
     from protos import inference_pb2 as pb
 
-    if fmt == "packed" and not packed_supported():
-        pytest.skip("protos without PredictRequest.format")
     echo = echo_server(workers=2, workdir=tmp_path)
     try:
         echo.wait_ready(timeout=30)
