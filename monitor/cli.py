@@ -77,19 +77,28 @@ def _fired_names(mask) -> str:
 
 
 # --- commands -----------------------------------------------------------------------------------
+def _groups(q, cfg):
+    from monitor.linking import groups_from_log
+    return groups_from_log(q, cfg.linking)
+
+
 def cmd_clients(a) -> int:
     with _open(a.db) as q:
+        groups = _groups(q, _live_config(q, None))
         rows = []
         for d in q.summary():
             s = d["scores"]
+            g = groups.of.get(d["client"])
             rows.append([d["client"], str(d["queries"]), d["level"].name,
+                         f"{g.id} ({len(g.members)} keys)" if g else "-",
                          f"{_ts(d['escalated_t'])} (q{d['escalated_qn']})" if d["escalated_t"]
                          else "-",
                          *(_fmt(s.get(k)) for k in SHORT), _fired_names(s.get("fired"))])
         if not rows:
             print("(no clients in the log)")
             return 0
-        print(_table(["client", "queries", "level", "escalated", *SHORT.values(), "firing"], rows))
+        print(_table(["client", "queries", "level", "group", "escalated", *SHORT.values(),
+                      "firing"], rows))
     return 0
 
 
@@ -106,6 +115,7 @@ def cmd_show(a) -> int:
               "s_near_duplicate": f"> {det.near_duplicate.threshold}"}
         print("latest scores: " + ", ".join(f"{SHORT[k]} {_fmt(d['scores'].get(k))} (fires {th[k]})"
                                             for k in SHORT))
+        _show_group(q, cfg, a.client)
         trs = q.transitions(a.client)
         if not trs:
             print("no escalation")
@@ -115,10 +125,41 @@ def cmd_show(a) -> int:
             print(f"  {_ts(tr['t'])}  query {tr['qn']:>7d}  {tr['from_level'].name} -> "
                   f"{tr['to_level'].name}   rule: {tr['rule']}")
             for ev in tr["evidence"]:
+                if ev.get("detector") == "link":
+                    print(f"      link: group {ev['group']} of {ev['members']} keys, "
+                          f"{ev['value']} attack-like pairs (rule needs {ev['threshold']}), "
+                          f"linked since {_ts(ev['since'])}")
+                    continue
                 hits = (f", hit {ev['hits']} of {ev['min_hits']} needed" if "hits" in ev else "")
                 print(f"      {ev['detector']}: value {_fmt(ev['value'], 4)}, threshold "
                       f"{_fmt(ev['threshold'], 4)}{hits}")
     return 0
+
+
+def _show_group(q, cfg, client: str) -> None:
+    """The key's cross-client evidence: its group's members and links, and its own pairs."""
+    pairs = q.pairs(client)
+    sent = [p for p in pairs if p["client"] == client]
+    src = [p for p in pairs if p["other"] == client]
+    g = _groups(q, cfg).of.get(client)
+    if g is None:
+        print(f"cross-client linking: not linked ({len(sent)} attack-like copies of other keys' "
+              f"queries sent, {len(src)} of its queries perturbed by other keys)")
+        return
+    print(f"cross-client linking: group {g.id}, {len(g.members)} keys, {g.pairs} attack-like "
+          f"pairs, linked since {_ts(g.since)} (last {_ts(g.last)})")
+    print("  members: " + ", ".join(sorted(g.members)))
+    links = sorted(g.links.items(), key=lambda kv: -kv[1][0])
+    for (x, y), (n, first, last) in links[:20]:
+        print(f"  {x} <-> {y}: {n} pairs, {_ts(first)} .. {_ts(last)}")
+    if len(links) > 20:
+        print(f"  ... {len(links) - 20} more links (python -m monitor export --what pairs)")
+    if sent:
+        p = min(sent, key=lambda p: p["dist"])
+        print(f"  this key sent {len(sent)} perturbed copies (first at its query "
+              f"{min(x['qn'] for x in sent)}); e.g. query {p['qn']} = {p['other']}'s query "
+              f"{p['other_qn']} + a perturbation of L2 {p['dist']:.2f}, {p['dense']:.0%} of pixels, "
+              f"peak ratio {p['peak']:.2f}")
 
 
 def cmd_plot(a) -> int:
@@ -130,6 +171,7 @@ def cmd_plot(a) -> int:
         cfg = _live_config(q, a.config)
         s = q.series(a.client)
         trs = q.transitions(a.client)
+        q_pairs = q.pairs(a.client)
     if len(s["qn"]) == 0:
         raise CliError(f"client {a.client!r} has no logged queries to plot")
     det = cfg.detectors
@@ -141,6 +183,13 @@ def cmd_plot(a) -> int:
                det.volume.threshold, "alarm above"),
               ("s_near_duplicate", f"near-copy share (L2 < {det.near_duplicate.radius:g})",
                det.near_duplicate.threshold, "alarm above")]
+    pairs = [p["qn"] for p in q_pairs if p["client"] == a.client]
+    if pairs:  # cross-client linking: cumulative perturbed copies of other keys' queries
+        qn = np.asarray(s["qn"])
+        s["links"] = np.searchsorted(np.sort(pairs), qn, side="right").astype(float)
+        rule = min((r.pairs for r in cfg.linking.rules), default=float("nan"))
+        panels.append(("links", "linking: attack-like copies of other keys' queries", rule,
+                       "group rule at"))
     panels = [p for p in panels if np.isfinite(s[p[0]]).any()]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.3 * len(panels) + 0.8), sharex=True,
                              squeeze=False)
@@ -172,7 +221,12 @@ def cmd_export(a) -> int:
     with _open(a.db) as q:
         if a.client:
             _need_client(q, a.client)
-        if a.what == "transitions":
+        if a.what == "pairs":
+            rows = q.pairs(a.client)
+        elif a.what == "groups":
+            rows = [g.summary() for g in _groups(q, _live_config(q, None)).all()
+                    if a.client is None or a.client in g.members]
+        elif a.what == "transitions":
             rows = [dict(r, from_level=r["from_level"].name, to_level=r["to_level"].name)
                     for r in q.transitions(a.client)]
         else:
@@ -216,9 +270,13 @@ def cmd_replay(a) -> int:
         rp = [(t.qn, t.to_level) for t in res[c]["transitions"]]
         same = lv == rp
         changed += not same
-        rows.append([c, str(res[c]["queries"]), fmt_tr(lv), fmt_tr(rp), "same" if same else "DIFF"])
+        g = res[c].get("group")
+        rows.append([c, str(res[c]["queries"]), fmt_tr(lv), fmt_tr(rp),
+                     f"{g['group']} ({len(g['members'])} keys)" if g else "-",
+                     "same" if same else "DIFF"])
     print(f"replay of {len(clients)} client(s) under {a.config}")
-    print(_table(["client", "queries", "live escalations", "replayed escalations", ""], rows))
+    print(_table(["client", "queries", "live escalations", "replayed escalations",
+                  "replayed group", ""], rows))
     if a.verbose:
         for c in clients:
             for t in res[c]["transitions"]:
@@ -259,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plot)
     p = sub.add_parser("export", help="export the query log or the transitions as CSV or JSON Lines")
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv")
-    p.add_argument("--what", choices=("queries", "transitions"), default="queries")
+    p.add_argument("--what", choices=("queries", "transitions", "pairs", "groups"),
+                   default="queries", help="pairs and groups: cross-client linking's evidence")
     p.add_argument("--client", help="only this client")
     p.add_argument("-o", "--output", help="file (default: stdout)")
     p.set_defaults(fn=cmd_export)

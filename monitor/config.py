@@ -149,6 +149,61 @@ class Rule(_Strict):
         return self.name or f"{'+'.join(self.detectors)}>={self.min_hits}->{self.level.name}"
 
 
+class GroupRule(_Strict):
+    """When a group of linked keys holds ``pairs`` attack-like near-copy pairs in total, the group
+    is raised to ``level`` (and with ``linking.raise_members`` every member with it)."""
+
+    pairs: int = Field(ge=1, description="attack-like cross-key near-copy pairs in the group")
+    level: Level
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _parse_level(cls, v: Any) -> Level:
+        return Level.parse(int(v) if isinstance(v, str) and v.isdigit() else v)
+
+    @property
+    def label(self) -> str:
+        return f"group pairs>={self.pairs}->{self.level.name}"
+
+
+class LinkingConfig(_Strict):
+    """Cross-client linking: a global index of recent queries from every key; a query that is an
+    attack-like near-copy (a small, dense, flat-topped perturbation: a Jacobian or sign step, not
+    a re-encoding, resize or re-lighting) of another key's query links the two keys."""
+
+    enabled: bool = True
+    horizon: int = Field(50000, ge=100, le=10_000_000,
+                         description="the index holds the most recent N queries of all keys")
+    radius: float = Field(3.0, gt=0.0, description="near-copy: pixel L2 (pixels in [0, 1]) <= this")
+    duplicate: float = Field(0.05, ge=0.0, description="exact repeats: closer than this; never "
+                                                       "a link")
+    step: float = Field(4.0, gt=0.0, le=255.0,
+                        description="grey levels: a pixel is perturbed when its change, after "
+                                    "removing the best pixel-wise tone map, is at least this")
+    dense: float = Field(0.3, gt=0.0, le=1.0,
+                         description="attack-like: at least this share of pixels perturbed")
+    peak: float = Field(2.4, gt=1.0, description="attack-like: 99th percentile of the tone-map "
+                        "residual / its RMS at most this (flat-topped: sign steps ~1.5-2.3; "
+                        "JPEG, resizing and natural look-alikes >= 2.8)")
+    tables: int = Field(16, ge=1, le=64, description="LSH tables over the 64-dim DCT encoding")
+    bits: int = Field(6, ge=1, le=16, description="projections per LSH table")
+    width: float = Field(4.0, gt=0.0, description="LSH bucket width (DCT units)")
+    bucket: int = Field(8, ge=1, le=1024, description="most recent entries kept per LSH bucket")
+    min_pairs: int = Field(2, ge=1, description="attack-like pairs a key must send (perturbed "
+                           "copies of other keys' queries) before it is a perturber; perturbers "
+                           "are linked when one perturbed a query of the other")
+    raise_members: bool = Field(True, description="every member is raised to its group's level "
+                                "(the highest of its members' and the group rules'); a key that "
+                                "joins an escalated group starts at that level")
+    rules: list[GroupRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.duplicate >= self.radius:
+            raise ValueError(f"duplicate ({self.duplicate}) must be below radius ({self.radius})")
+        return self
+
+
 class LadderConfig(_Strict):
     monotone: bool = Field(True, description="levels only go up (an attacker cannot wait it out)")
     cooldown_seconds: float = Field(0.0, ge=0.0,
@@ -184,6 +239,7 @@ class MonitorConfig(_Strict):
     detectors: DetectorsConfig = DetectorsConfig()
     execution: ExecutionConfig = ExecutionConfig()
     rules: list[Rule] = Field(default_factory=list)
+    linking: LinkingConfig = LinkingConfig(enabled=False)
     ladder: LadderConfig = LadderConfig()
     log: LogConfig = LogConfig()
     policies: dict[Level, dict] = Field(default_factory=dict)
@@ -221,6 +277,16 @@ class MonitorConfig(_Strict):
                 raise ValueError(f"policies: no policy for level {lvl.name}")
         if self.ladder.cooldown_seconds > 0 and self.ladder.monotone:
             raise ValueError("ladder.cooldown_seconds > 0 needs ladder.monotone = false")
+        for i, r in enumerate(self.linking.rules):
+            if r.level == Level.NORMAL:
+                raise ValueError(f"linking.rules[{i}] ({r.label}) raises to NORMAL, which does "
+                                 f"nothing")
+            if r.level == Level.BLOCK and not self.ladder.allow_block:
+                raise ValueError(f"linking.rules[{i}] ({r.label}) raises to BLOCK but "
+                                 f"ladder.allow_block is false")
+        if self.linking.enabled and not self.ladder.monotone:
+            raise ValueError("linking needs ladder.monotone = true (a group's level is a floor "
+                             "for its members that a cool-down would not respect)")
         return self
 
     def detector_hash(self) -> str:
@@ -228,6 +294,7 @@ class MonitorConfig(_Strict):
         blob = json.dumps({"engine": ENGINE_VERSION,
                            "detectors": self.detectors.model_dump(mode="json"),
                            "rules": [r.model_dump(mode="json") for r in self.rules],
+                           "linking": self.linking.model_dump(mode="json"),
                            "ladder": self.ladder.model_dump(mode="json")}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -16,6 +16,7 @@ import numpy as np
 from common.types import Answer, Level
 from monitor.config import MonitorConfig, load_config
 from monitor.engine import ClientEngine, det_view
+from monitor.linking import Linker
 from monitor.log import Batch, pickle_state, unpickle_state
 from monitor.replay import feed
 from monitor.store import MonitorStore, SQLiteStore
@@ -87,6 +88,11 @@ class Monitor:
             self._worker = threading.Thread(target=self._run_async, name="monitor-detectors",
                                             daemon=True)
             self._worker.start()
+        self.linker: Linker | None = None
+        self._link_lock = threading.Lock()
+        if config.linking.enabled:
+            self.linker = Linker(config.linking)
+            self._restore_linker()
         self._ckpt_due: set[str] = set()
         self._ckpt_queue: queue.Queue = queue.Queue()
         self._ckpt_thread = threading.Thread(target=self._run_checkpoints,
@@ -228,6 +234,21 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001 - warming is an optimisation
             log.warning("warming client state failed: %r", exc)
 
+    def _restore_linker(self) -> None:
+        """After a restart: the groups from the logged pairs, the members' levels from the
+        logged transitions, and the index from the last ``linking.horizon`` logged items."""
+        st, lk = self.store, self.linker
+        pairs = list(st.pairs())
+        members = {c for c, o, _ in pairs}
+        lk.restore(pairs, {c: (int(st.last_level(c)), st.max_qn(c)) for c in members})
+        n = 0
+        for client, qn0, x in st.recent_items(self.config.linking.horizon):
+            lk.refill(client, qn0, det_view(x)[0])
+            n += len(x)
+        if pairs or n:
+            log.info("linking restored: %d groups, %d pairs, %d indexed queries",
+                     len(lk.groups.all()), len(pairs), n)
+
     def ready(self) -> bool:
         """False while the clients active before a restart are still being restored."""
         return self._warmer is None or not self._warmer.is_alive()
@@ -247,10 +268,12 @@ class Monitor:
                 while self._pending.get(client_id) and self._worker_error is None:
                     self._idle.wait(1.0)
         eng = self._engines.get(client_id)
-        if eng is not None:
-            return eng.level
-        with self._lock(client_id):
-            return self._engine(client_id).level
+        if eng is None:
+            with self._lock(client_id):
+                eng = self._engine(client_id)
+        if self.linker is not None:
+            return max(eng.level, self.linker.floor(client_id))
+        return eng.level
 
     def observe(self, client_id: str, request_id: str, images: np.ndarray,
                 target_probs: np.ndarray, answer: Answer, level: Level) -> Level:
@@ -276,13 +299,12 @@ class Monitor:
         images = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28)
         probs = np.asarray(target_probs, dtype=np.float32).reshape(len(images), -1)
         xd, on_grid = det_view(images)
+        linker = self.linker
         with self._lock(client_id):
             eng = self._engine(client_id)
             try:
-                transitions = eng.begin_batch(t)
-                qn0 = eng.qn
-                scores, fired, after, trs = eng.observe_batch(xd.reshape(len(xd), -1), probs, t,
-                                                              on_grid)
+                floor = 0 if linker is None else int(linker.floor(client_id))
+                st = eng.step(xd.reshape(len(xd), -1), probs, t, on_grid, floor)
             except Exception:
                 # the engine may be half-updated: drop it; the client's next request restores
                 # it from its checkpoint and the log (which does not hold this request)
@@ -294,24 +316,37 @@ class Monitor:
                 except Exception:  # noqa: BLE001 - the writer's own error surfaces elsewhere
                     pass
                 raise
-            transitions += trs
-            for tr in trs:
-                log.warning("client %s escalated %s -> %s at query %d (%s)", client_id,
-                            tr.from_level.name, tr.to_level.name, tr.qn, tr.rule)
             sent_top = None if answer.probs is None else answer.probs.max(1)
-            self.store.put_batch(Batch(
-                client_id, qn0, t, request_id, images, on_grid, probs,
-                int(level), int(answer.kind), np.asarray(answer.labels), sent_top,
-                list(answer.model), np.asarray(answer.watermarked, bool), scores, fired,
-                after, self.config.log.keep_raw))
-            for tr in transitions:
-                self.store.put_transition(tr)
+            if linker is None:
+                self._log(client_id, request_id, t, images, on_grid, probs, level, answer,
+                          sent_top, st, st.transitions, [])
+            else:
+                # one order for the index, the groups and the log: replay follows the log
+                with self._link_lock:
+                    out = linker.apply(client_id, eng, st, t)
+                    self._log(client_id, request_id, t, images, on_grid, probs, level, answer,
+                              sent_top, st, out.transitions, out.pairs)
             if eng.qn - self._saved_qn.get(client_id, 0) >= self._exec.checkpoint_every and \
                     client_id not in self._ckpt_due:
                 # pickled by the checkpointer thread (under this client's lock), not here
                 self._ckpt_due.add(client_id)
                 self._ckpt_queue.put(client_id)
             return eng.level
+
+    def _log(self, client_id, request_id, t, images, on_grid, probs, level, answer, sent_top,
+             st, transitions, pairs) -> None:
+        for tr in transitions:
+            log.warning("client %s escalated %s -> %s at query %d (%s)", tr.client,
+                        tr.from_level.name, tr.to_level.name, tr.qn, tr.rule)
+        self.store.put_batch(Batch(
+            client_id, st.qn0, t, request_id, images, on_grid, probs,
+            int(level), int(answer.kind), np.asarray(answer.labels), sent_top,
+            list(answer.model), np.asarray(answer.watermarked, bool), st.scores, st.fired,
+            st.after, self.config.log.keep_raw))
+        for tr in transitions:
+            self.store.put_transition(tr)
+        if pairs:
+            self.store.put_pairs(pairs)
 
     def _run_async(self) -> None:
         q = self._queue

@@ -53,6 +53,18 @@ def det_view(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, on_grid
 
 
+@dataclass
+class Step:
+    """What one request did to a client's engine (see :meth:`ClientEngine.step`)."""
+    qn0: int                  # the client's query count before the request
+    level_before: int         # its level before (after the cool-down and the group floor)
+    items: Items
+    scores: np.ndarray
+    fired: np.ndarray
+    after: np.ndarray         # level after each item
+    transitions: list
+
+
 class ClientEngine:
     def __init__(self, cfg: MonitorConfig, client: str):
         self.client = client
@@ -98,15 +110,29 @@ class ClientEngine:
         self.last_change_t = t
         return [tr]
 
+    def step(self, x: np.ndarray, probs: np.ndarray, t: float, on_grid: np.ndarray | None = None,
+             floor: int = 0) -> "Step":
+        """One request as the live monitor and replay both run it: the optional cool-down, then
+        the detectors and the ladder. ``floor``: the level a linked group imposes (the engine's
+        level is raised to it first, so its own rules only report what goes higher)."""
+        trs = self.begin_batch(t)
+        if floor > self.level:
+            self.level = Level(floor)
+        qn0, before = self.qn, int(self.level)
+        items = Items.make(x, probs, on_grid)
+        scores, fired, after, trs2 = self.observe_batch(items.v, items.probs, t, items=items)
+        return Step(qn0, before, items, scores, fired, after, trs + trs2)
+
     def observe_batch(self, x: np.ndarray, probs: np.ndarray, t: float,
-                      on_grid: np.ndarray | None = None):
+                      on_grid: np.ndarray | None = None, items: Items | None = None):
         """Process one request's N items (x float32 (N, 784) as stored, probs (N, 10)), in
         order. Returns (scores float64 (N, len(DETECTOR_NAMES)), NaN = none; fired int64 bitmask
         (N,); level after each item int64 (N,); transitions). Rules are applied per item exactly
         as one item at a time would: hit counters are cumulative sums, and the level after item
         i is the highest level any rule reached at items 0..i. on_grid: det_view's flags, when
         the caller has them."""
-        items = Items.make(x, probs, on_grid)
+        if items is None:
+            items = Items.make(x, probs, on_grid)
         n = len(items)
         scores = np.full((n, len(DETECTOR_NAMES)), np.nan)
         firing = {}

@@ -5,6 +5,7 @@ Tables
                level and answer kind, and per-item arrays as blobs (target probabilities, labels
                sent, detector scores, levels after each item, inputs kept compactly)
   transitions  every level change with time, query count and evidence (JSON)
+  pairs        cross-client linking's evidence: attack-like near-copies between two keys
   client_state pickled detector/ladder checkpoints per client
   meta         schema version, the config the monitor ran with
 
@@ -79,6 +80,19 @@ CREATE TABLE IF NOT EXISTS transitions (
     evidence TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS transitions_client ON transitions(client, id);
+CREATE TABLE IF NOT EXISTS pairs (   -- cross-client linking: attack-like near-copies
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    t REAL NOT NULL,
+    client TEXT NOT NULL,           -- the key that sent the perturbed copy...
+    qn INTEGER NOT NULL,            -- ...as its query qn
+    other TEXT NOT NULL,            -- the key that sent the earlier query...
+    other_qn INTEGER NOT NULL,      -- ...as its query other_qn
+    dist REAL NOT NULL,             -- pixel L2
+    dense REAL NOT NULL,            -- share of pixels perturbed (after the tone map)
+    peak REAL NOT NULL              -- 99th percentile / RMS of the perturbation
+);
+CREATE INDEX IF NOT EXISTS pairs_client ON pairs(client);
+CREATE INDEX IF NOT EXISTS pairs_other ON pairs(other);
 CREATE TABLE IF NOT EXISTS client_state (
     client TEXT PRIMARY KEY,
     qn INTEGER NOT NULL,
@@ -297,6 +311,12 @@ class Writer(threading.Thread):
                             stop = True
                         elif isinstance(it, Batch):
                             con.execute(INSERT_REQUEST, it.row())
+                        elif isinstance(it, tuple) and it[0] == "pairs":
+                            con.executemany(
+                                "INSERT INTO pairs (t, client, qn, other, other_qn, dist, dense, "
+                                "peak) VALUES (?,?,?,?,?,?,?,?)",
+                                [(p.t, p.client, p.qn, p.other, p.other_qn, p.dist, p.dense,
+                                  p.peak) for p in it[1]])
                         elif isinstance(it, tuple) and it[0] == "state":
                             con.execute("INSERT OR REPLACE INTO client_state VALUES (?,?,?,?,?,?)",
                                         it[1:])
@@ -465,6 +485,42 @@ class QueryLog:
         kept, target probs float32 (n, 10))."""
         for d in self._decoded(client, raw=True, after_qn=after_qn):
             yield d.qn0 + 1, d.t, (d.x if d.kept.all() else None), d.probs
+
+    def pairs(self, client: str | None = None) -> list[dict]:
+        """Cross-client linking's evidence, in log order: every attack-like pair (with
+        ``client``: the pairs it sent or was the source of)."""
+        sql, args = "SELECT * FROM pairs", ()
+        if client is not None:
+            sql, args = sql + " WHERE client=? OR other=?", (client, client)
+        return [dict(r) for r in self.con.execute(sql + " ORDER BY id", args)]
+
+    def all_requests(self) -> Iterator[tuple]:
+        """Every logged request in arrival order: (client, first qn, t, x float32 (n, 28, 28)
+        or None when an input was not kept, target probs float32 (n, 10))."""
+        for d in self._decoded(None, raw=True):
+            yield d.client, d.qn0 + 1, d.t, (d.x if d.kept.all() else None), d.probs
+
+    def recent_items(self, limit: int) -> list[tuple]:
+        """The last logged requests holding ``limit`` items in all (fewer if the log is
+        shorter), oldest first: (client, qn0, x float32 (n, 28, 28)); requests whose inputs
+        were not kept are skipped."""
+        out, n, last = [], 0, None
+        while n < limit:
+            sql = "SELECT * FROM requests" + (" WHERE seq < ?" if last else "") + \
+                " ORDER BY seq DESC LIMIT 256"
+            rows = self.con.execute(sql, (last,) if last else ()).fetchall()
+            if not rows:
+                break
+            for r in rows:
+                d = Decoded(r, raw=True)
+                if d.kept.all():
+                    x = d.x[-(limit - n):]
+                    out.append((d.client, d.qn0 + d.n - len(x), x))
+                    n += len(x)
+                if n >= limit:
+                    break
+            last = rows[-1]["seq"]
+        return out[::-1]
 
     def load_state(self, client: str):
         r = self.con.execute("SELECT qn, level, config_hash, state FROM client_state WHERE "

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.types import Level
 from monitor.config import MonitorConfig
 from monitor.engine import ClientEngine, Transition, det_view
+from monitor.linking import Linker, Pair
 from monitor.log import QueryLog
 
 
@@ -24,9 +26,8 @@ def feed(eng: ClientEngine, log, client: str) -> list[Transition]:
                                f"it); cannot replay")
         if qn0 != eng.qn + 1:
             raise RuntimeError(f"client {client!r}: the log skips from query {eng.qn} to {qn0}")
-        trs += eng.begin_batch(t)
         xd, on_grid = det_view(x)
-        trs += eng.observe_batch(xd.reshape(len(xd), -1), p, t, on_grid)[3]
+        trs += eng.step(xd.reshape(len(xd), -1), p, t, on_grid).transitions
     return trs
 
 
@@ -37,10 +38,53 @@ def replay_client(cfg: MonitorConfig, qlog: QueryLog, client: str
     return eng, feed(eng, qlog, client)
 
 
+def replay_linked(cfg: MonitorConfig, qlog: QueryLog, progress=None
+                  ) -> tuple[dict[str, ClientEngine], Linker, list[Transition], list[Pair]]:
+    """Replay the whole log in arrival order through per-client engines and one linker, as
+    the live monitor ran it (cross-client linking depends on the order of all clients'
+    requests). Returns (engines, linker, transitions, pairs)."""
+    linker = Linker(cfg.linking)
+    engines: dict[str, ClientEngine] = {}
+    trs: list[Transition] = []
+    pairs: list[Pair] = []
+    for client, qn0, t, x, p in qlog.all_requests():
+        eng = engines.get(client)
+        if eng is None:
+            eng = engines[client] = ClientEngine(cfg, client)
+        if x is None:
+            raise RuntimeError(f"client {client!r}: the request starting at query {qn0} has no "
+                               f"stored input; cannot replay")
+        if qn0 != eng.qn + 1:
+            raise RuntimeError(f"client {client!r}: the log skips from query {eng.qn} to {qn0}")
+        xd, on_grid = det_view(x)
+        st = eng.step(xd.reshape(len(xd), -1), p, t, on_grid, int(linker.floor(client)))
+        out = linker.apply(client, eng, st, t)
+        trs += out.transitions
+        pairs += out.pairs
+        if progress is not None:
+            progress(len(x))
+    return engines, linker, trs, pairs
+
+
 def replay(db_path: str | Path, cfg: MonitorConfig, clients: list[str] | None = None) -> dict:
-    """{client: {"queries": n, "final_level": Level, "transitions": [Transition]}}."""
+    """{client: {"queries": n, "final_level": Level, "transitions": [Transition]}}. With
+    cross-client linking on, every client is replayed (in arrival order) and the result also
+    holds "groups" ({client: group summary}) for the clients asked for."""
     out = {}
     with QueryLog(db_path) as q:
+        if cfg.linking.enabled:
+            for c in clients or []:
+                if not q.has_client(c):
+                    raise KeyError(c)
+            engines, linker, trs, _ = replay_linked(cfg, q)
+            for c in clients or q.client_ids():
+                eng = engines.get(c)
+                mine = [tr for tr in trs if tr.client == c]
+                level = max([int(tr.to_level) for tr in mine], default=0)
+                g = linker.group_of(c)
+                out[c] = {"queries": eng.qn if eng else 0, "final_level": Level(level),
+                          "transitions": mine, "group": g.summary() if g else None}
+            return out
         for c in clients or q.client_ids():
             if not q.has_client(c):
                 raise KeyError(c)

@@ -1,7 +1,7 @@
 """Where the monitor keeps its state: the one small interface between the monitor and storage.
 
-A store holds the query log, the level transitions, the per-client detector checkpoints and a
-little metadata. Writes are asynchronous and ordered (``put_*`` return at once; ``flush`` waits
+A store holds the query log, the level transitions, the per-client detector checkpoints,
+cross-client linking's pairs and a little metadata. Writes are asynchronous and ordered (``put_*`` return at once; ``flush`` waits
 until everything put before is durable); reads may come from any thread. :class:`SQLiteStore`
 (one file, WAL mode, a background writer thread) is the embedded default; a shared store for
 several server replicas implements the same methods.
@@ -26,6 +26,10 @@ class MonitorStore(ABC):
     @abstractmethod
     def put_transition(self, tr) -> None:
         """A level change (monitor.engine.Transition)."""
+
+    @abstractmethod
+    def put_pairs(self, pairs: list) -> None:
+        """Cross-client linking's attack-like pairs (monitor.linking.Pair) of one request."""
 
     @abstractmethod
     def put_state(self, client: str, qn: int, level: int, config_hash: str, blob: bytes,
@@ -63,6 +67,15 @@ class MonitorStore(ABC):
         """The client's logged requests after ``after_qn``: (first qn, t, x, probs)."""
 
     @abstractmethod
+    def pairs(self) -> Iterator[tuple]:
+        """Every stored pair in the order put: (client, other, t)."""
+
+    @abstractmethod
+    def recent_items(self, limit: int) -> list[tuple]:
+        """The last logged requests of all clients holding ``limit`` items, oldest first:
+        (client, qn0, x)."""
+
+    @abstractmethod
     def recent_clients(self, limit: int) -> list[str]:
         """Clients with a stored checkpoint, most recently checkpointed first."""
 
@@ -95,6 +108,9 @@ class SQLiteStore(MonitorStore):
 
     def put_transition(self, tr):
         self._writer.put(tr)
+
+    def put_pairs(self, pairs):
+        self._writer.put(("pairs", list(pairs)))
 
     def put_state(self, client, qn, level, config_hash, blob, t):
         return self._writer.put(("state", client, qn, level, config_hash, blob, t))
@@ -132,6 +148,12 @@ class SQLiteStore(MonitorStore):
 
     def requests(self, client, after_qn):
         return self.reader.requests(client, after_qn)
+
+    def pairs(self):
+        return [(p["client"], p["other"], p["t"]) for p in self.reader.pairs()]
+
+    def recent_items(self, limit):
+        return self.reader.recent_items(limit)
 
     def recent_clients(self, limit):
         return [r[0] for r in self.reader.con.execute(

@@ -1,0 +1,525 @@
+"""Cross-client linking: catch one extraction spread over many API keys.
+
+Every per-client detector needs a window of one key's own queries; an attacker who spreads a
+synthetic-data attack (JBDA: x' = clip(x + lambda * sign(grad))) over many keys stays below all
+of them. The linker watches the queries of every key together:
+
+1. **A global index of recent queries** (:class:`LinkIndex`): each query's 64-dim DCT encoding
+   (``monitor.features``) is hashed by p-stable LSH (``tables`` tables of ``bits`` random
+   projections, bucket width ``width``); a bucket keeps its ``bucket`` most recent entries and the
+   index its ``horizon`` most recent queries. A query is compared only with the entries of its
+   buckets, so its cost does not grow with history, and memory is bounded by the horizon.
+2. **Near-copy pairs that look like an attack** (:func:`perturbation_stats`): a candidate from
+   another key is a near-copy when the pixel distance is in (duplicate, radius]. It is
+   attack-like when the perturbation is dense and flat-topped after removing the best
+   pixel-wise tone map: a sign step moves most pixels by the same amount (99th percentile of the
+   residual ~1.5-2.3x its RMS); re-saving as JPEG, resizing, shifting or a different photo of a
+   look-alike item concentrate the change on edges (>= 2.8x), and brightness, contrast and
+   gamma changes are tone maps and vanish. Exact repeats (popular images) are never pairs.
+3. **Groups** (:class:`Groups`): keys joined by ``min_pairs`` attack-like pairs are linked
+   (union-find); a group carries its evidence (members, pairs per link, since when).
+4. **Group escalation**: a group's level is the highest of its members' own levels and of the
+   ``linking.rules`` its pair count reaches; with ``raise_members`` every member is raised to it,
+   and a key that joins an escalated group starts at that level. The linker is the one place
+   that knows every key's effective level (own ladder or group), so all transitions are
+   emitted here, in the order requests are logged: replaying the log in that order reproduces
+   the index, the pairs, the groups and the transitions exactly.
+
+Why LSH over DCT encodings and not Blacklight's pixel-window hashes: Blacklight (Li et al. 2022)
+quantises pixels and hashes windows, which matches queries that differ by small L-inf noise; a
+JBDA step of lambda = 0.1 moves every pixel by 25 grey levels, across most quantisation bins, and
+Fashion-MNIST's black backgrounds make pixel windows collide between unrelated images. Distances
+in the DCT space are lower bounds of pixel distances (the basis is orthonormal), a JBDA step
+moves an encoding by ~1.3 (lambda 0.1), and the candidates are then checked exactly in pixels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.types import Level
+from monitor.config import LinkingConfig
+from monitor.engine import Transition
+from monitor.features import DIM, encode, residual_norms
+
+_SEED = 0x51B1  # LSH projections are part of the method: fixed, so replay is exact
+_BINS = 32      # tone-map bins (8 grey levels each) over the earlier item's grey level
+
+
+def perturbation_stats(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For pairs of items a[i], b[i] (uint8 (P, 784), grey levels): pixel L2 distance (in [0, 1]
+    units), dense share and peak ratio of the perturbation after removing the best pixel-wise
+    tone map (the mean change per grey-level bin of ``a``).
+
+    dense: share of pixels whose residual is >= 4 grey levels (callers compare with their own
+    step via :func:`dense_share`); peak: 99th percentile of |residual| / its RMS."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    p, n = a.shape
+    d = b - a
+    l2 = np.sqrt(np.einsum("ij,ij->i", d, d)) / np.float32(255.0)
+    bins = np.minimum((a * (_BINS / 256.0)).astype(np.int64), _BINS - 1)
+    flat = bins + (np.arange(p) * _BINS)[:, None]
+    sums = np.bincount(flat.ravel(), d.ravel(), p * _BINS)
+    cnt = np.bincount(flat.ravel(), minlength=p * _BINS)
+    mean = sums / np.maximum(cnt, 1)
+    r = np.abs(d - mean[flat].astype(np.float32))
+    rms = np.sqrt(np.einsum("ij,ij->i", r, r) / n)
+    k = int(math.ceil(0.99 * n)) - 1
+    p99 = np.partition(r, k, axis=1)[:, k]
+    peak = np.where(rms > 0, p99 / np.maximum(rms, 1e-12), np.inf)
+    return l2.astype(np.float64), r, peak.astype(np.float64)
+
+
+def total_variation(pix: np.ndarray) -> np.ndarray:
+    """Anisotropic total variation of uint8 items (N, 784), in grey levels (int64 (N,))."""
+    u = pix.reshape(len(pix), 28, 28).astype(np.int16)
+    return (np.abs(np.diff(u, axis=1)).sum((1, 2), dtype=np.int64)
+            + np.abs(np.diff(u, axis=2)).sum((1, 2), dtype=np.int64))
+
+
+def attack_like(a: np.ndarray, b: np.ndarray, cfg: LinkingConfig
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(mask, l2, dense, peak) for pairs a[i] -> b[i] (uint8 (P, 784)); dense and peak are NaN
+    where the distance alone rules a pair out (they are computed only inside the radius)."""
+    p = len(a)
+    l2 = np.zeros(p)
+    dense = np.full(p, np.nan)
+    peak = np.full(p, np.nan)
+    if p == 0:
+        return np.zeros(0, bool), l2, dense, peak
+    d = b.astype(np.float32) - a.astype(np.float32)
+    l2 = np.sqrt(np.einsum("ij,ij->i", d, d)).astype(np.float64) / 255.0
+    near = np.flatnonzero((l2 > cfg.duplicate) & (l2 <= cfg.radius))
+    mask = np.zeros(p, bool)
+    if len(near):
+        _, r, pk = perturbation_stats(a[near], b[near])
+        dn = (r >= np.float32(cfg.step)).mean(1)
+        dense[near], peak[near] = dn, pk
+        mask[near] = (dn >= cfg.dense) & (pk <= cfg.peak)
+    return mask, l2, dense, peak
+
+
+@dataclass
+class Pair:
+    """An attack-like near-copy between two keys' queries: item ``qn`` of ``client`` (the
+    perturber) is a perturbed copy of item ``other_qn`` of ``other`` (the source). Which one
+    is the copy is decided by their energy outside the 64 low frequencies (a sign step adds
+    it), not by which came first."""
+    t: float
+    client: str
+    qn: int
+    other: str
+    other_qn: int
+    dist: float
+    dense: float
+    peak: float
+
+
+class LinkIndex:
+    """The global index: LSH tables over the DCT encodings of the last ``horizon`` queries of
+    every key, plus the items (uint8) to check candidates exactly.
+
+    Each table is a fixed array of slots (a power of two, about a quarter of the horizon), each
+    slot a ring of the ``bucket`` most recent entries hashed there (entries are sequence
+    numbers; those older than the horizon are ignored). Everything is a numpy array: lookups and
+    inserts are vectorised over a request's items and cost the same at any history."""
+
+    def __init__(self, cfg: LinkingConfig):
+        self.cfg = cfg
+        rng = np.random.default_rng(_SEED)
+        nproj = cfg.tables * cfg.bits
+        self.proj = rng.standard_normal((DIM, nproj))
+        self.offset = rng.uniform(0.0, cfg.width, nproj)
+        self.mult = rng.integers(1, 2**62, size=cfg.bits, dtype=np.int64) | 1
+        self.size = cfg.horizon
+        self.nslots = 1 << max(10, int(math.ceil(math.log2(max(1, cfg.horizon // 4)))))
+        self.table = np.full((cfg.tables, self.nslots, cfg.bucket), -1, np.int64)
+        self.ptr = np.zeros((cfg.tables, self.nslots), np.int64)
+        self.enc = np.zeros((0, DIM), np.float32)
+        self.res = np.zeros(0, np.float32)
+        self.tv = np.zeros(0, np.int64)
+        self.pix = np.zeros((0, 784), np.uint8)
+        self.qn = np.zeros(0, np.int64)
+        self.kid = np.zeros(0, np.int64)
+        self.n = 0                      # items ever added (the next item's sequence number)
+
+    def slots(self, enc: np.ndarray) -> np.ndarray:
+        """int64 (N, tables): each item's slot in each table."""
+        z = (enc.astype(np.float64) @ self.proj + self.offset) / self.cfg.width
+        c = np.floor(z).astype(np.int64).reshape(len(enc), self.cfg.tables, self.cfg.bits)
+        with np.errstate(over="ignore"):
+            h = (c * self.mult).sum(-1)
+        h ^= h >> 29
+        return h & (self.nslots - 1)
+
+    def _grow(self, need: int) -> None:
+        cur = len(self.res)
+        if need <= cur or cur >= self.size:
+            return
+        cap = min(self.size, max(256, 2 * cur, need))
+        for name in ("enc", "res", "tv", "pix", "qn", "kid"):
+            a = getattr(self, name)
+            b = np.zeros((cap,) + a.shape[1:], a.dtype)
+            b[:cur] = a
+            setattr(self, name, b)
+
+    def candidates(self, slots: np.ndarray, kid: int) -> tuple[np.ndarray, np.ndarray]:
+        """(item index, ring slot) of every indexed entry of another key that shares an LSH
+        slot with an item, each pair once."""
+        n = len(slots)
+        if self.n == 0 or n == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        t = np.arange(self.cfg.tables)[None, :]
+        seq = self.table[t, slots].reshape(n, -1)              # (n, tables * bucket)
+        lo = self.n - min(self.n, self.size)
+        ii, jj = np.nonzero(seq >= lo)
+        s = seq[ii, jj]
+        u = np.unique(ii * self.n + s)                          # each (item, entry) once
+        ii, s = u // self.n, u % self.n
+        ring = s % self.size
+        other = self.kid[ring] != kid
+        return ii[other], ring[other]
+
+    def add(self, kid: int, qn0: int, enc: np.ndarray, res: np.ndarray, tv: np.ndarray,
+            pix: np.ndarray, slots: np.ndarray) -> None:
+        k = len(enc)
+        if k == 0:
+            return
+        self._grow(min(self.size, self.n + k))
+        seq = self.n + np.arange(k)
+        keep = slice(max(0, k - self.size), k)      # a request longer than the horizon
+        ring = seq[keep] % self.size
+        self.enc[ring] = enc[keep]
+        self.res[ring] = res[keep]
+        self.tv[ring] = tv[keep]
+        self.pix[ring] = pix[keep]
+        self.qn[ring] = qn0 + np.arange(k)[keep]
+        self.kid[ring] = kid
+        cap = self.cfg.bucket
+        for t in range(self.cfg.tables):
+            sl = slots[:, t]
+            order = np.argsort(sl, kind="stable")
+            ss = sl[order]
+            start = np.r_[0, np.flatnonzero(ss[1:] != ss[:-1]) + 1]
+            counts = np.diff(np.r_[start, len(ss)])
+            rank = np.arange(len(ss)) - np.repeat(start, counts)
+            last = rank >= np.repeat(counts, counts) - cap      # only the newest `cap` per slot
+            pos = (self.ptr[t, ss] + rank) % cap
+            self.table[t, ss[last], pos[last]] = seq[order][last]
+            self.ptr[t, ss[start]] += counts
+        self.n += k
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.table, self.ptr, self.enc, self.res, self.tv,
+                                      self.pix, self.qn, self.kid))
+
+
+@dataclass
+class Group:
+    id: str
+    members: set[str]
+    pairs: int = 0
+    since: float = 0.0
+    last: float = 0.0
+    links: dict[tuple[str, str], list] = field(default_factory=dict)  # (a, b): [pairs, first, last]
+    rule_level: int = 0      # the highest linking rule its pairs reached
+    member_top: int = 0      # the highest effective level of a member
+    applied: int = 0         # the level its members were last raised to
+    dirty: bool = True       # members joined since then
+
+    @property
+    def level(self) -> Level:
+        return Level(max(self.rule_level, self.member_top))
+
+    def summary(self) -> dict:
+        return {"group": self.id, "members": sorted(self.members), "pairs": self.pairs,
+                "since": self.since, "last": self.last, "level": self.level.name,
+                "links": [{"keys": list(k), "pairs": v[0], "first": v[1], "last": v[2]}
+                          for k, v in sorted(self.links.items())]}
+
+
+class Groups:
+    """Keys linked by attack-like pairs, with evidence (union-find).
+
+    A pair's later query is the perturbed copy: its key is the *perturber*, the earlier query's
+    key only the source (an honest user whose catalogue image an attacker perturbed is not an
+    attacker). A key becomes a perturber after ``min_pairs`` attack-like pairs and forms a group
+    (of one, at first); two perturbers are linked into one group when one perturbed a query of
+    the other. A group's pairs are the attack-like pairs its members sent."""
+
+    def __init__(self, cfg: LinkingConfig):
+        self.cfg = cfg
+        self.adj: dict[str, dict[str, list]] = {}   # key -> {other: edge [pairs, first, last]}
+        self.sent: dict[str, int] = {}               # attack-like pairs a key sent
+        self.of: dict[str, Group] = {}               # perturber -> its group
+        self._ids = 0
+
+    def add_pair(self, perturber: str, source: str, t: float) -> Group | None:
+        """Count one attack-like pair; returns the perturber's group (None until it is one)."""
+        a, b = perturber, source
+        key = (a, b) if a < b else (b, a)
+        e = self.adj.setdefault(a, {}).get(b)
+        if e is None:
+            e = [0, t, t]
+            self.adj[a][b] = e
+            self.adj.setdefault(b, {})[a] = e
+        e[0] += 1
+        e[2] = t
+        self.sent[a] = self.sent.get(a, 0) + 1
+        g = self.of.get(a)
+        if g is None:
+            if self.sent[a] < self.cfg.min_pairs:
+                return None
+            self._ids += 1
+            g = Group(f"G{self._ids}", {a}, pairs=self.sent[a], since=t)
+            self.of[a] = g
+            for other, e2 in self.adj[a].items():   # link to the perturbers it touched
+                if other in self.of:
+                    g = self._link(g, self.of[other], (min(a, other), max(a, other)), e2)
+        else:
+            g.pairs += 1
+            if b in self.of:
+                g = self._link(g, self.of[b], key, e)
+        g.last = t
+        return g
+
+    def _link(self, ga: Group, gb: Group, key: tuple[str, str], e: list) -> Group:
+        if ga is not gb:
+            keep, gone = (ga, gb) if int(ga.id[1:]) < int(gb.id[1:]) else (gb, ga)
+            keep.members |= gone.members
+            keep.pairs += gone.pairs
+            keep.links.update(gone.links)
+            keep.since = min(keep.since, gone.since)
+            keep.rule_level = max(keep.rule_level, gone.rule_level)
+            keep.member_top = max(keep.member_top, gone.member_top)
+            keep.dirty = True
+            for m in gone.members:
+                self.of[m] = keep
+            ga = keep
+        ga.links[key] = e
+        return ga
+
+    def all(self) -> list[Group]:
+        seen: dict[str, Group] = {}
+        for g in self.of.values():
+            seen.setdefault(g.id, g)
+        return sorted(seen.values(), key=lambda g: int(g.id[1:]))
+
+
+@dataclass
+class LinkOutcome:
+    """What one request did: the transitions to log (of any client, in order), the pairs it
+    formed, and the client's effective level after it."""
+    transitions: list
+    pairs: list[Pair]
+    level: Level
+
+
+class Linker:
+    """The cross-client detector and the authority on effective levels (see the module doc).
+    Not thread-safe: the monitor calls :meth:`step` under one lock, in log order."""
+
+    def __init__(self, cfg: LinkingConfig):
+        self.cfg = cfg
+        self.index = LinkIndex(cfg)
+        self.groups = Groups(cfg)
+        self.eff: dict[str, int] = {}       # a key's effective level, where a group raised it
+        # a key's level from its own ladder and its query count, as of its last request (kept
+        # for keys in the index or in a group; pruned once per horizon)
+        self.own: dict[str, int] = {}
+        self.last_qn: dict[str, int] = {}
+        self._next_prune = cfg.horizon
+        self._kid: dict[str, int] = {}      # key -> id in the index (keys in it only)
+        self._key: dict[int, str] = {}
+        self._kids = 0
+
+    # --- levels ---------------------------------------------------------------------------------
+    def floor(self, client: str) -> Level:
+        """The level the client's group imposes on it (NORMAL when none)."""
+        return Level(self.eff.get(client, 0))
+
+    def group_of(self, client: str) -> Group | None:
+        return self.groups.of.get(client)
+
+    # --- restart --------------------------------------------------------------------------------
+    def restore(self, pairs, levels: dict[str, tuple[int, int]]) -> None:
+        """Rebuild the groups from the logged pairs (client, other, t in log order) and take the
+        logged levels {client: (level, qn)} of their members as they are (no transitions)."""
+        for client, other, t in pairs:
+            self.groups.add_pair(client, other, t)
+        for g in self.groups.all():
+            for r in self.cfg.rules:
+                if g.pairs >= r.pairs:
+                    g.rule_level = max(g.rule_level, int(r.level))
+            for m in g.members:
+                lvl, qn = levels.get(m, (0, 0))
+                self.own[m] = lvl
+                self.last_qn[m] = qn
+                g.member_top = max(g.member_top, lvl)
+                if self.cfg.raise_members and lvl > 0:
+                    self.eff[m] = lvl
+            g.applied = int(g.level) if self.cfg.raise_members else 0
+            g.dirty = False
+
+    def refill(self, client: str, qn0: int, v: np.ndarray) -> None:
+        """Put logged items back into the index without looking for pairs (restart)."""
+        v = np.asarray(v, np.float32).reshape(len(v), -1)
+        enc = encode(v)
+        pix = np.clip(np.rint(v * np.float32(255.0)), 0, 255).astype(np.uint8)
+        self.index.add(self._key_id(client), qn0, enc, residual_norms(v, enc),
+                       total_variation(pix), pix, self.index.slots(enc))
+
+    # --- one request ----------------------------------------------------------------------------
+    def step(self, client: str, qn0: int, v: np.ndarray, enc: np.ndarray | None, t: float,
+             own_before: int, engine_trs: list) -> LinkOutcome:
+        """One request of ``client`` (items qn0+1..qn0+n, v float32 (n, 784) as stored, enc
+        their DCT encodings when the caller has them), after the client's own engine ran
+        (``own_before`` its level before, ``engine_trs`` its transitions). Returns the
+        transitions in effective levels, the pairs found, and the client's level after."""
+        eff = max(int(own_before), self.eff.get(client, 0))
+        out: list = []
+        for tr in engine_trs:               # the client's own escalations, where they raise it
+            if int(tr.to_level) > eff:
+                out.append(Transition(client, tr.t, tr.qn, Level(eff), tr.to_level, tr.rule,
+                                      tr.evidence))
+                eff = int(tr.to_level)
+        n = len(v)
+        pairs = self._pairs(client, qn0, v, enc, t) if n else []
+        for p in pairs:
+            self.groups.add_pair(p.client, p.other, t)
+        touched: dict[str, Group] = {}
+        for k in [client] + [p.client for p in pairs]:
+            g = self.groups.of.get(k)
+            if g is not None:
+                touched[g.id] = g
+        self.own[client] = eff
+        self.last_qn[client] = qn0 + n
+        if self.index.n >= self._next_prune:
+            self._prune()
+        for g in touched.values():
+            if client in g.members:
+                g.member_top = max(g.member_top, eff)
+            out += self._escalate(g, t)
+        eff = max(eff, self.eff.get(client, 0))
+        return LinkOutcome(out, pairs, Level(eff))
+
+    def _key_id(self, client: str) -> int:
+        k = self._kid.get(client)
+        if k is None:
+            self._kids += 1
+            k = self._kid[client] = self._kids
+            self._key[k] = client
+        return k
+
+    def apply(self, client: str, eng, st, t: float) -> LinkOutcome:
+        """The linker's part of a request after the client's engine ran it (``st``: a
+        monitor.engine.Step): pairs, groups and effective levels. Raises the engine to the
+        client's effective level, and the per-item levels in ``st.after`` to the floor the
+        request started at (a group raise applies from the next request)."""
+        out = self.step(client, st.qn0, st.items.v, st.items.enc, t, st.level_before,
+                        st.transitions)
+        np.maximum(st.after, st.level_before, out=st.after)
+        if out.level > eng.level:
+            eng.level = out.level
+        return out
+
+    def _prune(self) -> None:
+        present = set(np.unique(self.index.kid[:min(self.index.n, self.index.size)]).tolist())
+        self._kid = {c: k for c, k in self._kid.items() if k in present}
+        self._key = {k: c for c, k in self._kid.items()}
+        keep = set(self._kid) | set(self.groups.of)
+        self.own = {k: v for k, v in self.own.items() if k in keep}
+        self.last_qn = {k: v for k, v in self.last_qn.items() if k in keep}
+        self._next_prune = self.index.n + self.cfg.horizon
+
+    def _pairs(self, client, qn0, v, enc, t) -> list[Pair]:
+        idx = self.index
+        v = np.asarray(v, np.float32).reshape(len(v), -1)
+        if enc is None:
+            enc = encode(v)
+        pix = np.clip(np.rint(v * np.float32(255.0)), 0, 255).astype(np.uint8)
+        res = residual_norms(v, enc)
+        tv = total_variation(pix)
+        slots = idx.slots(enc)
+        kid = self._key_id(client)
+        pairs: list[Pair] = []
+        ii, ss = idx.candidates(slots, kid)
+        if len(ii):
+            # a lower bound of the pixel distance first (orthonormal basis), then pixels
+            de = enc[ii] - idx.enc[ss]
+            lb = np.einsum("ij,ij->i", de, de) + (res[ii] - idx.res[ss]) ** 2
+            keep = lb <= np.float32((self.cfg.radius + 0.01) ** 2)
+            ii, ss = ii[keep], ss[keep]
+        if len(ii):
+            # the perturbed copy is the rougher one (a sign step raises the total variation of
+            # 99.9% of images); the pair is measured from the smoother one (the source), so an
+            # original sent after its perturbed copy makes the copy's sender the perturber
+            mine = tv[ii] >= idx.tv[ss]
+            src = np.where(mine[:, None], idx.pix[ss], pix[ii])
+            dst = np.where(mine[:, None], pix[ii], idx.pix[ss])
+            mask, l2, dense, peak = attack_like(src, dst, self.cfg)
+            ii, ss, mine = ii[mask], ss[mask], mine[mask]
+            l2, dense, peak = l2[mask], dense[mask], peak[mask]
+            if len(ii):
+                other = idx.kid[ss]
+                # the nearest entry per (item, other key); ties by ring slot (deterministic)
+                order = np.lexsort((ss, l2, other, ii))
+                io, oo = ii[order], other[order]
+                first = np.r_[True, (io[1:] != io[:-1]) | (oo[1:] != oo[:-1])]
+                for j in order[first]:
+                    i, s_ = int(ii[j]), int(ss[j])
+                    a = (client, qn0 + i + 1)
+                    b = (self._key[int(other[j])], int(idx.qn[s_]) + 1)
+                    if not mine[j]:
+                        a, b = b, a
+                    pairs.append(Pair(t, a[0], a[1], b[0], b[1], float(l2[j]), float(dense[j]),
+                                      float(peak[j])))
+        idx.add(kid, qn0, enc, res, tv, pix, slots)
+        return pairs
+
+    def _escalate(self, g: Group, t: float) -> list:
+        """Raise the group to its level and (with raise_members) every member below it."""
+        for r in self.cfg.rules:
+            if g.pairs >= r.pairs and int(r.level) > g.rule_level:
+                g.rule_level = int(r.level)
+        if not self.cfg.raise_members:
+            return []
+        top = int(g.level)
+        if top == 0 or (top == g.applied and not g.dirty):
+            return []
+        if g.rule_level >= g.member_top:
+            rule = max((r for r in self.cfg.rules if int(r.level) == g.rule_level),
+                       key=lambda r: -r.pairs)
+            why, thr = rule.label, rule.pairs
+        else:
+            why, thr = f"a member is at {Level(top).name}", None
+        out = []
+        for m in sorted(g.members):
+            cur = max(self.own.get(m, 0), self.eff.get(m, 0))
+            if cur < top:
+                out.append(Transition(m, t, self.last_qn.get(m, 0), Level(cur), Level(top),
+                                      f"group {g.id}: {why}",
+                                      [{"detector": "link", "group": g.id,
+                                        "members": len(g.members), "value": g.pairs,
+                                        "threshold": thr, "since": g.since}]))
+                self.eff[m] = top
+        g.applied, g.dirty = top, False
+        return out
+
+    def nbytes(self) -> int:
+        edges = sum(len(v) for v in self.groups.adj.values())
+        return self.index.nbytes() + 150 * edges + 100 * (len(self.own) + len(self.eff))
+
+
+def groups_from_log(qlog, cfg: LinkingConfig) -> Groups:
+    """The groups as the live monitor built them, rebuilt from a log's pairs (in log order)."""
+    gs = Groups(cfg)
+    for p in qlog.pairs():
+        gs.add_pair(p["client"], p["other"], p["t"])
+    for g in gs.all():
+        g.rule_level = max([int(r.level) for r in cfg.rules if g.pairs >= r.pairs], default=0)
+        g.member_top = max(int(qlog.last_level(m)) for m in g.members)
+    return gs

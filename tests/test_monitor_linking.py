@@ -1,0 +1,235 @@
+"""Cross-client linking: attack-like pairs, groups, group escalation, restart and replay."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from client.honest import VARIANT_KINDS, benign_variant
+from common import data
+from common.types import Answer, AnswerKind, Level
+from monitor import Monitor, QueryLog, load_config
+from monitor.bench import FakeClock
+from monitor.config import ConfigError, LinkingConfig, config_from_dict
+from monitor.linking import Linker, attack_like
+from monitor.replay import replay_linked
+
+CFG = LinkingConfig(rules=[{"pairs": 20, "level": "label_only"}])
+
+
+@pytest.fixture(scope="module")
+def pool():
+    try:
+        p = data.attack_pool()
+    except data.DataUnavailable as exc:  # pragma: no cover
+        pytest.skip(f"Fashion-MNIST unavailable: {exc}")
+    return p.x.reshape(len(p.x), -1).astype(np.float32) / 255.0
+
+
+def _u8(x):
+    return np.clip(np.rint(np.asarray(x) * 255), 0, 255).astype(np.uint8).reshape(len(x), -1)
+
+
+def _step(x, lam, rng):
+    """A sign step like JBDA's (random signs stand in for the surrogate's gradient signs)."""
+    return np.clip(x + lam * rng.choice([-1.0, 1.0], x.shape), 0, 1).astype(np.float32)
+
+
+def test_sign_steps_are_attack_like_and_benign_variants_are_not(pool):
+    rng = np.random.default_rng(0)
+    x = pool[:300]
+    for lam in (0.1, 0.05):
+        mask = attack_like(_u8(x), _u8(_step(x, lam, rng)), CFG)[0]
+        assert mask.mean() > 0.95, lam
+    for kind in VARIANT_KINDS:
+        v = np.stack([benign_variant(im.reshape(28, 28), kind, rng).reshape(-1) for im in x])
+        mask, l2, _, _ = attack_like(_u8(x), _u8(v), CFG)
+        assert not mask.any(), (kind, np.flatnonzero(mask)[:5])
+    # two different photos of look-alike items are not a perturbation either
+    near = []
+    for i in range(300):
+        d = np.linalg.norm(pool[:3000] - x[i], axis=1)
+        d[d < 0.05] = np.inf
+        j = int(d.argmin())
+        if d[j] <= CFG.radius:
+            near.append((i, j))
+    assert len(near) >= 20
+    a = np.stack([x[i] for i, _ in near])
+    b = np.stack([pool[j] for _, j in near])
+    assert not attack_like(_u8(a), _u8(b), CFG)[0].any()
+
+
+def test_split_attack_is_linked_and_honest_keys_are_not(pool):
+    rng = np.random.default_rng(1)
+    lk = Linker(CFG)
+    # 20 honest keys share one catalogue: exact repeats across keys and benign re-encodings
+    cat = rng.choice(5000, 400, replace=False)
+    for r in range(6):
+        for k in range(20):
+            idx = rng.choice(cat, 20)
+            x = pool[idx].copy()
+            for j in np.flatnonzero(rng.random(20) < 0.5):
+                x[j] = benign_variant(x[j].reshape(28, 28), VARIANT_KINDS[rng.integers(8)],
+                                      rng).reshape(-1)
+            lk.step(f"honest-{k}", r * 20, x, None, float(r), 0, [])
+    # a JBDA-like attacker over 10 keys, round-robin: seeds from the same catalogue, then steps
+    # of earlier queries of other keys
+    sent = pool[rng.choice(cat, 50)]
+    qn = {k: 0 for k in range(10)}
+    for r in range(40):
+        k = r % 10
+        parents = sent[rng.integers(0, len(sent), 10)]
+        x = _step(parents, 0.1, rng)
+        lk.step(f"sybil-{k}", qn[k], x, None, 10.0 + r, 0, [])
+        qn[k] += 10
+        sent = np.concatenate([sent, x])
+    groups = lk.groups.all()
+    members = set().union(*(g.members for g in groups)) if groups else set()
+    assert {f"sybil-{k}" for k in range(10)} <= members
+    assert not any(m.startswith("honest") for m in members)
+    assert len([g for g in groups if g.members & {"sybil-0"}]) == 1
+    g = lk.group_of("sybil-0")
+    assert g.members == {f"sybil-{k}" for k in range(10)}
+    assert g.pairs >= 20 and lk.floor("sybil-3") == Level.LABEL_ONLY
+    assert all(lk.floor(f"honest-{k}") == Level.NORMAL for k in range(20))
+
+
+def test_original_sent_after_its_perturbed_copy_does_not_make_a_perturber(pool):
+    rng = np.random.default_rng(2)
+    lk = Linker(CFG)
+    x = pool[100:160]
+    out = lk.step("attacker", 0, _step(x, 0.1, rng), None, 0.0, 0, [])
+    assert out.pairs == []
+    out = lk.step("honest", 0, x, None, 1.0, 0, [])
+    assert len(out.pairs) > 50          # found, but the attacker is the perturber
+    assert {p.client for p in out.pairs} == {"attacker"}
+    assert lk.group_of("honest") is None and lk.group_of("attacker") is not None
+
+
+def test_index_cost_and_memory_are_bounded_by_the_horizon(pool):
+    rng = np.random.default_rng(3)
+    cfg = LinkingConfig(horizon=2000, rules=[])
+    lk = Linker(cfg)
+    sizes, cands = [], []
+    for r in range(30):
+        x = pool[rng.integers(0, 5000, 200)]
+        lk.step(f"k{r % 7}", (r // 7) * 200, x, None, float(r), 0, [])
+        sizes.append(lk.index.nbytes())
+        slots = lk.index.slots(lk.index.enc[:10])
+        cands.append(len(lk.index.candidates(slots, kid=-1)[0]) / 10)
+    assert sizes[-1] == sizes[10]        # full at the horizon, flat after
+    assert max(cands) <= cfg.tables * cfg.bucket
+    assert lk.index.n == 6000 and len(lk.index.res) == 2000
+
+
+def _mon_cfg(**linking):
+    d = load_config().model_dump(mode="python")
+    d["policies"] = {k.name.lower(): v for k, v in d["policies"].items()}
+    d["linking"].update(linking)
+    return config_from_dict(d)
+
+
+def _send(mon, key, x):
+    p = np.full((len(x), 10), 0.01, np.float32)
+    p[:, 0] = 0.91
+    lvl = mon.level(key)
+    a = Answer(np.zeros(len(x), np.int64), p, AnswerKind.PROBABILITIES)
+    return mon.observe(key, f"{key}-{mon.level(key)}-{np.random.random()}", x, p, a, lvl)
+
+
+def test_monitor_escalates_the_group_restarts_and_replays_it(pool, tmp_path):
+    rng = np.random.default_rng(4)
+    db = tmp_path / "m.db"
+    mon = Monitor(_mon_cfg(rules=[{"pairs": 20, "level": "label_only"}]), db, clock=FakeClock())
+    sent = pool[:30]
+    _send(mon, "seed", sent)
+    for r in range(12):                  # 4 keys, 10 queries each turn: below every window
+        k = f"s{r % 4}"
+        x = _step(sent[rng.integers(0, len(sent), 10)], 0.1, rng)
+        _send(mon, k, x)
+        sent = np.concatenate([sent, x])
+    for k in range(4):
+        assert mon.level(f"s{k}") == Level.LABEL_ONLY
+    assert mon.level("seed") == Level.NORMAL        # its images were perturbed, it did not
+    # a key that joins the escalated group starts at its level
+    _send(mon, "late", _step(sent[-20:], 0.1, rng))
+    assert mon.level("late") == Level.LABEL_ONLY
+    mon.close()
+
+    with QueryLog(db) as q:
+        pairs = q.pairs()
+        trs = [(t["client"], t["qn"], t["to_level"], t["rule"]) for t in q.transitions()]
+        assert any(t[3].startswith("group G") for t in trs)
+        # replay in log order reproduces the pairs and the transitions exactly
+        _, lk, rtrs, rpairs = replay_linked(_mon_cfg(rules=[{"pairs": 20,
+                                                             "level": "label_only"}]), q)
+    assert [(p["client"], p["qn"], p["other"], p["other_qn"]) for p in pairs] == \
+        [(p.client, p.qn, p.other, p.other_qn) for p in rpairs]
+    assert trs == [(t.client, t.qn, int(t.to_level), t.rule) for t in rtrs]
+
+    # restart: the group, the members' levels and the index come back from the store
+    mon = Monitor(_mon_cfg(rules=[{"pairs": 20, "level": "label_only"}]), db, clock=FakeClock())
+    try:
+        assert mon.level("s2") == Level.LABEL_ONLY
+        g = mon.linker.group_of("s1")
+        assert g is not None and {"s0", "s1", "s2", "s3", "late"} <= g.members
+        _send(mon, "after-restart", _step(sent[-20:], 0.1, rng))   # perturbs pre-restart items
+        assert mon.level("after-restart") == Level.LABEL_ONLY
+    finally:
+        mon.close()
+
+
+def test_linking_config_is_validated():
+    d = load_config().model_dump(mode="python")
+    d["policies"] = {k.name.lower(): v for k, v in d["policies"].items()}
+    bad = {**d, "linking": {**d["linking"], "rules": [{"pairs": 5, "level": "normal"}]}}
+    with pytest.raises(ConfigError, match="linking.rules"):
+        config_from_dict(bad)
+    bad = {**d, "linking": {**d["linking"], "duplicate": 4.0}}
+    with pytest.raises(ConfigError, match="duplicate"):
+        config_from_dict(bad)
+    bad = {**d, "ladder": {"monotone": False, "cooldown_seconds": 10}}
+    with pytest.raises(ConfigError, match="monotone"):
+        config_from_dict(bad)
+    bad = {**d, "linking": {**d["linking"], "typo": 1}}
+    with pytest.raises(ConfigError, match="typo"):
+        config_from_dict(bad)
+
+
+def test_cli_shows_groups_and_exports_evidence(pool, tmp_path, capsys):
+    from monitor.cli import main as cli
+
+    rng = np.random.default_rng(5)
+    db = tmp_path / "m.db"
+    with Monitor(_mon_cfg(rules=[{"pairs": 20, "level": "label_only"}]), db,
+                 clock=FakeClock()) as mon:
+        sent = pool[:30]
+        _send(mon, "seed", sent)
+        for r in range(8):
+            x = _step(sent[rng.integers(0, len(sent), 10)], 0.1, rng)
+            _send(mon, f"s{r % 4}", x)
+            sent = np.concatenate([sent, x])
+    assert cli(["--db", str(db), "clients"]) == 0
+    out = capsys.readouterr().out
+    rows = {ln.split()[0]: ln for ln in out.splitlines()[2:]}
+    assert "G1 (4 keys)" in rows["s0"] and "G1" not in rows["seed"]
+    assert cli(["--db", str(db), "show", "s1"]) == 0
+    out = capsys.readouterr().out
+    assert "group G1, 4 keys" in out and "members: s0, s1, s2, s3" in out
+    assert "link: group G1" in out                      # the group transition's evidence
+    assert cli(["--db", str(db), "show", "seed"]) == 0
+    assert "not linked" in capsys.readouterr().out
+    out_file = tmp_path / "pairs.jsonl"
+    assert cli(["--db", str(db), "export", "--what", "pairs", "--format", "jsonl", "-o",
+                str(out_file)]) == 0
+    pairs = [json.loads(ln) for ln in out_file.read_text().splitlines()]
+    assert pairs and all(p["client"].startswith("s") for p in pairs)
+    assert cli(["--db", str(db), "export", "--what", "groups", "--format", "jsonl"]) == 0
+    groups = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [g["members"] for g in groups] == [["s0", "s1", "s2", "s3"]]
+    assert cli(["--db", str(db), "plot", "s2", "-o", str(tmp_path / "s2.png")]) == 0
+    assert (tmp_path / "s2.png").stat().st_size > 10000
+    assert cli(["--db", str(db), "replay", "--config", "monitor/default.toml"]) == 0
+    out = capsys.readouterr().out
+    assert "G1 (4 keys)" in out
