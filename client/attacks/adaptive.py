@@ -6,7 +6,9 @@
   client's earlier ones) look like natural traffic rather than tiny Jacobian steps. The natural
   answers are used for training too.
 * :class:`SybilOracle` / :class:`Sybil`: split any attack's budget over N API keys (one
-  :class:`~client.oracle.Oracle` per key), so no single key's stream holds the whole attack.
+  :class:`~client.oracle.Oracle` per key), so no single key's stream holds the whole attack:
+  round-robin (requests rotate over the keys), split (every request spread over all keys) or
+  sequential (one key after another, each spending its whole share before the next starts).
 """
 from __future__ import annotations
 
@@ -92,16 +94,22 @@ class SybilOracle(Oracle):
     mode='round-robin' (default): each request goes whole to the next key (with budget left);
     a request larger than that key's remaining budget is split over the following keys.
     mode='split': every request is split evenly over all keys.
+    mode='sequential': one key after another: key 1 answers every request until its share is
+    spent (a request larger than what it has left spills over to key 2), then key 2, and so on.
+    Needs a per-key budget (``budget``, or each oracle's own).
     ``budget`` (total) is divided evenly over the keys, each key's oracle getting its share as
     its own budget (an existing smaller per-key budget is kept).
     """
+
+    MODES = ("round-robin", "split", "sequential")
 
     def __init__(self, oracles: Sequence[Oracle], budget: int | None = None,
                  mode: str = "round-robin"):
         if not oracles:
             raise ValueError("SybilOracle needs at least one oracle")
-        if mode not in ("round-robin", "split"):
-            raise ValueError(f"mode must be 'round-robin' or 'split', got {mode!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, self.MODES))}, "
+                             f"got {mode!r}")
         super().__init__(budget)
         self.oracles = list(oracles)
         self.mode = mode
@@ -111,6 +119,10 @@ class SybilOracle(Oracle):
             for i, o in enumerate(self.oracles):
                 share = budget // n + (i < budget % n)
                 o.budget = share if o.budget is None else min(o.budget, share)
+        if mode == "sequential" and any(o.budget is None for o in self.oracles):
+            raise ValueError("mode 'sequential' needs a per-key budget (pass budget=, or give "
+                             "every key's oracle its own): a key without one would take every "
+                             "query and the next key would never start")
 
     @property
     def per_key_queries(self) -> list[int]:
@@ -127,6 +139,8 @@ class SybilOracle(Oracle):
             # shift overflow of a key with too little budget onto the others
             if any(len(p) > self._room(self.oracles[j]) for j, p in plan):
                 plan = self._greedy(n, start=0)
+        elif self.mode == "sequential":  # the first key with budget left, spilling onto the next
+            plan = self._greedy(n, start=0)
         else:
             plan = self._greedy(n, start=self._next)
             self._next = (plan[-1][0] + 1) % k
