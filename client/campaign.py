@@ -432,6 +432,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/campaign"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--isolate", action="store_true",
+                   help="run every attack against its own fresh server and monitor log (the "
+                        "honest clients keep the scenario's): with cross-client linking, attacks "
+                        "drawing seeds from one pool would otherwise be linked to each other")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="run nothing: merge the campaign.json of earlier runs into --out")
     args = p.parse_args(argv)
@@ -477,12 +481,14 @@ def main(argv=None) -> int:
     settings = {"plan": args.plan, "attacks": [r.label for r in plan], "surrogate": args.surrogate,
                 "epochs": args.epochs, "seed": args.seed, "honest": args.honest,
                 "honest_queries": args.honest_queries, "honest_variants": args.honest_variants,
-                "honest_orgs": args.honest_orgs, "escalated_share": ESCALATED_SHARE}
+                "honest_orgs": args.honest_orgs, "escalated_share": ESCALATED_SHARE,
+                "isolate": args.isolate}
     rows, honest = [], []
     args.out.mkdir(parents=True, exist_ok=True)
     for scenario in scenarios:
         server = _start(scenario, args, args.out / scenario)
         log.info("%s: serving on %s", scenario, server.address)
+        dbs: dict[str, Path] = {}
         try:
             hs = _run_honest(server.address, scenario, args.honest, args.honest_queries,
                              args.seed, args.honest_variants, args.honest_orgs) \
@@ -490,7 +496,16 @@ def main(argv=None) -> int:
             for i, pr in enumerate(plan, 1):
                 log.info("%s [%d/%d]: %s (budget %d, %d key(s)%s)", scenario, i, len(plan),
                          pr.label, pr.budget, pr.keys, f", {pr.mode}" if pr.keys > 1 else "")
-                r = _run_attack(server.address, scenario, pr, args, target)
+                own = None
+                if args.isolate:  # a fresh server and monitor log for this attack alone
+                    wd = args.out / scenario / _slug(pr.label)
+                    own = _start(scenario, args, wd)
+                    dbs[pr.label] = wd / "monitor.db"
+                try:
+                    r = _run_attack((own or server).address, scenario, pr, args, target)
+                finally:
+                    if own is not None:
+                        own.stop()
                 rows.append(r)
                 log.info("%s: %s -> %s stolen %s fidelity %s", scenario, pr.label, r["status"],
                          r["stolen_accuracy"], r["fidelity"])
@@ -500,7 +515,8 @@ def main(argv=None) -> int:
         log.info("%s: reading what the monitor did from %s", scenario, db)
         for r in rows:
             if r["scenario"] == scenario:
-                r.update(_client_outcome(db, _keys(scenario, r["attack"], r["keys"])))
+                r.update(_client_outcome(dbs.get(r["attack"], db),
+                                         _keys(scenario, r["attack"], r["keys"])))
         for h in hs:
             h.update(_client_outcome(db, [h["client"]]))
         honest += hs

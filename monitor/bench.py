@@ -219,6 +219,43 @@ def cost(cfg, histories=(1000, 100000), measure: int = 200, seed: int = 0) -> di
     return res
 
 
+def linking_cost(cfg, totals=(1000, 100_000, 1_000_000), keys: int = 1000, batch: int = 256,
+                 measure: int = 20, seed: int = 0) -> dict:
+    """Cross-client linking's per-query cost after ``total`` queries of all keys: the index is
+    filled through the restart path (Linker.refill: the same insertion, without the pair
+    search) with pool images, ``keys`` keys taking turns; then ``measure`` requests of
+    ``batch`` items are timed through Linker.step (pair search + insertion + groups). Half of
+    a measured request are natural pool images, half sign steps of indexed ones (so pairs are
+    found and verified). Memory: the index's arrays."""
+    from common import data
+    from monitor.linking import Linker
+    rng = np.random.default_rng(seed)
+    pool = to_float(data.attack_pool().x).reshape(-1, 784)
+    res = {}
+    for total in totals:
+        lk = Linker(cfg.linking)
+        t0 = time.perf_counter()
+        for i in range(0, total, 4096):
+            n = min(4096, total - i)
+            lk.refill(f"k{(i // 4096) % keys}", i, pool[rng.integers(0, 5000, n)])
+        fill = time.perf_counter() - t0
+        dts = []
+        for r in range(measure):
+            x = pool[rng.integers(0, 5000, batch)].copy()
+            h = batch // 2
+            x[h:] = np.clip(x[h:] + 0.1 * rng.choice([-1.0, 1.0], (batch - h, 784)), 0, 1)
+            t0 = time.perf_counter()
+            lk.step(f"m{r % 25}", (r // 25) * batch, x, None, float(r), 0, [])
+            dts.append(time.perf_counter() - t0)
+        us = float(np.median(dts)) / batch * 1e6
+        res[str(total)] = {"us_per_query": round(us, 1), "index_mb": round(lk.index.nbytes() / 2**20, 1),
+                           "indexed": int(min(total, cfg.linking.horizon)), "fill_s": round(fill, 1)}
+        print(f"linking cost after {total:>9,d} queries of all keys: {us:.1f} us/query "
+              f"(batch {batch}, median of {measure}); index {res[str(total)]['index_mb']} MB "
+              f"holding {res[str(total)]['indexed']:,d} queries", flush=True)
+    return res
+
+
 def main(argv=None) -> int:
     import torch
     from threadpoolctl import threadpool_limits
@@ -232,6 +269,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-calibration", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--histories", default="1000,100000")
+    ap.add_argument("--skip-linking", action="store_true")
+    ap.add_argument("--linking-totals", default="1000,100000,1000000",
+                    help="queries of all keys before the linking cost is measured")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--db", help="keep the calibration streams' log here (for python -m monitor)")
     a = ap.parse_args(argv)
@@ -252,6 +292,9 @@ def main(argv=None) -> int:
     if not a.skip_cost:
         hs = tuple(int(h) for h in a.histories.split(","))
         results["cost"] = cost(cfg, hs)
+    if not a.skip_linking and cfg.linking.enabled:
+        results["linking_cost"] = linking_cost(
+            cfg, tuple(int(t) for t in a.linking_totals.split(",")))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -20,7 +20,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 DETECTOR_NAMES = ("prada", "ood", "similarity", "volume", "near_duplicate")
 # bumped whenever detector semantics or the pickled state layout change: stored states of another
 # version are not loaded (the state is rebuilt from the log instead)
-ENGINE_VERSION = "batched-dct8-2"
+ENGINE_VERSION = "batched-dct8-3"
 
 
 class ConfigError(ValueError):
@@ -45,6 +45,14 @@ class PradaConfig(_Strict):
     ignore_duplicates: bool = Field(True, description="exact repeats (d == 0) are not recorded")
     max_set: int = Field(1000, ge=10, le=100000,
                          description="each class's growing set keeps its most recent N elements")
+    ignore_benign_copies: bool = Field(True, description="a near-copy of a set element made by "
+                                       "a benign edit (not dense and flat-topped, see [linking]) "
+                                       "is not recorded, like an exact duplicate")
+    benign_radius: float = Field(2.0, gt=0.0, description="near-copy: pixel L2 <= this (2.0: "
+                                 "farther look-alikes are distinct photos, kept as PRADA has them)")
+    step: float = Field(4.0, gt=0.0, le=255.0, description="attack-like test: grey levels")
+    dense: float = Field(0.3, gt=0.0, le=1.0, description="attack-like test: perturbed share")
+    peak: float = Field(2.4, gt=1.0, description="attack-like test: 99th percentile / RMS")
 
 
 class OODConfig(_Strict):
@@ -101,6 +109,13 @@ class NearDuplicateConfig(_Strict):
     window: int = Field(200, ge=1, description="recent queries considered")
     min_queries: int = Field(200, ge=1, description="no firing before this many queries")
     threshold: float = Field(0.25, gt=0.0, lt=1.0, description="fires when the near share > this")
+    structure: bool = Field(True, description="count a near-copy only when the change is "
+                            "attack-like (dense and flat-topped after removing a tone map, as "
+                            "in [linking]): JPEG re-saves, resizing and re-lighting are not")
+    step: float = Field(4.0, gt=0.0, le=255.0, description="structure: grey levels a pixel must "
+                                                            "move to count as perturbed")
+    dense: float = Field(0.3, gt=0.0, le=1.0, description="structure: share of pixels perturbed")
+    peak: float = Field(2.4, gt=1.0, description="structure: 99th percentile / RMS at most this")
 
     @model_validator(mode="after")
     def _order(self):

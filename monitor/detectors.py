@@ -35,7 +35,8 @@ from scipy import special
 from monitor.config import (NearDuplicateConfig, OODConfig, PradaConfig, SimilarityConfig,
                             VolumeConfig)
 from monitor.features import (DIM, Ring, approx_sq, encode, lower_bound_sq,
-                              pixel_dist, residual_norms, sq_norms)
+                              attack_like_pairs, pixel_dist, residual_norms,
+                              sq_norms)
 
 PIX = 28 * 28
 
@@ -227,7 +228,10 @@ class Prada(Detector):
     computed; the detector fires while the last W < delta.
 
     Deviations (documented in docs/monitor.md): distances are taken in the DCT space (exact
-    there); exact duplicates (d == 0) are not recorded when ``ignore_duplicates``; the test runs
+    there); exact duplicates (d == 0) are not recorded when ``ignore_duplicates``, nor (with
+    ``ignore_benign_copies``) near-copies of a set element made by a benign edit (a JPEG re-save,
+    resizing or re-lighting: honest users re-send those, and their tiny distances would break
+    the normality PRADA tests, while attack-like perturbations are still recorded); the test runs
     on the most recent ``window`` (<= 5000) pooled distances; each G_c holds at most ``max_set``
     elements (the most recent growth; older elements drop out), which bounds memory and cost.
     """
@@ -266,6 +270,7 @@ class Prada(Detector):
         item stays bounded by the set size either way."""
         Gv, Ge, Gn, Gr, Gp = self.G[c].get("v", "e", "n", "r", "p")
         if len(Gv) == 0:
+            self._nearest = np.zeros(len(idx), dtype=np.int64)
             return np.full(len(idx), np.inf)
         q = items.v[idx]
         lb = lower_bound_sq(items.enc[idx], items.norm[idx], items.res[idx], Ge, Gn, Gr)
@@ -278,7 +283,30 @@ class Prada(Detector):
         ri, cj = np.nonzero(cand)
         d = pixel_dist(q[ri], Gv[cj])
         out = u.copy()
-        np.minimum.at(out, ri, d)
+        arg = best.copy()
+        if len(ri):
+            order = np.lexsort((cj, d, ri))           # per item: nearest first, ties by slot
+            ro = ri[order]
+            first = order[np.r_[True, ro[1:] != ro[:-1]]]
+            closer = d[first] < out[ri[first]]
+            out[ri[first[closer]]] = d[first[closer]]
+            arg[ri[first[closer]]] = cj[first[closer]]
+        self._nearest = arg
+        return out
+
+    def _benign(self, c: int, items: Items, idx: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """ignore_benign_copies: items whose nearest element of G_c is a near-copy (0 < d <=
+        benign_radius) made by a benign edit (re-saved, resized, re-lit: not an attack-like
+        perturbation); they are treated like exact duplicates (not recorded)."""
+        cfg = self.cfg
+        out = np.zeros(len(idx), dtype=bool)
+        if not cfg.ignore_benign_copies:
+            return out
+        near = np.flatnonzero((d > 0) & (d <= cfg.benign_radius))
+        if len(near):
+            Gv = self.G[c].get("v")[0]
+            out[near] = ~attack_like_pairs(items.v[idx[near]], Gv[self._nearest[near]],
+                                           cfg.step, cfg.dense, cfg.peak)
         return out
 
     def observe_batch(self, items, t):
@@ -290,6 +318,7 @@ class Prada(Detector):
             c = int(c)
             idx = np.flatnonzero(cls == c)
             dh_a = self._min_to_set(c, items, idx)
+            benign = self._benign(c, items, idx, dh_a)
             dh = dh_a.tolist()
             k = len(idx)
             best = np.full(k, np.inf)     # min distance to the request's items that joined G_c
@@ -303,7 +332,8 @@ class Prada(Detector):
                     grow = True
                     gn += 1
                 else:
-                    if not (d == 0.0 and cfg.ignore_duplicates):
+                    if not ((d == 0.0 and cfg.ignore_duplicates)
+                            or (benign[a] and d == dh[a])):
                         rec[idx[a]] = d
                     grow = d > T
                     if grow:
@@ -542,7 +572,8 @@ class NearDuplicate(Detector):
     """Share of the client's last ``window`` queries that are a small perturbation of an earlier
     query: some earlier query (the last ``history`` before the request, or an earlier item of
     the request) lies within ``radius`` (L2, pixels in [0, 1]) but is not an exact repeat
-    (farther than ``duplicate``). Jacobian augmentation (x + lambda sign(grad))
+    (farther than ``duplicate``) and, with ``structure``, the change is attack-like (dense and
+    flat-topped after removing a tone map; see monitor.linking). Jacobian augmentation (x + lambda sign(grad))
     produces such queries even when interleaved with natural images; honest users repeat images
     exactly but rarely send near-copies. Fires when the share exceeds ``threshold``."""
 
@@ -571,13 +602,23 @@ class NearDuplicate(Detector):
         best = lb[rows].argmin(1)
         d = pixel_dist(q[rows], h[best])
         hit = (d > cfg.duplicate) & (d < cfg.radius)
+        hit[hit] = self._attack_like(q[rows[hit]], h[best[hit]])
         near[rows[hit]] = True
         cand[rows[hit]] = False
         cand[rows, best] = False
         ri, cj = np.nonzero(cand)
         if len(ri):
             d = pixel_dist(q[ri], h[cj])
-            near[ri[(d > cfg.duplicate) & (d < cfg.radius)]] = True
+            hit = (d > cfg.duplicate) & (d < cfg.radius)
+            hit[hit] = self._attack_like(q[ri[hit]], h[cj[hit]])
+            near[ri[hit]] = True
+
+    def _attack_like(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """structure: which near-copies a[i] ~ b[i] are attack-like perturbations."""
+        if not self.cfg.structure:
+            return np.ones(len(a), dtype=bool)
+        c = self.cfg
+        return attack_like_pairs(a, b, c.step, c.dense, c.peak)
 
     def observe_batch(self, items, t):
         cfg = self.cfg

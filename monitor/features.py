@@ -15,6 +15,8 @@ win is never dropped.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 SIDE = 28
@@ -84,6 +86,66 @@ def pixel_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     BLAS: reproducible, and exactly 0 for identical items."""
     d = a - b
     return np.sqrt(np.einsum("...j,...j->...", d, d)).astype(np.float64)
+
+
+_BINS = 32      # tone-map bins (8 grey levels each) over the source item's grey level
+
+
+def perturbation_stats(a: np.ndarray, b: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For pairs a[i] -> b[i] (uint8 (P, 784), grey levels; a the source): pixel L2 distance
+    (in [0, 1] units); the change's residual after removing the best pixel-wise tone map (the
+    mean change per 8-grey-level bin of ``a``: brightness, contrast and gamma vanish), float32
+    (P, 784) in grey levels; its peak ratio (99th percentile / RMS); and how two-sided the raw
+    change is (the minority sign's share of the pixels that moved by 4 grey levels or more: a
+    sign step pushes pixels both ways, a re-lighting clipped at 0 or 255 only one way)."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    p, n = a.shape
+    d = b - a
+    l2 = np.sqrt(np.einsum("ij,ij->i", d, d)) / np.float32(255.0)
+    bins = np.minimum((a * (_BINS / 256.0)).astype(np.int64), _BINS - 1)
+    flat = bins + (np.arange(p) * _BINS)[:, None]
+    sums = np.bincount(flat.ravel(), d.ravel(), p * _BINS)
+    cnt = np.bincount(flat.ravel(), minlength=p * _BINS)
+    mean = sums / np.maximum(cnt, 1)
+    r = np.abs(d - mean[flat].astype(np.float32))
+    rms = np.sqrt(np.einsum("ij,ij->i", r, r) / n)
+    k = int(math.ceil(0.99 * n)) - 1
+    p99 = np.partition(r, k, axis=1)[:, k]
+    peak = np.where(rms > 0, p99 / np.maximum(rms, 1e-12), np.inf)
+    pos = (d >= 4).sum(1)
+    neg = (d <= -4).sum(1)
+    two = np.minimum(pos, neg) / np.maximum(pos + neg, 1)
+    return l2.astype(np.float64), r, peak.astype(np.float64), two.astype(np.float64)
+
+
+def total_variation(pix: np.ndarray) -> np.ndarray:
+    """Anisotropic total variation of uint8 items (N, 784), in grey levels (int64 (N,))."""
+    u = pix.reshape(len(pix), 28, 28).astype(np.int16)
+    return (np.abs(np.diff(u, axis=1)).sum((1, 2), dtype=np.int64)
+            + np.abs(np.diff(u, axis=2)).sum((1, 2), dtype=np.int64))
+
+
+
+TWO_SIDED = 0.15   # a sign step: the minority sign holds >= 14-20% of the moved pixels (JBDA 1st-5th pct)
+
+
+def attack_like_pairs(a: np.ndarray, b: np.ndarray, step: float, dense: float, peak: float
+                      ) -> np.ndarray:
+    """Which near-copies a[i] ~ b[i] (float32 items in [0, 1], (P, 784)) are attack-like
+    perturbations: measured from the smoother of the two (total variation), the change after
+    the tone map moves at least ``dense`` of the pixels by ``step`` grey levels and its 99th
+    percentile is at most ``peak`` times its RMS (see monitor.linking)."""
+    if len(a) == 0:
+        return np.zeros(0, dtype=bool)
+    ua = np.clip(np.rint(a * np.float32(255.0)), 0, 255).astype(np.uint8)
+    ub = np.clip(np.rint(b * np.float32(255.0)), 0, 255).astype(np.uint8)
+    swap = total_variation(ua) < total_variation(ub)
+    src = np.where(swap[:, None], ua, ub)
+    dst = np.where(swap[:, None], ub, ua)
+    _, r, pk, two = perturbation_stats(src, dst)
+    return ((r >= np.float32(step)).mean(1) >= dense) & (pk <= peak) & (two >= TWO_SIDED)
 
 
 class Ring:

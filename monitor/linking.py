@@ -42,42 +42,10 @@ import numpy as np
 from common.types import Level
 from monitor.config import LinkingConfig
 from monitor.engine import Transition
-from monitor.features import DIM, encode, residual_norms
+from monitor.features import (DIM, TWO_SIDED, encode, perturbation_stats, residual_norms,
+                              total_variation)
 
 _SEED = 0x51B1  # LSH projections are part of the method: fixed, so replay is exact
-_BINS = 32      # tone-map bins (8 grey levels each) over the earlier item's grey level
-
-
-def perturbation_stats(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For pairs of items a[i], b[i] (uint8 (P, 784), grey levels): pixel L2 distance (in [0, 1]
-    units), dense share and peak ratio of the perturbation after removing the best pixel-wise
-    tone map (the mean change per grey-level bin of ``a``).
-
-    dense: share of pixels whose residual is >= 4 grey levels (callers compare with their own
-    step via :func:`dense_share`); peak: 99th percentile of |residual| / its RMS."""
-    a = np.asarray(a, np.float32)
-    b = np.asarray(b, np.float32)
-    p, n = a.shape
-    d = b - a
-    l2 = np.sqrt(np.einsum("ij,ij->i", d, d)) / np.float32(255.0)
-    bins = np.minimum((a * (_BINS / 256.0)).astype(np.int64), _BINS - 1)
-    flat = bins + (np.arange(p) * _BINS)[:, None]
-    sums = np.bincount(flat.ravel(), d.ravel(), p * _BINS)
-    cnt = np.bincount(flat.ravel(), minlength=p * _BINS)
-    mean = sums / np.maximum(cnt, 1)
-    r = np.abs(d - mean[flat].astype(np.float32))
-    rms = np.sqrt(np.einsum("ij,ij->i", r, r) / n)
-    k = int(math.ceil(0.99 * n)) - 1
-    p99 = np.partition(r, k, axis=1)[:, k]
-    peak = np.where(rms > 0, p99 / np.maximum(rms, 1e-12), np.inf)
-    return l2.astype(np.float64), r, peak.astype(np.float64)
-
-
-def total_variation(pix: np.ndarray) -> np.ndarray:
-    """Anisotropic total variation of uint8 items (N, 784), in grey levels (int64 (N,))."""
-    u = pix.reshape(len(pix), 28, 28).astype(np.int16)
-    return (np.abs(np.diff(u, axis=1)).sum((1, 2), dtype=np.int64)
-            + np.abs(np.diff(u, axis=2)).sum((1, 2), dtype=np.int64))
 
 
 def attack_like(a: np.ndarray, b: np.ndarray, cfg: LinkingConfig
@@ -95,10 +63,10 @@ def attack_like(a: np.ndarray, b: np.ndarray, cfg: LinkingConfig
     near = np.flatnonzero((l2 > cfg.duplicate) & (l2 <= cfg.radius))
     mask = np.zeros(p, bool)
     if len(near):
-        _, r, pk = perturbation_stats(a[near], b[near])
+        _, r, pk, two = perturbation_stats(a[near], b[near])
         dn = (r >= np.float32(cfg.step)).mean(1)
         dense[near], peak[near] = dn, pk
-        mask[near] = (dn >= cfg.dense) & (pk <= cfg.peak)
+        mask[near] = (dn >= cfg.dense) & (pk <= cfg.peak) & (two >= TWO_SIDED)
     return mask, l2, dense, peak
 
 
