@@ -298,6 +298,14 @@ def cmd_migrate(a) -> int:
     return 0
 
 
+def cmd_tune(a) -> int:
+    from monitor.tune import TuneError, run
+    try:
+        return run(a)
+    except TuneError as exc:
+        raise CliError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m monitor", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -331,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(one row per item) into the current layout")
     p.add_argument("output", help="the new database file (must not exist)")
     p.set_defaults(fn=cmd_migrate)
+    p = sub.add_parser("tune", help="search thresholds, windows and min_hits on logs of "
+                                    "labelled honest and attacker clients (docs/tune.md)")
+    from monitor.tune import add_arguments as tune_arguments
+    tune_arguments(p)
+    p.set_defaults(fn=cmd_tune)
     return ap
 
 
