@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab import tomlw
+from common import tomlw
 from lab.loadgen import FORMATS, ClientPool
 
 REPO = Path(__file__).resolve().parents[1]

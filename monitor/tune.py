@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import tomlw
 from common.types import Level
 from monitor.config import (DETECTOR_NAMES, ConfigError, MonitorConfig, config_from_dict,
                             load_config)
@@ -354,59 +355,7 @@ def check_space(space: dict[str, list], base: MonitorConfig) -> dict[str, list]:
 
 
 def space_toml(space: dict[str, list]) -> str:
-    return "".join(f'"{k}" = [{", ".join(_toml_scalar(v) for v in vals)}]\n'
-                   for k, vals in space.items())
-
-
-# --- TOML writer -----------------------------------------------------------------------------
-def _toml_key(k) -> str:
-    k = str(k)
-    return k if k and all(c.isalnum() or c in "_-" for c in k) else json.dumps(k)
-
-
-def _toml_scalar(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_scalar(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def _table_array(v) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
-
-
-def toml_dumps(d: dict, _path: tuple = ()) -> str:
-    """A small TOML writer for config dicts (tables, arrays of tables, scalars, arrays)."""
-    out = []
-    for k, v in d.items():
-        if not isinstance(v, dict) and not _table_array(v):
-            out.append(f"{_toml_key(k)} = {_toml_scalar(v)}")
-    for k, v in d.items():
-        p = _path + (_toml_key(k),)
-        if isinstance(v, dict):
-            if not v or any(not isinstance(x, dict) and not _table_array(x) for x in v.values()):
-                out.append(f"\n[{'.'.join(p)}]")      # (a table of tables needs no header)
-            body = toml_dumps(v, p)
-            if body:
-                out.append(body.rstrip("\n"))
-        elif _table_array(v):
-            for item in v:
-                out.append(f"\n[[{'.'.join(p)}]]")
-                body = toml_dumps(item, p)
-                if body:
-                    out.append(body.rstrip("\n"))
-    return "\n".join(out).lstrip("\n") + ("\n" if out else "")
+    return "".join(f'{tomlw.key(k)} = {tomlw.scalar(list(vals))}\n' for k, vals in space.items())
 
 
 def config_toml_dict(cfg: MonitorConfig) -> dict:
@@ -1230,7 +1179,7 @@ def run(a) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = _command(a)
     header = _header(t, chosen, base, cmd)
-    out.write_text(header + toml_dumps(config_toml_dict(cfg)))
+    out.write_text(header + tomlw.dumps(config_toml_dict(cfg)))
     back = load_config(out)
     if back.model_dump() != cfg.model_dump():
         raise TuneError(f"internal: {out} does not load back as the chosen config")

@@ -32,7 +32,7 @@ def test_product_packages_never_import_lab():
 def test_toml_writer_round_trips_the_monitor_config():
     import tomllib
 
-    from lab import tomlw
+    from common import tomlw
     d = tomllib.loads((REPO / "monitor" / "default.toml").read_text())
     d["detectors"]["prada"]["enabled"] = False
     d["rules"] = []

@@ -162,7 +162,8 @@ def test_cached_evaluation_with_a_cooldown_ladder_equals_replay(logged):
     d["rules"] = [{"detectors": ["ood"], "level": "noise"},
                   {"detectors": ["near_duplicate"], "level": "label_only", "min_hits": 5}]
     path = db.parent / "cooldown.toml"
-    from monitor.tune import config_toml_dict, toml_dumps
+    from common.tomlw import dumps as toml_dumps
+    from monitor.tune import config_toml_dict
     path.write_text(toml_dumps(config_toml_dict(config_from_dict(d))))
     space = {"detectors.near_duplicate.threshold": [0.3, 0.5, 0.8],
              "rules.1.min_hits": [1, 5, 30]}

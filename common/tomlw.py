@@ -10,12 +10,12 @@ import re
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-def _key(k) -> str:
+def key(k) -> str:
     k = str(k)
     return k if _BARE.match(k) else json.dumps(k)
 
 
-def _scalar(v) -> str:
+def scalar(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
@@ -31,7 +31,7 @@ def _scalar(v) -> str:
     if isinstance(v, (list, tuple)):
         if any(isinstance(x, dict) for x in v):
             raise TypeError("arrays of tables are only supported as table values")
-        return "[" + ", ".join(_scalar(x) for x in v) + "]"
+        return "[" + ", ".join(scalar(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 
@@ -42,15 +42,15 @@ def _is_table_array(v) -> bool:
 def _emit(d: dict, path: list[str], out: list[str]) -> None:
     scalars = [(k, v) for k, v in d.items() if not isinstance(v, dict) and not _is_table_array(v)]
     for k, v in scalars:
-        out.append(f"{_key(k)} = {_scalar(v)}")
+        out.append(f"{key(k)} = {scalar(v)}")
     for k, v in d.items():
         if isinstance(v, dict):
-            p = path + [_key(k)]
+            p = path + [key(k)]
             out.append("")
             out.append(f"[{'.'.join(p)}]")
             _emit(v, p, out)
         elif _is_table_array(v):
-            p = path + [_key(k)]
+            p = path + [key(k)]
             for item in v:
                 out.append("")
                 out.append(f"[[{'.'.join(p)}]]")
