@@ -3,4 +3,6 @@
 Nothing in the product packages (service/, monitor/, client/, common/) imports ``lab``.
 ``python -m lab.serving``: the wire-speed benchmark (server vs a bare echo server of the same
 contract, monitor cost at long client histories, crash recovery, unary latency at long history).
+``python -m lab.sybil``: adaptive evasion of cross-client linking: JBDA's step lambda against
+detection and stolen accuracy, for one key and for many.
 """

@@ -260,7 +260,18 @@ class Monitor:
         return len(self._engines) + len(self._evicted)
 
     # --- service API --------------------------------------------------------------------------
-    def level(self, client_id: str) -> Level:
+    def level(self, client_id: str, images: np.ndarray | None = None) -> Level:
+        """The level to answer this client's request at. With ``images`` and cross-client
+        linking on, a request that perturbs queries of an escalated group is answered at that
+        group's level (see Linker.probe)."""
+        lvl = self._own_level(client_id)
+        if self.linker is not None and images is not None and self.config.linking.raise_members:
+            x = det_view(np.asarray(images, np.float32).reshape(-1, 28, 28))[0]
+            with self._link_lock:
+                lvl = max(lvl, self.linker.probe(client_id, x))
+        return lvl
+
+    def _own_level(self, client_id: str) -> Level:
         if self._queue is not None and self._pending.get(client_id):
             # async: a request's level reflects all of the client's earlier requests (its
             # previous answer did not wait for the detectors; this one waits for them instead)

@@ -216,12 +216,15 @@ class Groups:
     key only the source (an honest user whose catalogue image an attacker perturbed is not an
     attacker). A key becomes a perturber after ``min_pairs`` attack-like pairs and forms a group
     (of one, at first); two perturbers are linked into one group when one perturbed a query of
-    the other. A group's pairs are the attack-like pairs its members sent."""
+    the other, or when both perturbed queries of the same source key (a split attack perturbs
+    its own seed keys' queries from many keys). A group's pairs are the attack-like pairs its
+    members sent."""
 
     def __init__(self, cfg: LinkingConfig):
         self.cfg = cfg
         self.adj: dict[str, dict[str, list]] = {}   # key -> {other: edge [pairs, first, last]}
         self.sent: dict[str, int] = {}               # attack-like pairs a key sent
+        self.perturbers_of: dict[str, set[str]] = {}  # source key -> perturbers of its queries
         self.of: dict[str, Group] = {}               # perturber -> its group
         self._ids = 0
 
@@ -244,13 +247,24 @@ class Groups:
             self._ids += 1
             g = Group(f"G{self._ids}", {a}, pairs=self.sent[a], since=t)
             self.of[a] = g
-            for other, e2 in self.adj[a].items():   # link to the perturbers it touched
-                if other in self.of:
+            for other, e2 in self.adj[a].items():   # the perturbers it touched, and those
+                if other in self.of:                # that perturbed the same sources
                     g = self._link(g, self.of[other], (min(a, other), max(a, other)), e2)
+                for co in self.perturbers_of.get(other, ()):
+                    if co != a and co in self.of:
+                        g = self._link(g, self.of[co], (min(a, co), max(a, co)), None)
+            for other in self.adj[a]:
+                self.perturbers_of.setdefault(other, set()).add(a)
         else:
             g.pairs += 1
             if b in self.of:
                 g = self._link(g, self.of[b], key, e)
+            cos = self.perturbers_of.setdefault(b, set())
+            if a not in cos:
+                for co in cos:
+                    if co in self.of:
+                        g = self._link(g, self.of[co], (min(a, co), max(a, co)), None)
+                cos.add(a)
         g.last = t
         return g
 
@@ -267,7 +281,10 @@ class Groups:
             for m in gone.members:
                 self.of[m] = keep
             ga = keep
-        ga.links[key] = e
+        if e is not None:
+            ga.links[key] = e
+        else:  # two perturbers of the same source: a link without a pair between them
+            ga.links.setdefault(key, [0, ga.last, ga.last])
         return ga
 
     def all(self) -> list[Group]:
@@ -300,6 +317,8 @@ class Linker:
         self.own: dict[str, int] = {}
         self.last_qn: dict[str, int] = {}
         self._next_prune = cfg.horizon
+        self._tops: dict[int, int] | None = None   # probe's cache; None = stale
+        self._new_kid = False
         self._kid: dict[str, int] = {}      # key -> id in the index (keys in it only)
         self._key: dict[int, str] = {}
         self._kids = 0
@@ -372,6 +391,9 @@ class Linker:
                 g.member_top = max(g.member_top, eff)
             out += self._escalate(g, t)
         eff = max(eff, self.eff.get(client, 0))
+        if pairs or out or client in self.groups.of or len(v) and self._new_kid:
+            self._tops = None
+            self._new_kid = False
         return LinkOutcome(out, pairs, Level(eff))
 
     def _key_id(self, client: str) -> int:
@@ -380,6 +402,7 @@ class Linker:
             self._kids += 1
             k = self._kid[client] = self._kids
             self._key[k] = client
+            self._new_kid = True
         return k
 
     def apply(self, client: str, eng, st, t: float) -> LinkOutcome:
@@ -394,10 +417,52 @@ class Linker:
             eng.level = out.level
         return out
 
+    def probe(self, client: str, v: np.ndarray) -> Level:
+        """Before a request is answered: the highest level of an escalated group one of whose
+        members' queries these items are attack-like copies of (NORMAL when none, or when that
+        is not above the client's own floor). Reads the index only; the pairs are counted when
+        the request is observed. This is what makes a key that joins an escalated group answered
+        at the group's level from its first linked request on."""
+        idx = self.index
+        cur = self.eff.get(client, 0)
+        if self._tops is None:  # {key id in the index: its escalated group's level}
+            self._tops = {k: int(g.level) for g in self.groups.all() if int(g.level) > 0
+                          for k in (self._kid.get(m) for m in g.members) if k is not None}
+        tops = self._tops
+        if not tops or idx.n == 0 or len(v) == 0 or max(tops.values()) <= cur:
+            return Level.NORMAL
+        v = np.asarray(v, np.float32).reshape(len(v), -1)
+        enc = encode(v)
+        ii, ss = idx.candidates(idx.slots(enc), self._kid.get(client, -1))
+        if len(ii) == 0:
+            return Level.NORMAL
+        lvl = np.array([tops.get(int(k), 0) for k in idx.kid[ss]])
+        keep = lvl > cur
+        ii, ss, lvl = ii[keep], ss[keep], lvl[keep]
+        if len(ii) == 0:
+            return Level.NORMAL
+        res = residual_norms(v, enc)
+        de = enc[ii] - idx.enc[ss]
+        lb = np.einsum("ij,ij->i", de, de) + (res[ii] - idx.res[ss]) ** 2
+        keep = lb <= np.float32((self.cfg.radius + 0.01) ** 2)
+        ii, ss, lvl = ii[keep], ss[keep], lvl[keep]
+        if len(ii) == 0:
+            return Level.NORMAL
+        pix = np.clip(np.rint(v * np.float32(255.0)), 0, 255).astype(np.uint8)
+        tv = total_variation(pix)
+        mine = tv[ii] >= idx.tv[ss]
+        src = np.where(mine[:, None], idx.pix[ss], pix[ii])
+        dst = np.where(mine[:, None], pix[ii], idx.pix[ss])
+        # only where this request holds the perturbed copy: an honest user who sends an
+        # original that an attacker perturbed is the source, never raised by it
+        mask = attack_like(src, dst, self.cfg)[0] & mine
+        return Level(int(lvl[mask].max())) if mask.any() else Level.NORMAL
+
     def _prune(self) -> None:
         present = set(np.unique(self.index.kid[:min(self.index.n, self.index.size)]).tolist())
         self._kid = {c: k for c, k in self._kid.items() if k in present}
         self._key = {k: c for c, k in self._kid.items()}
+        self._tops = None
         keep = set(self._kid) | set(self.groups.of)
         self.own = {k: v for k, v in self.own.items() if k in keep}
         self.last_qn = {k: v for k, v in self.last_qn.items() if k in keep}

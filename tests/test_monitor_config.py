@@ -14,8 +14,7 @@ def test_default_config_loads_with_policies_and_watermark():
     assert cfg.policies[Level.NOISE] == {"policy": "reverse_sigmoid", "beta": 1.0, "gamma": 0.2,
                                          "preserve_argmax": True}
     assert cfg.policies[Level.LABEL_ONLY]["policy"] == "label_only"
-    assert cfg.policies[Level.SWITCH] == {"policy": "misinformation", "mode": "blend",
-                                          "tau": 0.99}
+    assert cfg.policies[Level.SWITCH] == {"policy": "misinformation", "mode": "replace"}
     assert cfg.watermark == {"enabled": True, "rate": 0.005}
     assert cfg.ladder.monotone is True
     assert {r.level for r in cfg.rules} >= {Level.NOISE, Level.LABEL_ONLY, Level.SWITCH}

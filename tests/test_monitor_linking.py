@@ -152,8 +152,14 @@ def test_monitor_escalates_the_group_restarts_and_replays_it(pool, tmp_path):
     for k in range(4):
         assert mon.level(f"s{k}") == Level.LABEL_ONLY
     assert mon.level("seed") == Level.NORMAL        # its images were perturbed, it did not
-    # a key that joins the escalated group starts at its level
-    _send(mon, "late", _step(sent[-20:], 0.1, rng))
+    # a key that joins the escalated group starts at its level: its first request is answered
+    # at it (the probe before the answer), and it is a member afterwards
+    late = _step(sent[-20:], 0.1, rng)
+    assert mon.level("late") == Level.NORMAL
+    assert mon.level("late", late) == Level.LABEL_ONLY
+    honest_copy = sent[:20]                         # natural images the seed key sent: no
+    assert mon.level("late", honest_copy) == Level.NORMAL   # perturbation, no raise
+    _send(mon, "late", late)
     assert mon.level("late") == Level.LABEL_ONLY
     mon.close()
 

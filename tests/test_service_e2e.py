@@ -269,7 +269,7 @@ def test_dataplane_hashes_each_request_once(small_target, tmp_path, monkeypatch)
         def __init__(self, level):
             self.lvl = level
 
-        def level(self, client):
+        def level(self, client, images=None):
             return self.lvl
 
         def observe(self, client_id, request_id, images, probs, answer, level):
