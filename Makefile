@@ -17,13 +17,14 @@ STUBS := protos/inference_pb2.py protos/inference_pb2_grpc.py protos/inference_p
 TARGET_CKPT := $(ARTIFACTS)/target.pt
 POOL_STAMP := $(ARTIFACTS)/pool/.complete
 
-.PHONY: help venv protos train models serve test attack attacks bench eval clean distclean
+.PHONY: help venv protos train models dp serve test attack attacks bench eval clean distclean
 
 help:
 	@echo "make serve    set up everything and serve on $(HOST):$(PORT) (PORT=..., ARGS=...)"
 	@echo "make test     set up and run the test suite"
 	@echo "make train    train the target model (if missing)"
 	@echo "make models   train the defences' model pool (if missing)"
+	@echo "make dp       DP-SGD targets (eps $(DP_EPSILONS), if missing) + their table (results/dp; long)"
 	@echo "make attack   run the original copycat attack against a running server"
 	@echo "make bench    wire-speed benchmark + monitor calibration + attack table + defence table (long)"
 	@echo "make eval     end-to-end evaluation against a live server (long)"
@@ -52,6 +53,15 @@ $(POOL_STAMP): $(TARGET_CKPT) | $(STAMP)
 	touch $@
 
 models: $(POOL_STAMP)
+
+# Differential privacy on the parameters (docs/dp.md): the target MLP trained with DP-SGD, one
+# checkpoint per budget (serve one: make serve ARGS="--dp 3"; pool name "dp_eps3").
+DP_EPSILONS ?= 8 3 1
+$(ARTIFACTS)/dp/eps%.pt: | $(STAMP)
+	$(PY) -m service train --dp-epsilon $* --out $@
+
+dp: $(STUBS) $(TARGET_CKPT) $(foreach e,$(DP_EPSILONS),$(ARTIFACTS)/dp/eps$(e).pt)
+	$(PY) -m lab.dp --epsilons $(DP_EPSILONS) $(ARGS)
 
 serve: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
 	$(PY) -m service serve --host $(HOST) --port $(PORT) $(ARGS)

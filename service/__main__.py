@@ -18,6 +18,17 @@ def _serve(args) -> int:
                  if k in ServerConfig.model_fields and v is not None}
     cfg = ServerConfig(**overrides)
     log = logging.getLogger("modelguard")
+    if args.dp is not None:  # serve the DP-SGD target for that budget (docs/dp.md)
+        from service.defences.pool import dp_path
+
+        if args.target is not None:
+            log.error("--dp and --target both name the model to serve; give one")
+            return 2
+        cfg = cfg.model_copy(update={"target": dp_path(cfg.artifacts, args.dp)})
+        if not cfg.target.exists():
+            log.error("no DP target at %s; train it with `python -m service train --dp-epsilon "
+                      "%g` (or `make dp`)", cfg.target, args.dp)
+            return 2
     log.info("config: %s", cfg.model_dump_json(exclude={"secret"}))
     if cfg.secret == DEFAULT_SECRET:
         log.warning("using the built-in development secret; set MODELGUARD_SECRET in production")
@@ -33,17 +44,39 @@ def _serve(args) -> int:
 
 
 def _train(args) -> int:
-    from service.train import train_target
+    from service.train import DEFAULTS, DP_DEFAULTS, train_dp_target, train_target
 
-    out = Path(args.out)
+    dp = args.dp_epsilon is not None or args.dp_noise is not None
+    if args.dp_epsilon is not None and args.dp_noise is not None:
+        print("error: give --dp-epsilon or --dp-noise, not both", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        out = Path(args.out)
+    elif args.dp_epsilon is not None:
+        from service.defences.pool import dp_path
+
+        out = dp_path(ServerConfig().artifacts, args.dp_epsilon)
+    elif dp:
+        print("error: --dp-noise needs --out", file=sys.stderr)
+        return 2
+    else:
+        out = ServerConfig().target
     if out.exists() and not args.force:
         print(f"{out} exists; use --force to retrain")
         return 0
-    meta = train_target(out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.seed, root=args.data, limit=args.limit,
-                        threads=args.threads)
+    d = DP_DEFAULTS if dp else DEFAULTS
+    kw = dict(epochs=args.epochs or d["epochs"], batch_size=args.batch_size or d["batch_size"],
+              lr=args.lr or d["lr"], seed=args.seed, root=args.data, limit=args.limit,
+              threads=args.threads)
+    if dp:
+        meta = train_dp_target(out, epsilon=args.dp_epsilon, noise_multiplier=args.dp_noise,
+                               delta=args.dp_delta, max_grad_norm=args.dp_clip, **kw)
+    else:
+        meta = train_target(out, **kw)
     print(json.dumps(meta, indent=2))
-    print(f"saved {out}: test accuracy {100 * meta['test_accuracy']:.2f}%")
+    print(f"saved {out}: test accuracy {100 * meta['test_accuracy']:.2f}%"
+          + ("" if not dp else ", no privacy (no noise)" if meta["dp"]["epsilon"] is None
+             else f", epsilon {meta['dp']['epsilon']:.3f} at delta {meta['dp']['delta']:g}"))
     return 0
 
 
@@ -70,17 +103,31 @@ def main(argv=None) -> int:
                    help="run without the monitor (no detectors, no query log, every client "
                         "stays NORMAL; policies and watermark still come from the monitor "
                         "config): to measure the server alone")
+    s.add_argument("--dp", type=float, metavar="EPS",
+                   help="serve the DP-SGD target trained for privacy budget EPS "
+                        "(ARTIFACTS/dp/epsEPS.pt; python -m service train --dp-epsilon EPS)")
     s.set_defaults(fn=_serve)
-    t = sub.add_parser("train", help="train the default target model")
-    t.add_argument("--out", default=str(ServerConfig().target))
-    t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t = sub.add_parser("train", help="train the default target model, or a DP-SGD one")
+    t.add_argument("--out", help="checkpoint (default: the server's target; with --dp-epsilon "
+                                 "E: ARTIFACTS/dp/epsE.pt)")
+    t.add_argument("--epochs", type=int, help="default 20; DP-SGD: 40")
+    t.add_argument("--batch-size", type=int, help="default 64; DP-SGD: 2048 (expected)")
+    t.add_argument("--lr", type=float, help="default 1e-3 (Adam); DP-SGD: 0.4 (SGD, momentum "
+                                            "0.9)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", help="data directory (default: $MODELGUARD_DATA or ./data)")
     t.add_argument("--limit", type=int, help="train on the first N images only")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     t.add_argument("--force", action="store_true")
+    g = t.add_argument_group("differential privacy (DP-SGD; needs opacus: docs/dp.md)")
+    g.add_argument("--dp-epsilon", type=float, metavar="EPS",
+                   help="train with DP-SGD for this privacy budget at --dp-delta")
+    g.add_argument("--dp-noise", type=float, metavar="SIGMA",
+                   help="DP-SGD with this noise multiplier instead (the epsilon is reported; "
+                        "0: clipping only, no privacy, a control)")
+    g.add_argument("--dp-delta", type=float, default=1e-5, help="default 1e-5")
+    g.add_argument("--dp-clip", type=float, default=1.0,
+                   help="per-example gradient clip norm (default 1.0)")
     t.set_defaults(fn=_train)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -88,7 +135,8 @@ def main(argv=None) -> int:
         return args.fn(args)
     except Exception as exc:  # a clear message, not a traceback, for expected failures
         from common.data import DataUnavailable
-        if isinstance(exc, (DataUnavailable, FileNotFoundError, ValueError, OSError)):
+        if isinstance(exc, (DataUnavailable, FileNotFoundError, ValueError, OSError)) or (
+                isinstance(exc, ImportError) and "opacus" in str(exc)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -21,6 +21,7 @@ from common import training
 from common.types import CLASS_NAMES, Answer, AnswerKind, Level
 from service.defences import DIGEST_SCHEME, PolicyContext, Watermark, build_policy
 from service.errors import NotReady, PermissionDenied
+from service.train import privacy_parameters
 
 log = logging.getLogger("modelguard.dataplane")
 
@@ -94,6 +95,7 @@ class DataPlane:
                         {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
             "classes": list(CLASS_NAMES),
             "max_batch_size": self.max_batch,
+            "parameters": privacy_parameters(self.model.meta),
         }
 
     # -- prediction ----------------------------------------------------------------------------
@@ -107,7 +109,7 @@ class DataPlane:
         if not self._ready.is_set():
             raise NotReady("the server is not ready (starting up or shutting down)")
         request_id = request_id or self._next_id()
-        level = self.monitor.level(client_id)
+        level = self.monitor.level(client_id, images)
         if level >= Level.BLOCK:
             raise PermissionDenied(f"client {client_id!r} is blocked by the monitor")
         probs = self.model.predict_proba(images)
@@ -159,9 +161,10 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
     policies = {Level.parse(lvl): build_policy(spec, artifacts=cfg.artifacts)
                 for lvl, spec in mon.config.policies.items() if Level.parse(lvl) != Level.BLOCK}
     wm = Watermark.from_spec(dict(mon.config.watermark or {}), key)
-    log.info("model %s version %s (test accuracy %s); monitor %s; policies %s; watermark %s "
+    log.info("model %s version %s (test accuracy %s, %s); monitor %s; policies %s; watermark %s "
              "(digest scheme %s)",
              model.name, model.version, model.meta.get("test_accuracy"),
+             " ".join(f"{k}={v}" for k, v in privacy_parameters(model.meta).items()),
              "on" if cfg.monitor else "OFF (--no-monitor)",
              {lvl.name: p.name for lvl, p in policies.items()},
              "off" if wm is None else f"rate {wm.rate}", DIGEST_SCHEME.split(":")[0])

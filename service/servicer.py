@@ -132,7 +132,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         m = self.plane.metadata()
         return pb.ModelMetadataResponse(
             name=m["name"], version=m["version"], classes=m["classes"],
-            max_batch_size=m["max_batch_size"],
+            max_batch_size=m["max_batch_size"], parameters=m.get("parameters", {}),
             inputs=[pb.TensorMetadata(**t) for t in m["inputs"]],
             outputs=[pb.TensorMetadata(**t) for t in m["outputs"]])
 

@@ -22,6 +22,26 @@ POOL_DIR = "pool"
 # name -> file in artifacts/pool/ ("target" is the service's own model: no file here)
 POOL_FILES = {"cnn": "cnn.pt", "trees": "trees.pkl", "misinformation": "misinfo.pt"}
 SEEDS = {"cnn": 101, "trees": 102, "misinformation": 103}
+# DP-SGD targets (docs/dp.md), trained by `python -m service train --dp-epsilon E` or `make dp`
+# into ARTIFACTS/dp/epsE.pt; in a switch pool they are named "dp_epsE" (e.g. "dp_eps3").
+DP_DIR = "dp"
+DP_PREFIX = "dp_eps"
+
+
+def dp_path(artifacts: Path, epsilon: float | str) -> Path:
+    """ARTIFACTS/dp/eps{epsilon:g}.pt: where the DP target for a privacy budget lives."""
+    return Path(artifacts) / DP_DIR / f"eps{float(epsilon):g}.pt"
+
+
+def dp_epsilon_of(name: str) -> float | None:
+    """3.0 for the pool name "dp_eps3"; None for a name that is not a DP target's."""
+    if not name.startswith(DP_PREFIX):
+        return None
+    try:
+        eps = float(name[len(DP_PREFIX):])
+    except ValueError:
+        return None
+    return eps if eps > 0 and math.isfinite(eps) else None
 
 
 def pool_dir(artifacts: Path) -> Path:
@@ -29,9 +49,11 @@ def pool_dir(artifacts: Path) -> Path:
 
 
 def model_path(artifacts: Path, name: str) -> Path:
+    if dp_epsilon_of(name) is not None:
+        return dp_path(artifacts, dp_epsilon_of(name))
     if name not in POOL_FILES:
         raise ValueError(f"unknown pool model {name!r}; expected one of "
-                         f"{sorted(POOL_FILES)} (or 'target')")
+                         f"{sorted(POOL_FILES)}, 'target' or a DP target 'dp_epsE'")
     return pool_dir(artifacts) / POOL_FILES[name]
 
 
@@ -82,6 +104,10 @@ def _load_cached(path_str: str, mtime: float, name: str) -> PoolModel:
 
 def load_model(artifacts: Path, name: str) -> PoolModel:
     path = model_path(artifacts, name)
+    if not path.exists() and dp_epsilon_of(name) is not None:
+        raise FileNotFoundError(
+            f"DP target {name!r} not found at {path}; train it with `python -m service train "
+            f"--dp-epsilon {dp_epsilon_of(name):g}` (or `make dp`)")
     if not path.exists():
         raise FileNotFoundError(
             f"pool model {name!r} not found at {path}; train the model pool first with "

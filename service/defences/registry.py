@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from service.defences.base import AnswerPolicy
 from service.defences import policies
-from service.defences.pool import MisinformationPolicy, SwitchPolicy, load_model, POOL_FILES
+from service.defences.pool import (MisinformationPolicy, SwitchPolicy, dp_epsilon_of, load_model,
+                                   POOL_FILES)
 
 
 class _Spec(BaseModel):
@@ -56,9 +57,10 @@ class SwitchSpec(_Spec):
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
         allowed = {"target"} | set(POOL_FILES)
-        bad = [m for m in v if m not in allowed]
+        bad = [m for m in v if m not in allowed and dp_epsilon_of(m) is None]
         if bad:
-            raise ValueError(f"unknown pool model(s) {bad}; expected some of {sorted(allowed)}")
+            raise ValueError(f"unknown pool model(s) {bad}; expected some of {sorted(allowed)} "
+                             "or DP targets 'dp_epsE' (e.g. 'dp_eps3')")
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate pool models in {v}")
         return v
