@@ -207,6 +207,10 @@ class LinkingConfig(_Strict):
     min_pairs: int = Field(2, ge=1, description="attack-like pairs a key must send (perturbed "
                            "copies of other keys' queries) before it is a perturber; perturbers "
                            "are linked when one perturbed a query of the other")
+    probe_queries: int = Field(200, ge=0, description="before answering a key with fewer queries "
+                               "than this, its attack-like copies of other keys' queries in the "
+                               "request count toward the linking rules (0 = only escalated "
+                               "groups are probed)")
     raise_members: bool = Field(True, description="every member is raised to its group's level "
                                 "(the highest of its members' and the group rules'); a key that "
                                 "joins an escalated group starts at that level")

@@ -225,6 +225,7 @@ class Groups:
         self.adj: dict[str, dict[str, list]] = {}   # key -> {other: edge [pairs, first, last]}
         self.sent: dict[str, int] = {}               # attack-like pairs a key sent
         self.perturbers_of: dict[str, set[str]] = {}  # source key -> perturbers of its queries
+        self.sources_of: dict[str, set[str]] = {}     # perturber -> keys whose queries it perturbed
         self.of: dict[str, Group] = {}               # perturber -> its group
         self._ids = 0
 
@@ -240,6 +241,7 @@ class Groups:
         e[0] += 1
         e[2] = t
         self.sent[a] = self.sent.get(a, 0) + 1
+        self.sources_of.setdefault(a, set()).add(b)
         g = self.of.get(a)
         if g is None:
             if self.sent[a] < self.cfg.min_pairs:
@@ -418,29 +420,38 @@ class Linker:
         return out
 
     def probe(self, client: str, v: np.ndarray) -> Level:
-        """Before a request is answered: the highest level of an escalated group one of whose
-        members' queries these items are attack-like copies of (NORMAL when none, or when that
-        is not above the client's own floor). Reads the index only; the pairs are counted when
-        the request is observed. This is what makes a key that joins an escalated group answered
-        at the group's level from its first linked request on."""
+        """Before a request is answered (reads the index only; the pairs are counted when the
+        request is observed). The level to answer it at:
+
+        * the highest level of an escalated group whose members' queries, or whose sources'
+          queries (a split attack perturbs its seed keys' queries from every key), these items
+          are attack-like copies of: a new key of a caught attack is answered as the attack
+          from its first request;
+        * for a key with fewer than ``probe_queries`` queries (below every per-client window,
+          where split attacks live): the level of the linking rules reached by its pairs so far
+          (or its group's) plus the attack-like copies of any key's queries in this request.
+
+        Only items holding the perturbed copy (the rougher side) count: an honest user who
+        sends an original that an attacker perturbed is never raised by it."""
         idx = self.index
         cur = self.eff.get(client, 0)
-        if self._tops is None:  # {key id in the index: its escalated group's level}
-            self._tops = {k: int(g.level) for g in self.groups.all() if int(g.level) > 0
-                          for k in (self._kid.get(m) for m in g.members) if k is not None}
-        tops = self._tops
-        if not tops or idx.n == 0 or len(v) == 0 or max(tops.values()) <= cur:
+        if idx.n == 0 or len(v) == 0:
+            return Level.NORMAL
+        tops = self._escalated()
+        full = self.last_qn.get(client, 0) < self.cfg.probe_queries and bool(self.cfg.rules)
+        if not full and (not tops or max(tops.values()) <= cur):
             return Level.NORMAL
         v = np.asarray(v, np.float32).reshape(len(v), -1)
         enc = encode(v)
         ii, ss = idx.candidates(idx.slots(enc), self._kid.get(client, -1))
         if len(ii) == 0:
             return Level.NORMAL
-        lvl = np.array([tops.get(int(k), 0) for k in idx.kid[ss]])
-        keep = lvl > cur
-        ii, ss, lvl = ii[keep], ss[keep], lvl[keep]
-        if len(ii) == 0:
-            return Level.NORMAL
+        lvl = np.array([tops.get(int(k), 0) for k in idx.kid[ss]], dtype=np.int64)
+        if not full:
+            keep = lvl > cur
+            ii, ss, lvl = ii[keep], ss[keep], lvl[keep]
+            if len(ii) == 0:
+                return Level.NORMAL
         res = residual_norms(v, enc)
         de = enc[ii] - idx.enc[ss]
         lb = np.einsum("ij,ij->i", de, de) + (res[ii] - idx.res[ss]) ** 2
@@ -453,10 +464,34 @@ class Linker:
         mine = tv[ii] >= idx.tv[ss]
         src = np.where(mine[:, None], idx.pix[ss], pix[ii])
         dst = np.where(mine[:, None], pix[ii], idx.pix[ss])
-        # only where this request holds the perturbed copy: an honest user who sends an
-        # original that an attacker perturbed is the source, never raised by it
         mask = attack_like(src, dst, self.cfg)[0] & mine
-        return Level(int(lvl[mask].max())) if mask.any() else Level.NORMAL
+        if not mask.any():
+            return Level.NORMAL
+        out = int(lvl[mask].max())
+        if full:
+            g = self.groups.of.get(client)
+            so_far = g.pairs if g is not None else self.groups.sent.get(client, 0)
+            n = so_far + len(np.unique(ii[mask]))
+            out = max([out] + [int(r.level) for r in self.cfg.rules if n >= r.pairs])
+        return Level(out) if out > cur else Level.NORMAL
+
+    def _escalated(self) -> dict[int, int]:
+        """{key id in the index: the level of the escalated group it belongs to or whose
+        members perturbed its queries} (cached until the groups change)."""
+        if self._tops is None:
+            tops: dict[int, int] = {}
+            for g in self.groups.all():
+                lvl = int(g.level)
+                if lvl == 0:
+                    continue
+                keys = set(g.members)
+                for m in g.members:
+                    keys |= self.groups.sources_of.get(m, set())
+                for k in (self._kid.get(c) for c in keys):
+                    if k is not None and tops.get(k, 0) < lvl:
+                        tops[k] = lvl
+            self._tops = tops
+        return self._tops
 
     def _prune(self) -> None:
         present = set(np.unique(self.index.kid[:min(self.index.n, self.index.size)]).tolist())

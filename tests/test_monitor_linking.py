@@ -239,3 +239,49 @@ def test_cli_shows_groups_and_exports_evidence(pool, tmp_path, capsys):
     assert cli(["--db", str(db), "replay", "--config", "monitor/default.toml"]) == 0
     out = capsys.readouterr().out
     assert "G1 (4 keys)" in out
+
+
+def test_a_new_key_perturbing_the_seed_keys_of_an_escalated_attack_is_answered_at_its_level(
+        pool):
+    """Split JBDA's seed keys only send natural images; the keys that perturb them are linked
+    and escalated. A new key whose first request perturbs the same seed keys' queries is
+    answered at the group's level before any pair of its own is counted; an honest key sending
+    the seed images themselves is not."""
+    rng = np.random.default_rng(6)
+    lk = Linker(CFG)
+    seeds = pool[200:260]
+    for k in range(3):                                   # three seed keys, natural images
+        lk.step(f"seed{k}", 0, seeds[k * 20:(k + 1) * 20], None, 0.0, 0, [])
+    for k in range(4):                                   # four perturbers of the seed keys
+        x = _step(seeds[rng.integers(0, 60, 10)], 0.1, rng)
+        lk.step(f"p{k}", 0, x, None, 1.0 + k, 0, [])
+    g = lk.group_of("p0")
+    assert g is not None and g.members == {"p0", "p1", "p2", "p3"}   # co-source links
+    assert g.pairs >= 20 and lk.floor("p0") == Level.LABEL_ONLY
+    assert lk.group_of("seed0") is None and lk.floor("seed0") == Level.NORMAL
+    new = _step(seeds[rng.integers(0, 60, 5)], 0.1, rng)
+    assert lk.probe("newcomer", new) == Level.LABEL_ONLY
+    assert lk.probe("honest", seeds[:5]) == Level.NORMAL
+
+
+def test_a_young_key_is_judged_on_its_first_request(pool):
+    """Below probe_queries, the attack-like copies of other keys' queries in a request count
+    toward the linking rules before it is answered: a fresh key whose first request perturbs
+    five queries of another key is answered at SWITCH; a fresh key re-sending benign variants
+    of them is not, and neither is a key past probe_queries (the per-client detectors watch
+    it)."""
+    from client.honest import benign_variant
+
+    rng = np.random.default_rng(7)
+    cfg = LinkingConfig(rules=[{"pairs": 5, "level": "switch"}], probe_queries=200)
+    lk = Linker(cfg)
+    x = pool[300:340]
+    lk.step("catalogue", 0, x, None, 0.0, 0, [])
+    assert lk.probe("fresh", _step(x[:5], 0.1, rng)) == Level.SWITCH
+    assert lk.probe("fresh", _step(x[:3], 0.1, rng)) == Level.NORMAL     # 3 < 5 pairs
+    kinds = ("jpeg", "brightness", "gamma", "contrast", "noise")
+    variants = np.stack([benign_variant(x[i].reshape(28, 28), kinds[i % 5], rng).reshape(-1)
+                         for i in range(20)])
+    assert lk.probe("fresh-honest", variants) == Level.NORMAL
+    lk.step("veteran", 0, pool[1000:1250], None, 1.0, 0, [])             # 250 queries
+    assert lk.probe("veteran", _step(x[:5], 0.1, rng)) == Level.NORMAL
