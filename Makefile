@@ -14,10 +14,13 @@ export MODELGUARD_ARTIFACTS := $(ARTIFACTS)
 export PYTHONPATH := $(CURDIR)
 
 STUBS := protos/inference_pb2.py protos/inference_pb2_grpc.py protos/inference_pb2.pyi
+OIP_STUBS := protos/grpc_predict_v2_pb2.py protos/grpc_predict_v2_pb2_grpc.py \
+             protos/grpc_predict_v2_pb2.pyi
 TARGET_CKPT := $(ARTIFACTS)/target.pt
 POOL_STAMP := $(ARTIFACTS)/pool/.complete
 
-.PHONY: help venv protos train models dp serve test attack attacks bench eval clean distclean
+.PHONY: help venv protos train models dp serve test attack attacks bench eval clean distclean \
+        triton-venv
 
 help:
 	@echo "make serve    set up everything and serve on $(HOST):$(PORT) (PORT=..., ARGS=...)"
@@ -28,6 +31,7 @@ help:
 	@echo "make attack   run the original copycat attack against a running server"
 	@echo "make bench    wire-speed benchmark + monitor calibration + attack table + defence table (long)"
 	@echo "make eval     end-to-end evaluation against a live server (long)"
+	@echo "make triton-venv  $(TRITON_VENV): tritonclient[grpc] in its own venv (docs/ecosystem.md)"
 	@echo "make clean    remove generated stubs and caches; distclean also venv, artifacts, results"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -41,7 +45,22 @@ venv: $(STAMP)
 $(STUBS) &: protos/inference.proto $(STAMP)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/inference.proto
 
-protos: $(STUBS)
+# The Open Inference Protocol v2 service (package "inference", served beside modelguard.v1).
+$(OIP_STUBS) &: protos/grpc_predict_v2.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/grpc_predict_v2.proto
+
+protos: $(STUBS) $(OIP_STUBS)
+
+# tritonclient 2.x needs protobuf < 7 and the project pins protobuf 7, so NVIDIA's client lives
+# in its own venv (tests/test_oip.py runs it as a subprocess; docs/ecosystem.md).
+TRITON_VENV ?= .venv-triton
+TRITONCLIENT ?= tritonclient[grpc]==2.73.0
+$(TRITON_VENV)/.installed:
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --disable-pip-version-check -q "$(TRITONCLIENT)" numpy
+	touch $@
+
+triton-venv: $(TRITON_VENV)/.installed
 
 $(TARGET_CKPT): | $(STAMP)
 	$(PY) -m service train --out $@
@@ -60,30 +79,30 @@ DP_EPSILONS ?= 8 3 1
 $(ARTIFACTS)/dp/eps%.pt: | $(STAMP)
 	$(PY) -m service train --dp-epsilon $* --out $@
 
-dp: $(STUBS) $(TARGET_CKPT) $(foreach e,$(DP_EPSILONS),$(ARTIFACTS)/dp/eps$(e).pt)
+dp: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(foreach e,$(DP_EPSILONS),$(ARTIFACTS)/dp/eps$(e).pt)
 	$(PY) -m lab.dp --epsilons $(DP_EPSILONS) $(ARGS)
 
-serve: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
+serve: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP)
 	$(PY) -m service serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: $(STUBS)
+test: $(STUBS) $(OIP_STUBS)
 	$(PY) -m pytest -q $(ARGS)
 
-attack: $(STUBS) $(TARGET_CKPT)
+attack: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT)
 	$(PY) -m client copycat --address $(HOST):$(PORT) --budget 5000 --json results/copycat.json $(ARGS)
 
-bench: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
+bench: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP)
 	$(PY) -m lab.serving
 	$(PY) -m monitor.bench
 	$(PY) -m client.bench_attacks
 	$(PY) -m lab.defences
 
-eval: $(STUBS) $(TARGET_CKPT) $(POOL_STAMP)
+eval: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP)
 	$(PY) -m client.campaign --out results/campaign $(ARGS)
 
 clean:
-	rm -f $(STUBS)
+	rm -f $(STUBS) $(OIP_STUBS)
 	find . -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .pytest_cache .hypothesis
 
 distclean: clean
-	rm -rf $(VENV) $(ARTIFACTS) results *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) $(ARTIFACTS) results *.egg-info

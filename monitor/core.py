@@ -88,6 +88,7 @@ class Monitor:
             self._worker = threading.Thread(target=self._run_async, name="monitor-detectors",
                                             daemon=True)
             self._worker.start()
+        self._transition_listeners: list[Callable] = []
         self.linker: Linker | None = None
         self._link_lock = threading.Lock()
         if config.linking.enabled:
@@ -249,6 +250,22 @@ class Monitor:
             log.info("linking restored: %d groups, %d pairs, %d indexed queries",
                      len(lk.groups.all()), len(pairs), n)
 
+    def on_transition(self, fn: Callable) -> None:
+        """Call ``fn(transition)`` for every level change as it is logged (e.g. to count
+        escalations for metrics). It runs on the request path: it must be cheap; exceptions
+        are logged and ignored."""
+        self._transition_listeners.append(fn)
+
+    def stats(self) -> dict:
+        """Operational gauges: log items queued for the writer and not yet committed,
+        requests waiting for the detectors (async mode), clients held in memory."""
+        out = {"log_queue_depth": self.store.queue_depth(),
+               "log_uncommitted": self.store.uncommitted(),
+               "resident_clients": self.resident_clients()}
+        if self._queue is not None:
+            out["detector_queue_depth"] = self._queue.qsize()
+        return out
+
     def ready(self) -> bool:
         """False while the clients active before a restart are still being restored."""
         return self._warmer is None or not self._warmer.is_alive()
@@ -356,6 +373,11 @@ class Monitor:
             st.after, self.config.log.keep_raw))
         for tr in transitions:
             self.store.put_transition(tr)
+            for fn in self._transition_listeners:
+                try:
+                    fn(tr)
+                except Exception:  # noqa: BLE001 - a listener never breaks the monitor
+                    log.exception("a transition listener failed")
         if pairs:
             self.store.put_pairs(pairs)
 

@@ -51,6 +51,14 @@ class MonitorStore(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def queue_depth(self) -> int:
+        """Items put and not yet picked up by the writer (0 for stores without a queue)."""
+        return 0
+
+    def uncommitted(self) -> int:
+        """Items put and not yet durable: the writer's lag in items."""
+        return 0
+
     # --- reads ----------------------------------------------------------------------------------
     @abstractmethod
     def max_qn(self, client: str) -> int: ...
@@ -117,6 +125,12 @@ class SQLiteStore(MonitorStore):
 
     def committed(self):
         return self._writer.committed
+
+    def queue_depth(self):
+        return self._writer.q.qsize()
+
+    def uncommitted(self):
+        return self._writer.q.unfinished_tasks
 
     def set_meta(self, key, value):
         with self.reader.con:

@@ -37,8 +37,9 @@ def _serve(args) -> int:
                   cfg.target)
         return 2
     server = Server(cfg, build_dataplane(cfg)).start()
-    log.info("serving on %s (max batch %d, %d workers, %d torch threads); Ctrl-C to stop",
-             server.address, cfg.max_batch, cfg.workers, cfg.torch_threads)
+    log.info("serving modelguard.v1.Inference and inference.GRPCInferenceService (Open "
+             "Inference Protocol v2) on %s (max batch %d, %d workers, %d torch threads); "
+             "Ctrl-C to stop", server.address, cfg.max_batch, cfg.workers, cfg.torch_threads)
     server.wait()
     return 0
 
@@ -96,6 +97,9 @@ def main(argv=None) -> int:
     s.add_argument("--monitor-db", dest="monitor_db", type=Path)
     s.add_argument("--api-keys", dest="api_keys", type=Path,
                    help="TOML of name = \"key\"; default: any key is accepted")
+    s.add_argument("--metrics-port", dest="metrics_port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; "
+                        "docs/ecosystem.md)")
     s.add_argument("--undefended", action="store_true", default=None,
                    help="answer with the plain target at every level (baseline); the monitor "
                         "still watches and logs")

@@ -29,6 +29,9 @@ class ServerConfig(BaseModel):
     secret: str = Field(default_factory=lambda: os.environ.get("MODELGUARD_SECRET",
                                                                DEFAULT_SECRET), repr=False)
     grace_s: float = Field(5.0, ge=0)
+    metrics_port: int | None = Field(None, ge=0, le=65535,
+                                     description="serve Prometheus metrics on host:port/metrics "
+                                                 "(0: a free port); None: no metrics")
     undefended: bool = Field(False, description="answer with the plain target at every level "
                                                 "(the monitor still watches and logs): a baseline")
     monitor: bool = Field(True, description="run the monitor; False: a null monitor (no "

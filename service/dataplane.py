@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,13 @@ class DataPlane:
         self._ready.set()
         self._id_prefix = uuid.uuid4().hex[:12]
         self._id_counter = itertools.count(1)
+        self.metrics = None   # service.metrics.Metrics when the server exports metrics
+
+    def attach_metrics(self, metrics) -> None:
+        """Report stage timings, the level each client is seen at and (through the monitor's
+        store) its transitions to ``metrics`` (service.metrics.Metrics)."""
+        metrics.watch_monitor(self.monitor)
+        self.metrics = metrics
 
     def _next_id(self) -> str:
         """A unique request id without a system call per request (uuid4 reads os.urandom:
@@ -109,10 +117,16 @@ class DataPlane:
         if not self._ready.is_set():
             raise NotReady("the server is not ready (starting up or shutting down)")
         request_id = request_id or self._next_id()
+        clock = time.perf_counter   # stage timings for the metrics (~0.1 us a reading)
+        t0 = clock()
         level = self.monitor.level(client_id, images)
         if level >= Level.BLOCK:
+            if self.metrics is not None:
+                self.metrics.client_level(client_id, level)
             raise PermissionDenied(f"client {client_id!r} is blocked by the monitor")
+        t1 = clock()
         probs = self.model.predict_proba(images)
+        t2 = clock()
         ctx = self._context(client_id, request_id)
         answer = self.policies[level].answer(images, probs, ctx)
         if self.watermark is not None:
@@ -120,7 +134,11 @@ class DataPlane:
         if not want_probabilities and answer.probs is not None:
             answer = Answer(answer.labels, None, AnswerKind.LABEL_ONLY, answer.model,
                             answer.watermarked)
-        self.monitor.observe(client_id, request_id, images, probs, answer, level)
+        t3 = clock()
+        after = self.monitor.observe(client_id, request_id, images, probs, answer, level)
+        if self.metrics is not None:
+            self.metrics.stages(t2 - t1, t3 - t2, (t1 - t0) + (clock() - t3))
+            self.metrics.client_level(client_id, after if after is not None else level)
         return PredictResult(request_id, answer, level)
 
     def close(self) -> None:

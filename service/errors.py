@@ -20,3 +20,7 @@ class PermissionDenied(ServiceError):
 
 class NotReady(ServiceError):
     """The model is not loaded yet, or the server is shutting down."""
+
+
+class NotFound(ServiceError):
+    """An unknown model name or version (Open Inference Protocol calls name the model)."""

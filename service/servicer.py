@@ -3,18 +3,18 @@ become status codes here and nowhere else (STATUS_OF)."""
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 import numpy as np
 
-from common.types import Answer, AnswerKind, NUM_CLASSES
+from common.types import Answer, AnswerKind, Level, NUM_CLASSES
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from service import codec
 from service.auth import KeyRing
 from service.dataplane import DataPlane
-from service.errors import (InvalidInput, NotReady, PermissionDenied, ServiceError,
-                            Unauthenticated)
+from service.errors import InvalidInput, NotFound, NotReady, PermissionDenied, Unauthenticated
 
 log = logging.getLogger("modelguard.servicer")
 
@@ -23,19 +23,71 @@ STATUS_OF = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
+    NotFound: grpc.StatusCode.NOT_FOUND,
 }
 
 # Health and reflection stay reachable without a key.
 PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def abort_for(context: grpc.ServicerContext, exc: Exception):
-    """Abort the call with the status for ``exc``: the one place errors become codes."""
+PREDICTION_METHODS = ("/Predict", "/ModelInfer")   # what the metrics count, rejected or not
+
+
+def api_of(method: str) -> str:
+    """The metrics' ``api`` label of a full method name: "oip" (inference.GRPCInferenceService)
+    or "v1" (modelguard.v1.Inference)."""
+    return "oip" if method.startswith("/inference.") else "v1"
+
+
+def status_for(exc: Exception) -> grpc.StatusCode:
+    """The status code for ``exc`` (INTERNAL for anything untyped)."""
     for typ, code in STATUS_OF.items():
         if isinstance(exc, typ):
-            context.abort(code, str(exc))
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def abort_for(context: grpc.ServicerContext, exc: Exception):
+    """Abort the call with the status for ``exc``: the one place errors become codes."""
+    code = status_for(exc)
+    if code != grpc.StatusCode.INTERNAL:
+        context.abort(code, str(exc))
     log.exception("internal error")
     context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+class CallStats:
+    """What one prediction call reports to the metrics (service.metrics): filled in as the
+    handler goes, recorded by :meth:`record` in its ``finally`` (errors included)."""
+
+    __slots__ = ("t0", "decode_s", "level", "answer", "n", "code")
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.decode_s = None
+        self.level = None
+        self.answer = None
+        self.n = 0
+        self.code = "OK"
+
+    def decoded(self, n: int) -> None:
+        self.decode_s = time.perf_counter() - self.t0
+        self.n = n
+
+    def answered(self, result) -> None:
+        self.level = result.level
+        self.answer = ("probabilities" if result.answer.kind == AnswerKind.PROBABILITIES
+                       else "label_only")
+
+    def failed(self, exc: Exception) -> None:
+        self.code = status_for(exc).name
+        if isinstance(exc, PermissionDenied):
+            self.level = Level.BLOCK
+
+    def record(self, metrics, api: str) -> None:
+        if metrics is not None:
+            metrics.request(api, self.code, self.level, self.answer, self.n,
+                            time.perf_counter() - self.t0, self.decode_s)
 
 
 WIRE_MIN_ITEMS = 8
@@ -98,8 +150,9 @@ def build_response(fmt: int, answer: Answer, request_id: str, model_name: str,
 class AuthInterceptor(grpc.ServerInterceptor):
     """Rejects calls without a valid key before they reach a handler (health/reflection exempt)."""
 
-    def __init__(self, keyring: KeyRing):
+    def __init__(self, keyring: KeyRing, metrics=None):
         self.keyring = keyring
+        self.metrics = metrics   # counts the calls it rejects (service.metrics.Metrics)
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -109,6 +162,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
             self.keyring.client_id(handler_call_details.invocation_metadata)
         except Unauthenticated as exc:
             message = str(exc)
+            if self.metrics is not None and method.endswith(PREDICTION_METHODS):
+                self.metrics.request(api_of(method), "UNAUTHENTICATED", None, None, 0, None)
 
             def deny(request, context):
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -137,15 +192,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             outputs=[pb.TensorMetadata(**t) for t in m["outputs"]])
 
     def Predict(self, request, context):
+        stats = CallStats()
         try:
             client = self.keyring.client_id(context.invocation_metadata())
             images = codec.decode_images(request.datatype, request.shape, request.raw_input,
                                          self.plane.max_batch)
+            stats.decoded(len(images))
             result = self.plane.predict(client, request.id, images,
                                         want_probabilities=request.output != pb.OUTPUT_LABEL)
-        except ServiceError as exc:
+            stats.answered(result)
+            return build_response(request.format, result.answer, result.request_id,
+                                  self.plane.model.name, self.plane.model.version)
+        except Exception as exc:  # noqa: BLE001 - untyped errors are INTERNAL, without traceback
+            stats.failed(exc)
             abort_for(context, exc)
-        except Exception as exc:  # noqa: BLE001 - anything else is INTERNAL, without traceback
-            abort_for(context, exc)
-        return build_response(request.format, result.answer, result.request_id,
-                              self.plane.model.name, self.plane.model.version)
+        finally:
+            stats.record(self.plane.metrics, "v1")
