@@ -93,12 +93,12 @@ attack: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT)
 
 bench: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP)
 	$(PY) -m lab.serving
-	$(PY) -m monitor.bench
-	$(PY) -m client.bench_attacks
+	$(PY) -m lab.monitor_bench
+	$(PY) -m lab.bench_attacks
 	$(PY) -m lab.defences
 
 eval: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP)
-	$(PY) -m client.campaign --out results/campaign $(ARGS)
+	$(PY) -m lab.campaign --out results/campaign $(ARGS)
 
 clean:
 	rm -f $(STUBS) $(OIP_STUBS)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
+from common.codec import encode_images
 from common.types import Answer, AnswerKind, NUM_CLASSES
 from client.oracle import Oracle
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from service.codec import encode_images
 
 
 class ApiError(RuntimeError):

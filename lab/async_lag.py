@@ -9,7 +9,7 @@ first query answered at that level, and the lag in queries between the two (sync
 too: the rest of the request in flight).
 
 Streams (evaluation protocol: pool = test 0-4999; MNIST the OOD pool): the JBDA stand-in from
-150 seeds (monitor.bench.papernot_stream) and a Knockoff-style MNIST stream.
+150 seeds (lab.monitor_bench.papernot_stream) and a Knockoff-style MNIST stream.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from monitor import bench
+    from lab import monitor_bench as bench
 
     ap = argparse.ArgumentParser(prog="python -m lab.async_lag", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,9 +1,9 @@
 """Benchmark every attack against the undefended target, in process (LocalOracle on the real
 checkpoint; the gRPC server is a thin adapter over the same model), at several query budgets.
 
-    python -m client.bench_attacks                      # the full table: 1k, 5k, 20k
-    python -m client.bench_attacks --only jbda,copycat --budgets 1000 --epochs 5
-    python -m client.bench_attacks --only equivalent --fee-budgets 100000,200000,300000
+    python -m lab.bench_attacks                         # the full table: 1k, 5k, 20k
+    python -m lab.bench_attacks --only jbda,copycat --budgets 1000 --epochs 5
+    python -m lab.bench_attacks --only equivalent --fee-budgets 100000,200000,300000
 
 Writes results/attacks.json (every run, appended/replaced by key) and results/attacks.md.
 Budgets an attack cannot use (copycat and ActiveThief query each of the 5,000 pool images at
@@ -151,7 +151,7 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.bench_attacks", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m lab.bench_attacks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="artifacts/target.pt")
     p.add_argument("--data")

@@ -1,4 +1,4 @@
-"""python -m client.campaign: the lab's headline measurement, end to end over gRPC.
+"""python -m lab.campaign: the lab's headline measurement, end to end over gRPC.
 
 For each scenario it starts the real server in process on a free port (the trained target, the
 model pool, the monitor with a fresh log), then runs honest clients and the attacks against it,
@@ -99,7 +99,7 @@ SCENARIOS = ("undefended", "defended", "strict")
 STRICT_CONFIG = Path(__file__).resolve().parents[1] / "monitor" / "strict.toml"
 
 
-def _start(scenario: str, args, workdir: Path):
+def start_server(scenario: str, args, workdir: Path):
     from service.config import ServerConfig
     from service.dataplane import build_dataplane
     from service.server import Server
@@ -178,7 +178,7 @@ def queries_until_escalated(qlog, keys: list[str], share: float = ESCALATED_SHAR
     return sorted(at)[need - 1]
 
 
-def _client_outcome(db: Path, keys: list[str]) -> dict:
+def client_outcome(db: Path, keys: list[str]) -> dict:
     """What the monitor did to these keys (one attack's, or one honest client's)."""
     from monitor import QueryLog
 
@@ -194,18 +194,18 @@ def _client_outcome(db: Path, keys: list[str]) -> dict:
             "logged_queries": logged}
 
 
-def _slug(label: str) -> str:
+def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "attack"
 
 
-def _keys(scenario: str, label: str, n: int) -> list[str]:
+def attack_keys(scenario: str, label: str, n: int) -> list[str]:
     """The API keys an attack uses: one, or n Sybil keys; distinct per label (no two plan rows
     share a key, so no row inherits another's monitor state)."""
-    base = f"{scenario}/{_slug(label)}"
+    base = f"{scenario}/{slug(label)}"
     return [base] if n == 1 else [f"{base}/key-{i}" for i in range(n)]
 
 
-def _run_attack(address: str, scenario: str, plan: PlanRow, args, target) -> dict:
+def run_attack(address: str, scenario: str, plan: PlanRow, args, target) -> dict:
     from client.api import RemoteOracle
     from client.attacks import ATTACKS
     from client.attacks.adaptive import SybilOracle
@@ -215,7 +215,7 @@ def _run_attack(address: str, scenario: str, plan: PlanRow, args, target) -> dic
 
     cls = ATTACKS[plan.attack]
     budget = plan.budget
-    keys = _keys(scenario, plan.label, plan.keys)
+    keys = attack_keys(scenario, plan.label, plan.keys)
     oracles = [RemoteOracle(address, k) for k in keys]
     oracle = oracles[0] if len(oracles) == 1 else SybilOracle(oracles, budget=budget,
                                                               mode=plan.mode)
@@ -233,7 +233,7 @@ def _run_attack(address: str, scenario: str, plan: PlanRow, args, target) -> dic
     t0 = time.perf_counter()
     row = {"scenario": scenario, "attack": plan.label, "name": plan.attack, "keys": len(keys),
            "mode": plan.mode if len(keys) > 1 else None, "budget": budget,
-           "key_prefix": f"{scenario}/{_slug(plan.label)}"}
+           "key_prefix": f"{scenario}/{slug(plan.label)}"}
     try:
         result = cls(oracle, budget, **kw).run()
     except (NeedsProbabilities, AttackFailed) as exc:  # the defence left it nothing to work with
@@ -251,7 +251,7 @@ def _run_attack(address: str, scenario: str, plan: PlanRow, args, target) -> dic
     return row
 
 
-def _honest_support() -> list[str]:
+def honest_support() -> list[str]:
     """What client.honest lacks of the benign variants (empty when it has them all)."""
     from client import honest
 
@@ -392,7 +392,7 @@ def _write(out: Path, rows: list[dict], honest: list[dict], target_accuracy: flo
     return md
 
 
-def _target_accuracy(target) -> float:
+def eval_accuracy(target) -> float:
     ev = data.eval_set()
     return training.accuracy(training.predict_proba(target, ev.x).argmax(1), ev.y)
 
@@ -404,13 +404,13 @@ def _merge(dirs: list[Path], out: Path, target_path: Path) -> int:
         rows += blob["attacks"]
         honest += blob["honest"]
     target, _ = training.load_checkpoint(target_path)
-    print(_write(out, rows, honest, _target_accuracy(target)))
+    print(_write(out, rows, honest, eval_accuracy(target)))
     print(f"wrote {out}/campaign.json, campaign.md, campaign.png")
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.campaign", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m lab.campaign", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", default="undefended,defended")
     p.add_argument("--plan", default="all",
@@ -462,7 +462,7 @@ def main(argv=None) -> int:
         p.error(f"--honest-orgs must be between 1 and --honest ({args.honest}), "
                 f"got {args.honest_orgs}")
     if args.honest_variants is not None or args.honest_orgs is not None:
-        missing = _honest_support()
+        missing = honest_support()
         if missing:
             p.error(f"--honest-variants/--honest-orgs need {' and '.join(missing)} in "
                     f"client/honest.py, which this checkout does not have yet")
@@ -486,7 +486,7 @@ def main(argv=None) -> int:
     rows, honest = [], []
     args.out.mkdir(parents=True, exist_ok=True)
     for scenario in scenarios:
-        server = _start(scenario, args, args.out / scenario)
+        server = start_server(scenario, args, args.out / scenario)
         log.info("%s: serving on %s", scenario, server.address)
         dbs: dict[str, Path] = {}
         try:
@@ -498,11 +498,11 @@ def main(argv=None) -> int:
                          pr.label, pr.budget, pr.keys, f", {pr.mode}" if pr.keys > 1 else "")
                 own = None
                 if args.isolate:  # a fresh server and monitor log for this attack alone
-                    wd = args.out / scenario / _slug(pr.label)
-                    own = _start(scenario, args, wd)
+                    wd = args.out / scenario / slug(pr.label)
+                    own = start_server(scenario, args, wd)
                     dbs[pr.label] = wd / "monitor.db"
                 try:
-                    r = _run_attack((own or server).address, scenario, pr, args, target)
+                    r = run_attack((own or server).address, scenario, pr, args, target)
                 finally:
                     if own is not None:
                         own.stop()
@@ -515,14 +515,14 @@ def main(argv=None) -> int:
         log.info("%s: reading what the monitor did from %s", scenario, db)
         for r in rows:
             if r["scenario"] == scenario:
-                r.update(_client_outcome(dbs.get(r["attack"], db),
-                                         _keys(scenario, r["attack"], r["keys"])))
+                r.update(client_outcome(dbs.get(r["attack"], db),
+                                        attack_keys(scenario, r["attack"], r["keys"])))
         for h in hs:
-            h.update(_client_outcome(db, [h["client"]]))
+            h.update(client_outcome(db, [h["client"]]))
         honest += hs
         (args.out / "campaign.json").write_text(json.dumps(
             {"attacks": rows, "honest": honest, "settings": settings}, indent=2, default=str))
-    md = _write(args.out, rows, honest, _target_accuracy(target), settings)
+    md = _write(args.out, rows, honest, eval_accuracy(target), settings)
     print(md)
     print(f"wrote {args.out}/campaign.json, campaign.md, campaign.png")
     return 0

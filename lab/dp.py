@@ -178,7 +178,7 @@ def measure(name: str, path: Path, args, pool, ev, members, nonmembers) -> dict:
     attacks = {
         "copycat": (Copycat, {"pool": pool}),
         "copycat_labels": (CopycatLabels, {"pool": pool}),
-        # as client.bench_attacks runs it: 150 seeds, lambda 0.1, rounds of epochs // 4
+        # as lab.bench_attacks runs it: 150 seeds, lambda 0.1, rounds of epochs // 4
         "jbda": (JBDA, {"pool": pool, "round_epochs": max(1, args.epochs // 4)}),
     }
     surrogates = {}

@@ -1,4 +1,4 @@
-"""Monitor benchmark and calibration: ``python -m monitor.bench``.
+"""Monitor benchmark and calibration: ``python -m lab.monitor_bench``.
 
 Reports
   1. calibration on real Fashion-MNIST with the given config (default: monitor/default.toml):
@@ -19,18 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.clock import FakeClock
 from common.types import Answer, AnswerKind, Level
-
-
-class FakeClock:
-    """Deterministic request timestamps: ``step`` seconds per call."""
-
-    def __init__(self, start: float = 1.7e9, step: float = 0.05):
-        self.t, self.step = start, step
-
-    def __call__(self) -> float:
-        self.t += self.step
-        return self.t
 
 
 def get_target(path: str | None, seed: int = 0):
@@ -45,7 +35,7 @@ def get_target(path: str | None, seed: int = 0):
     m = nets.build("mlp")
     training.train(m, tr.x, tr.y, training.TrainConfig(epochs=3, batch_size=128, seed=seed,
                                                        progress=False))
-    return m, "quick MLP trained by monitor.bench (3 epochs)"
+    return m, "quick MLP trained by lab.monitor_bench (3 epochs)"
 
 
 def proba(model, x: np.ndarray) -> np.ndarray:
@@ -261,7 +251,7 @@ def main(argv=None) -> int:
     from threadpoolctl import threadpool_limits
     torch.set_num_threads(1)
     threadpool_limits(1, user_api="blas")  # as the server does (service/dataplane.py)
-    ap = argparse.ArgumentParser(prog="python -m monitor.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m lab.monitor_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="monitor TOML (default monitor/default.toml)")
     ap.add_argument("--target", default=os.environ.get("MODELGUARD_TARGET", "artifacts/target.pt"))

@@ -713,7 +713,8 @@ def section_cost(args, pool_x: np.ndarray, rep: Report) -> None:
 
     from common.types import Level
     from monitor import Monitor, load_config
-    from monitor.bench import FakeClock, fake_answer
+    from common.clock import FakeClock
+    from lab.monitor_bench import fake_answer
 
     torch.set_num_threads(1)
     threadpool_limits(1, user_api="blas")  # as the server does

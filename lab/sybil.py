@@ -56,18 +56,18 @@ def _ints(s: str) -> list[int]:
 
 def run_one(args, lam: float, keys: int, target, runs_dir: Path) -> dict:
     """One JBDA run at step ``lam`` over ``keys`` keys against a fresh defended server."""
-    from client import campaign
+    from lab import campaign
 
     label = f"{args.attack} lam={lam:g} x{keys}"
     plan = campaign.PlanRow(label, args.attack, args.budget, {"lam": lam}, keys, args.mode)
-    workdir = runs_dir / campaign._slug(label)
-    server = campaign._start("defended", args, workdir)
+    workdir = runs_dir / campaign.slug(label)
+    server = campaign.start_server("defended", args, workdir)
     try:
-        row = campaign._run_attack(server.address, "defended", plan, args, target)
+        row = campaign.run_attack(server.address, "defended", plan, args, target)
     finally:
         server.stop()
-    row.update(campaign._client_outcome(workdir / "monitor.db",
-                                        campaign._keys("defended", label, keys)))
+    row.update(campaign.client_outcome(workdir / "monitor.db",
+                                       campaign.attack_keys("defended", label, keys)))
     row.update(lam=lam, monitor_db=str(workdir / "monitor.db"))
     return row
 
@@ -176,12 +176,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
-    from client import campaign
+    from lab import campaign
     from common import training
 
     torch.set_num_threads(1)
     target, _ = training.load_checkpoint(args.target)
-    target_accuracy = campaign._target_accuracy(target)
+    target_accuracy = campaign.eval_accuracy(target)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("no_progress",)}
     runs = [(lam, k) for k in args.keys for lam in args.lambdas]

@@ -1,17 +1,18 @@
-"""Decoding and encoding of image batches as raw row-major bytes (Open Inference Protocol style).
+"""The server's validating decoder of image batches (the wire format: common/codec.py).
 
 Wire format: datatype "UINT8" (values 0..255) or "FP32" (little-endian, values in [0, 1]), shape
 [N, 28, 28] or [N, 1, 28, 28]. Decoding validates everything and returns float32 (N, 28, 28) in
 [0, 1]; every malformed case raises :class:`~service.errors.InvalidInput` naming what is wrong.
+The client encodes with :func:`common.codec.encode_images`.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from common.codec import DTYPES, H, W
 from service.errors import InvalidInput
 
-DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
-H = W = 28
+__all__ = ["DTYPES", "H", "W", "decode_images"]
 
 
 def decode_images(datatype: str, shape, raw: bytes, max_batch: int) -> np.ndarray:
@@ -42,16 +43,3 @@ def decode_images(datatype: str, shape, raw: bytes, max_batch: int) -> np.ndarra
                            f"[{float(x.min()):.4g}, {float(x.max()):.4g}]")
     return x.astype(np.float32, copy=True)
 
-
-def encode_images(images: np.ndarray) -> tuple[str, list[int], bytes]:
-    """(datatype, shape, raw) for a batch: uint8 stays UINT8, anything else goes as FP32."""
-    x = np.asarray(images)
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim != 3 or x.shape[1:] != (H, W):
-        raise ValueError(f"images must have shape (N, 28, 28); got {x.shape}")
-    if x.dtype == np.uint8:
-        return "UINT8", list(x.shape), np.ascontiguousarray(x).tobytes()
-    return "FP32", list(x.shape), np.ascontiguousarray(x, dtype="<f4").tobytes()

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from client import campaign
-from client.campaign import PlanRow, first_escalations, queries_until_escalated
+from common.clock import FakeClock
 from common.types import Answer, AnswerKind, Level
+from lab import campaign
+from lab.campaign import PlanRow, first_escalations, queries_until_escalated
 from monitor import Monitor, QueryLog, load_config
-from monitor.bench import FakeClock
 from monitor.config import config_from_dict
 from monitor.engine import Transition
 
@@ -88,7 +88,7 @@ def test_queries_until_escalated_rejects_bad_arguments(hand_log):
 
 
 def test_client_outcome_counts_only_the_given_keys(hand_log):
-    out = campaign._client_outcome(hand_log, ["a", "b", "f"])
+    out = campaign.client_outcome(hand_log, ["a", "b", "f"])
     assert out == {"final_level": "NOISE", "first_escalation_query": 11, "escalated_keys": 2,
                    "queries_before_80pct_escalated": None, "logged_queries": 24}
 
@@ -97,7 +97,7 @@ def test_plans_have_unique_labels_and_keys():
     rows = campaign.plan_rows("all")
     labels = [r.label for r in rows]
     assert len(labels) == len(set(labels))
-    keys = [k for r in rows for k in campaign._keys("defended", r.label, r.keys)]
+    keys = [k for r in rows for k in campaign.attack_keys("defended", r.label, r.keys)]
     assert len(keys) == len(set(keys))            # no two rows share a key
     sybil = {r.label: r for r in campaign.plan_rows("sybil")}
     assert sybil["jbda x25 rr"] == PlanRow("jbda x25 rr", "jbda", 5000, {}, 25, "round-robin")
@@ -151,7 +151,7 @@ def test_sybil_campaign_row_end_to_end(small_target, tmp_path, monkeypatch):
             "--honest", "1", "--honest-queries", "100", "--epochs", "1",
             "--surrogate", "mlp", "--out", str(out), "--no-progress"]
     honest_flags = ["--honest-variants", "0.3", "--honest-orgs", "1"]
-    variants = not campaign._honest_support()
+    variants = not campaign.honest_support()
     if not variants:  # client.honest without benign variants yet: the flags fail up front
         with pytest.raises(SystemExit):
             campaign.main(argv + honest_flags)
@@ -200,7 +200,7 @@ def test_campaign_rejects_unknown_labels_and_bad_honest_flags(capsys, monkeypatc
     with pytest.raises(SystemExit):
         campaign.main(["--honest", "2", "--honest-orgs", "3"])
     assert "--honest-orgs must be between 1 and --honest (2)" in capsys.readouterr().err
-    monkeypatch.setattr(campaign, "_honest_support", lambda: ["run_honest(..., orgs=N)"])
+    monkeypatch.setattr(campaign, "honest_support", lambda: ["run_honest(..., orgs=N)"])
     with pytest.raises(SystemExit):
         campaign.main(["--honest", "2", "--honest-orgs", "2"])
     assert "need run_honest(..., orgs=N) in client/honest.py" in capsys.readouterr().err

@@ -3,7 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.codec import decode_images, encode_images
+from common.codec import encode_images
+from service.codec import decode_images
 from service.errors import InvalidInput
 
 

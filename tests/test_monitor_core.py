@@ -6,9 +6,9 @@ import threading
 import numpy as np
 import pytest
 
+from common.clock import FakeClock
 from common.types import Answer, AnswerKind, Level
 from monitor import Monitor, QueryLog, load_config
-from monitor.bench import FakeClock
 from monitor.config import config_from_dict
 from monitor.log import RAW_F16, RAW_F32, RAW_U8
 

@@ -8,9 +8,9 @@ import pytest
 
 from client.honest import VARIANT_KINDS, benign_variant
 from common import data
+from common.clock import FakeClock
 from common.types import Answer, AnswerKind, Level
 from monitor import Monitor, QueryLog, load_config
-from monitor.bench import FakeClock
 from monitor.config import ConfigError, LinkingConfig, config_from_dict
 from monitor.linking import Linker, attack_like
 from monitor.replay import replay_linked

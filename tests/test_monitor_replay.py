@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from common import data
+from common.clock import FakeClock
 from common.types import Answer, AnswerKind, Level
 from monitor import Monitor, QueryLog, load_config
-from monitor.bench import FakeClock
 from monitor.cli import main as cli
 from monitor.config import config_from_dict
 from monitor.replay import replay

@@ -12,7 +12,8 @@ model is used):
 The context computes the batch's keyed per-image digests once, on first use (ctx.digests), and
 noise, routing and the watermark all read their own byte ranges of them.
 
-CLI: python -m service.defences {train-pool, verify, bench}. See docs/defences.md.
+CLI: python -m service.defences {train-pool, verify}; the policy table and the watermark demo
+are measured by the lab (python -m lab.defences). See docs/defences.md.
 """
 from service.defences.base import DIGEST_SCHEME, AnswerPolicy, InputDigests, PolicyContext
 from service.defences.registry import SPECS, build_policy
