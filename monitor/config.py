@@ -195,7 +195,7 @@ class LinkingConfig(_Strict):
     step: float = Field(4.0, gt=0.0, le=255.0,
                         description="grey levels: a pixel is perturbed when its change, after "
                                     "removing the best pixel-wise tone map, is at least this")
-    dense: float = Field(0.3, gt=0.0, le=1.0,
+    dense: float = Field(0.45, gt=0.0, le=1.0,
                          description="attack-like: at least this share of pixels perturbed")
     peak: float = Field(2.4, gt=1.0, description="attack-like: 99th percentile of the tone-map "
                         "residual / its RMS at most this (flat-topped: sign steps ~1.5-2.3; "
