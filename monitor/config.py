@@ -335,14 +335,20 @@ def config_from_dict(data: dict, source: str = "<dict>") -> MonitorConfig:
         raise ConfigError(f"invalid monitor config {source}:\n{_format_errors(exc)}") from None
 
 
+def read_toml(path: str | Path, what: str, error: type[Exception] = None) -> dict:
+    """Parse a TOML file; a missing or malformed file raises ``error`` (ConfigError by default)
+    with a message naming ``what`` it is and where."""
+    error = error or ConfigError
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{what} {path} is not valid TOML: {exc}") from None
+
+
 def load_config(path: str | Path | None = None) -> MonitorConfig:
     """Read and validate a TOML config; None -> the shipped ``monitor/default.toml``."""
     path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"monitor config not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"monitor config {path} is not valid TOML: {exc}") from None
-    return config_from_dict(data, str(path))
+    return config_from_dict(read_toml(path, "monitor config"), str(path))

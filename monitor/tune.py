@@ -35,7 +35,6 @@ import shlex
 import sqlite3
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np
 from common import tomlw
 from common.types import Level
 from monitor.config import (DETECTOR_NAMES, ConfigError, MonitorConfig, config_from_dict,
-                            load_config)
+                            load_config, read_toml)
 
 DEFAULT_OUTPUT = "results/tune/tuned.toml"
 NEVER = np.iinfo(np.int64).max
@@ -268,14 +267,7 @@ def load_space(path: str | Path) -> dict[str, list]:
     """A search space file: TOML, one array of values per key (``"detectors.prada.delta" =
     [0.85, 0.9]``, ``"rules.1.min_hits" = [1, 5]``; nested tables work too)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise TuneError(f"search space file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TuneError(f"search space file {path} is not valid TOML: {exc}") from None
-    sp = _flatten(data)
+    sp = _flatten(read_toml(path, "search space file", TuneError))
     if not sp:
         raise TuneError(f"search space file {path} lists no keys")
     for k, v in sp.items():
