@@ -432,10 +432,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/campaign"))
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--isolate", action="store_true",
-                   help="run every attack against its own fresh server and monitor log (the "
-                        "honest clients keep the scenario's): with cross-client linking, attacks "
-                        "drawing seeds from one pool would otherwise be linked to each other")
+    iso = p.add_mutually_exclusive_group()
+    iso.add_argument("--isolate", dest="isolate", action="store_true", default=True,
+                     help="(the default) run every attack against its own fresh server and "
+                          "monitor log (the honest clients keep the scenario's): with "
+                          "cross-client linking, attacks drawing seeds from one pool would "
+                          "otherwise be linked to each other")
+    iso.add_argument("--shared", dest="isolate", action="store_false",
+                     help="run the honest clients and every attack against one server and log "
+                          "(what a deployment sees; later attacks may be linked to earlier ones)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="run nothing: merge the campaign.json of earlier runs into --out")
     args = p.parse_args(argv)

@@ -146,7 +146,8 @@ def test_sybil_campaign_row_end_to_end(small_target, tmp_path, monkeypatch):
         PlanRow("jbda", "jbda", 300, jb, 1),
     ])
     out = tmp_path / "out"
-    argv = ["--scenarios", "defended", "--plan", "sybil", "--config", str(cfg),
+    # --shared: the honest client and the attacks in one log (the rows must count their own keys)
+    argv = ["--shared", "--scenarios", "defended", "--plan", "sybil", "--config", str(cfg),
             "--target", str(small_target[0]), "--artifacts", str(tmp_path),
             "--honest", "1", "--honest-queries", "100", "--epochs", "1",
             "--surrogate", "mlp", "--out", str(out), "--no-progress"]
@@ -241,3 +242,24 @@ def test_lab_sybil_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         sybil.main(["--budget", "10", "--keys", "1,25"])
     assert "25 keys cannot share a budget of 10" in capsys.readouterr().err
+
+
+def test_campaign_isolates_each_attack_by_default(small_target, tmp_path, monkeypatch):
+    """Without --shared every attack gets its own server and log (SCENARIO/ATTACK/monitor.db):
+    the scenario's log holds the honest client only, and the row is read from the attack's."""
+    cfg = tmp_path / "monitor.toml"
+    cfg.write_text(CONFIG_TOML)
+    monkeypatch.setitem(campaign.PLANS, "sybil", [
+        PlanRow("jbda x3 seq", "jbda", 300, {"seeds": 30}, 3, "sequential")])
+    out = tmp_path / "out"
+    rc = campaign.main(["--scenarios", "defended", "--plan", "sybil", "--config", str(cfg),
+                        "--target", str(small_target[0]), "--artifacts", str(tmp_path),
+                        "--honest", "1", "--honest-queries", "100", "--epochs", "1",
+                        "--surrogate", "mlp", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    with QueryLog(out / "defended" / "monitor.db") as q:
+        assert [c for c in q.client_ids()] == ["defended/honest-0"]
+    with QueryLog(out / "defended" / "jbda-x3-seq" / "monitor.db") as q:
+        assert len(q.client_ids()) == 3
+    [row] = json.loads((out / "campaign.json").read_text())["attacks"]
+    assert row["escalated_keys"] == 3 and row["queries_before_80pct_escalated"] == 261
