@@ -264,7 +264,7 @@ def test_keyed_noise_follows_the_documented_derivation():
 
 
 def test_digests_are_computed_once_per_request_and_only_when_needed(monkeypatch):
-    from service.defences import InputDigests, PolicyContext as Ctx, Watermark
+    from service.defences import PolicyContext as Ctx, Watermark
     from service.defences import base
 
     calls = []
@@ -279,7 +279,9 @@ def test_digests_are_computed_once_per_request_and_only_when_needed(monkeypatch)
     build_policy({"policy": "reverse_sigmoid"}).answer(images, probs, c)
     build_policy({"policy": "round"}).answer(images, probs, c)
     assert calls == [32]                       # policies without keyed randomness: no hashing
-    assert isinstance(c.digests(images), InputDigests) and calls == [32, 32]
+    d = c.digests(images)
+    assert calls == [32, 32]
+    assert d.words(base.WM_SELECT_RANGE, 2).shape[0] == 32   # one digest per image
     assert c.digests(images) is c.digests(images) and calls == [32, 32]
 
 

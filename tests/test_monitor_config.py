@@ -1,24 +1,87 @@
 """Config loading and validation: the shipped default, clear messages for bad thresholds."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from common.types import Level
-from monitor import MonitorConfig, load_config
+from monitor import load_config
 from monitor.config import DEFAULT_CONFIG_PATH, ConfigError
 
 
-def test_default_config_loads_with_policies_and_watermark():
+def _jbda_like_stream(seeds: np.ndarray, rounds: int, lam: float = 0.05, seed: int = 0):
+    """JBDA-style augmentation: each round sends the previous round's images moved by a
+    dense sign step of size ``lam`` (a random stand-in for the Jacobian's sign)."""
+    rng = np.random.default_rng(seed)
+    batches, cur = [seeds], seeds
+    for _ in range(rounds):
+        cur = np.clip(cur + lam * np.sign(rng.standard_normal(cur.shape)), 0, 1)
+        cur = cur.astype(np.float32)
+        batches.append(cur)
+    return batches
+
+
+def test_default_config_withholds_answers_from_a_near_copy_stream_only(small_target,
+                                                                       tmp_path):
+    """The shipped default, end to end through a Monitor and the policies it names: a JBDA-like
+    near-copy stream ends at a level that no longer hands out the target's labels, an honest
+    stream of distinct images stays at a level that answers with the target's probabilities."""
+    import torch
+
+    from common import data, training
+    from monitor import Monitor
+    from service.defences import PolicyContext, build_policy, pool
+
+    torch.set_num_threads(1)
+    ap = data.attack_pool()
+    pool.train_misinformation(pool.model_path(tmp_path, "misinformation"),
+                              data.Split(ap.x[:600], ap.y[:600]),
+                              data.Split(ap.x[600:900], ap.y[600:900]), epochs=1,
+                              progress=False)
+    model, _ = training.load_checkpoint(small_target[0])
+
+    def target_proba(x):
+        # The small test target (3k images, 3 epochs) is far less confident than the target
+        # the OOD thresholds were calibrated on (docs/monitor.md); sharpen its softmax to
+        # stand in for that one. Labels are unchanged.
+        with torch.inference_mode():
+            return torch.softmax(4 * model(training.to_tensor(x)), 1).numpy()
+
     cfg = load_config(None)
-    assert cfg.policies[Level.NORMAL] == {"policy": "identity"}
-    assert cfg.policies[Level.NOISE] == {"policy": "reverse_sigmoid", "beta": 1.0, "gamma": 0.2,
-                                         "preserve_argmax": True}
-    assert cfg.policies[Level.LABEL_ONLY]["policy"] == "label_only"
-    assert cfg.policies[Level.SWITCH] == {"policy": "misinformation", "mode": "replace"}
-    assert cfg.watermark == {"enabled": True, "rate": 0.005}
-    assert cfg.ladder.monotone is True
-    assert {r.level for r in cfg.rules} >= {Level.NOISE, Level.LABEL_ONLY, Level.SWITCH}
-    assert isinstance(cfg, MonitorConfig)
+    mon = Monitor(cfg, tmp_path / "m.db")
+    identity = build_policy({"policy": "identity"})
+
+    def send(client, x, i):
+        lvl = mon.level(client, x)
+        probs = target_proba(x)
+        ctx = PolicyContext(client, b"k", request_id=f"{client}-{i}")
+        mon.observe(client, f"{client}-{i}", x, probs, identity.answer(x, probs, ctx), lvl)
+
+    try:
+        seeds = data.attack_pool().x[1000:1150].astype(np.float32) / 255
+        for i, batch in enumerate(_jbda_like_stream(seeds, rounds=4)):
+            send("jbda", batch, i)
+        honest = data.eval_set().x[:750].astype(np.float32) / 255
+        for i in range(0, 750, 150):
+            send("honest", honest[i:i + 150], i)
+        attacker_level, honest_level = mon.level("jbda"), mon.level("honest")
+    finally:
+        mon.close()
+
+    probe = data.eval_set().x[2000:2300].astype(np.float32) / 255
+    target = target_proba(probe)
+
+    def answered(level):
+        policy = build_policy(cfg.policies[level], artifacts=tmp_path)
+        return policy.answer(probe, target, PolicyContext("c", b"k", request_id="probe"))
+
+    bad = answered(attacker_level)
+    assert "target" not in set(bad.model), attacker_level          # another model answers...
+    assert (bad.labels == target.argmax(1)).mean() < 0.5, attacker_level   # ...not the truth
+    good = answered(honest_level)
+    assert good.probs is not None, honest_level
+    np.testing.assert_allclose(good.probs, target, atol=1e-6)
+    np.testing.assert_array_equal(good.labels, target.argmax(1))
 
 
 @pytest.mark.parametrize("path", [None, DEFAULT_CONFIG_PATH.with_name("strict.toml")])
