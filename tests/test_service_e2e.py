@@ -138,7 +138,7 @@ def test_cli_copycat_writes_json(grpc_target, small_target, tmp_path):
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["queries_used"] == 300 and r["eval_items"] == 5000
-    assert r["stolen_accuracy"] > 0.3 and 0 <= r["fidelity"] <= 1
+    assert r["stolen_accuracy"] > 0.3 and r["fidelity"] > 0.3   # agrees with the target far above chance
     assert (tmp_path / "s.pt").exists()
 
 
