@@ -282,10 +282,14 @@ class Monitor:
         linking on, a request that perturbs queries of an escalated group is answered at that
         group's level (see Linker.probe)."""
         lvl = self._own_level(client_id)
-        if self.linker is not None and images is not None and self.config.linking.raise_members:
-            x = det_view(np.asarray(images, np.float32).reshape(-1, 28, 28))[0]
+        lk = self.linker
+        if lk is not None and images is not None and self.config.linking.raise_members:
             with self._link_lock:
-                lvl = max(lvl, self.linker.probe(client_id, x))
+                wanted = lk.wants_probe(client_id)
+            if wanted:  # only then are the items prepared (most requests skip this)
+                x = det_view(np.asarray(images, np.float32).reshape(-1, 28, 28))[0]
+                with self._link_lock:
+                    lvl = max(lvl, lk.probe(client_id, x))
         return lvl
 
     def _own_level(self, client_id: str) -> Level:

@@ -120,6 +120,11 @@ def perturbation_stats(a: np.ndarray, b: np.ndarray
     return l2.astype(np.float64), r, peak.astype(np.float64), two.astype(np.float64)
 
 
+def to_u8(v: np.ndarray) -> np.ndarray:
+    """Items in [0, 1] rounded to grey levels (uint8): what the perturbation tests compare."""
+    return np.clip(np.rint(v * np.float32(255.0)), 0, 255).astype(np.uint8)
+
+
 def total_variation(pix: np.ndarray) -> np.ndarray:
     """Anisotropic total variation of uint8 items (N, 784), in grey levels (int64 (N,))."""
     u = pix.reshape(len(pix), 28, 28).astype(np.int16)
@@ -139,8 +144,7 @@ def attack_like_pairs(a: np.ndarray, b: np.ndarray, step: float, dense: float, p
     percentile is at most ``peak`` times its RMS (see monitor.linking)."""
     if len(a) == 0:
         return np.zeros(0, dtype=bool)
-    ua = np.clip(np.rint(a * np.float32(255.0)), 0, 255).astype(np.uint8)
-    ub = np.clip(np.rint(b * np.float32(255.0)), 0, 255).astype(np.uint8)
+    ua, ub = to_u8(a), to_u8(b)
     swap = total_variation(ua) < total_variation(ub)
     src = np.where(swap[:, None], ua, ub)
     dst = np.where(swap[:, None], ub, ua)

@@ -43,7 +43,7 @@ from common.types import Level
 from monitor.config import LinkingConfig
 from monitor.engine import Transition
 from monitor.features import (DIM, TWO_SIDED, encode, perturbation_stats, residual_norms,
-                              total_variation)
+                              to_u8, total_variation)
 
 _SEED = 0x51B1  # LSH projections are part of the method: fixed, so replay is exact
 
@@ -357,7 +357,7 @@ class Linker:
         """Put logged items back into the index without looking for pairs (restart)."""
         v = np.asarray(v, np.float32).reshape(len(v), -1)
         enc = encode(v)
-        pix = np.clip(np.rint(v * np.float32(255.0)), 0, 255).astype(np.uint8)
+        pix = to_u8(v)
         self.index.add(self._key_id(client), qn0, enc, residual_norms(v, enc),
                        total_variation(pix), pix, self.index.slots(enc))
 
@@ -435,12 +435,10 @@ class Linker:
         sends an original that an attacker perturbed is never raised by it."""
         idx = self.index
         cur = self.eff.get(client, 0)
-        if idx.n == 0 or len(v) == 0:
+        if len(v) == 0 or not self.wants_probe(client):
             return Level.NORMAL
         tops = self._escalated()
-        full = self.last_qn.get(client, 0) < self.cfg.probe_queries and bool(self.cfg.rules)
-        if not full and (not tops or max(tops.values()) <= cur):
-            return Level.NORMAL
+        full = self._young(client)
         v = np.asarray(v, np.float32).reshape(len(v), -1)
         enc = encode(v)
         ii, ss = idx.candidates(idx.slots(enc), self._kid.get(client, -1))
@@ -449,31 +447,37 @@ class Linker:
         lvl = np.array([tops.get(int(k), 0) for k in idx.kid[ss]], dtype=np.int64)
         if not full:
             keep = lvl > cur
-            ii, ss, lvl = ii[keep], ss[keep], lvl[keep]
+            ii, ss = ii[keep], ss[keep]
             if len(ii) == 0:
                 return Level.NORMAL
-        res = residual_norms(v, enc)
-        de = enc[ii] - idx.enc[ss]
-        lb = np.einsum("ij,ij->i", de, de) + (res[ii] - idx.res[ss]) ** 2
-        keep = lb <= np.float32((self.cfg.radius + 0.01) ** 2)
-        ii, ss, lvl = ii[keep], ss[keep], lvl[keep]
+        pix = to_u8(v)
+        ii, ss, mine, *_ = self._verify(enc, residual_norms(v, enc), pix, total_variation(pix),
+                                        ii, ss)
+        # only where this request holds the perturbed copy: an honest user who sends an
+        # original that an attacker perturbed is the source, never raised by it
+        ii, ss = ii[mine], ss[mine]
         if len(ii) == 0:
             return Level.NORMAL
-        pix = np.clip(np.rint(v * np.float32(255.0)), 0, 255).astype(np.uint8)
-        tv = total_variation(pix)
-        mine = tv[ii] >= idx.tv[ss]
-        src = np.where(mine[:, None], idx.pix[ss], pix[ii])
-        dst = np.where(mine[:, None], pix[ii], idx.pix[ss])
-        mask = attack_like(src, dst, self.cfg)[0] & mine
-        if not mask.any():
-            return Level.NORMAL
-        out = int(lvl[mask].max())
+        out = max(tops.get(int(k), 0) for k in idx.kid[ss])
         if full:
             g = self.groups.of.get(client)
             so_far = g.pairs if g is not None else self.groups.sent.get(client, 0)
-            n = so_far + len(np.unique(ii[mask]))
+            n = so_far + len(np.unique(ii))
             out = max([out] + [int(r.level) for r in self.cfg.rules if n >= r.pairs])
         return Level(out) if out > cur else Level.NORMAL
+
+    def _young(self, client: str) -> bool:
+        return self.last_qn.get(client, 0) < self.cfg.probe_queries and bool(self.cfg.rules)
+
+    def wants_probe(self, client: str) -> bool:
+        """Whether :meth:`probe` can raise this client at all (cheap: no pixels looked at), so
+        the caller can skip preparing the request's items."""
+        if self.index.n == 0:
+            return False
+        if self._young(client):
+            return True
+        tops = self._escalated()
+        return bool(tops) and max(tops.values()) > self.eff.get(client, 0)
 
     def _escalated(self) -> dict[int, int]:
         """{key id in the index: the level of the escalated group it belongs to or whose
@@ -503,48 +507,55 @@ class Linker:
         self.last_qn = {k: v for k, v in self.last_qn.items() if k in keep}
         self._next_prune = self.index.n + self.cfg.horizon
 
+    def _verify(self, enc, res, pix, tv, ii, ss):
+        """The candidate pairs (item ii[k] of a request, index slot ss[k]) that are attack-like
+        near-copies: a lower bound of the pixel distance first (orthonormal basis), then pixels.
+        The perturbed copy is the rougher one (a sign step raises the total variation of 99.9%
+        of images) and the pair is measured from the smoother one, so an original sent after its
+        perturbed copy makes the copy's sender the perturber. Returns (ii, ss, mine, l2, dense,
+        peak) of the attack-like ones; mine: the request's item is the perturbed copy."""
+        idx = self.index
+        if len(ii):
+            de = enc[ii] - idx.enc[ss]
+            lb = np.einsum("ij,ij->i", de, de) + (res[ii] - idx.res[ss]) ** 2
+            keep = lb <= np.float32((self.cfg.radius + 0.01) ** 2)
+            ii, ss = ii[keep], ss[keep]
+        if len(ii) == 0:
+            z = np.zeros(0)
+            return ii, ss, z.astype(bool), z, z, z
+        mine = tv[ii] >= idx.tv[ss]
+        src = np.where(mine[:, None], idx.pix[ss], pix[ii])
+        dst = np.where(mine[:, None], pix[ii], idx.pix[ss])
+        mask, l2, dense, peak = attack_like(src, dst, self.cfg)
+        return ii[mask], ss[mask], mine[mask], l2[mask], dense[mask], peak[mask]
+
     def _pairs(self, client, qn0, v, enc, t) -> list[Pair]:
         idx = self.index
         v = np.asarray(v, np.float32).reshape(len(v), -1)
         if enc is None:
             enc = encode(v)
-        pix = np.clip(np.rint(v * np.float32(255.0)), 0, 255).astype(np.uint8)
+        pix = to_u8(v)
         res = residual_norms(v, enc)
         tv = total_variation(pix)
         slots = idx.slots(enc)
         kid = self._key_id(client)
         pairs: list[Pair] = []
         ii, ss = idx.candidates(slots, kid)
+        ii, ss, mine, l2, dense, peak = self._verify(enc, res, pix, tv, ii, ss)
         if len(ii):
-            # a lower bound of the pixel distance first (orthonormal basis), then pixels
-            de = enc[ii] - idx.enc[ss]
-            lb = np.einsum("ij,ij->i", de, de) + (res[ii] - idx.res[ss]) ** 2
-            keep = lb <= np.float32((self.cfg.radius + 0.01) ** 2)
-            ii, ss = ii[keep], ss[keep]
-        if len(ii):
-            # the perturbed copy is the rougher one (a sign step raises the total variation of
-            # 99.9% of images); the pair is measured from the smoother one (the source), so an
-            # original sent after its perturbed copy makes the copy's sender the perturber
-            mine = tv[ii] >= idx.tv[ss]
-            src = np.where(mine[:, None], idx.pix[ss], pix[ii])
-            dst = np.where(mine[:, None], pix[ii], idx.pix[ss])
-            mask, l2, dense, peak = attack_like(src, dst, self.cfg)
-            ii, ss, mine = ii[mask], ss[mask], mine[mask]
-            l2, dense, peak = l2[mask], dense[mask], peak[mask]
-            if len(ii):
-                other = idx.kid[ss]
-                # the nearest entry per (item, other key); ties by ring slot (deterministic)
-                order = np.lexsort((ss, l2, other, ii))
-                io, oo = ii[order], other[order]
-                first = np.r_[True, (io[1:] != io[:-1]) | (oo[1:] != oo[:-1])]
-                for j in order[first]:
-                    i, s_ = int(ii[j]), int(ss[j])
-                    a = (client, qn0 + i + 1)
-                    b = (self._key[int(other[j])], int(idx.qn[s_]) + 1)
-                    if not mine[j]:
-                        a, b = b, a
-                    pairs.append(Pair(t, a[0], a[1], b[0], b[1], float(l2[j]), float(dense[j]),
-                                      float(peak[j])))
+            other = idx.kid[ss]
+            # the nearest entry per (item, other key); ties by ring slot (deterministic)
+            order = np.lexsort((ss, l2, other, ii))
+            io, oo = ii[order], other[order]
+            first = np.r_[True, (io[1:] != io[:-1]) | (oo[1:] != oo[:-1])]
+            for j in order[first]:
+                i, s_ = int(ii[j]), int(ss[j])
+                a = (client, qn0 + i + 1)
+                b = (self._key[int(other[j])], int(idx.qn[s_]) + 1)
+                if not mine[j]:
+                    a, b = b, a
+                pairs.append(Pair(t, a[0], a[1], b[0], b[1], float(l2[j]), float(dense[j]),
+                                  float(peak[j])))
         idx.add(kid, qn0, enc, res, tv, pix, slots)
         return pairs
 
