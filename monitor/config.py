@@ -233,9 +233,30 @@ class LadderConfig(_Strict):
 
 class LogConfig(_Strict):
     keep_raw: bool = Field(True, description="store inputs (uint8 or float16, zlib) for replay")
-    retention_days: float = Field(0.0, ge=0.0, description="delete log rows older than this; 0 = keep")
+    retention_days: float = Field(90.0, ge=0.0, description="delete request rows this many days "
+                                  "older than the newest one, except rows holding watermarked "
+                                  "answers (the ownership proof); 0 = keep everything")
+    max_mb: float = Field(8192.0, ge=0.0, description="cap on the database's used size: beyond "
+                          "it the oldest request rows are deleted (those without watermarked "
+                          "answers first); 0 = no cap")
     batch_size: int = Field(512, ge=1, description="writer commits at most this many requests at once")
     flush_seconds: float = Field(0.2, gt=0.0, description="writer commits at least this often")
+    durability: Literal["commit", "fast"] = Field(
+        "commit", description="commit: an answer is sent only after its log row and any level "
+        "change it caused are committed (group commit); fast: the answer does not wait, a "
+        "kill -9 loses the rows not yet committed (at most flush_seconds of them); in both "
+        "modes a client is never answered at a level whose transition is not committed")
+    commit_timeout_seconds: float = Field(5.0, gt=0.0, description="how long an answer waits "
+                                          "for its commit before the call fails UNAVAILABLE "
+                                          "(the row stays queued and is written later)")
+    on_failure: Literal["closed", "open"] = Field(
+        "closed", description="while the log cannot be written (disk full, I/O error): closed = "
+        "every Predict fails UNAVAILABLE and health is NOT_SERVING until the writer recovers by "
+        "itself; open = answers continue at each client's current level without waiting for "
+        "the log, rows queue in memory up to max_queue and beyond it are dropped (counted)")
+    max_queue: int = Field(20000, ge=1, description="log items waiting for the writer before "
+                           "request rows and checkpoints are dropped (bounds memory when the "
+                           "log is down in fail-open mode)")
 
 
 class ExecutionConfig(_Strict):

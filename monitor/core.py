@@ -17,7 +17,7 @@ from common.types import Answer, Level
 from monitor.config import MonitorConfig, load_config
 from monitor.engine import ClientEngine, det_view
 from monitor.linking import Linker
-from monitor.log import Batch, pickle_state, unpickle_state
+from monitor.log import Batch, LogUnavailable, pickle_state, unpickle_state
 from monitor.replay import feed
 from monitor.store import MonitorStore, SQLiteStore
 
@@ -63,8 +63,16 @@ class Monitor:
                 self._tmpdir = tempfile.mkdtemp(prefix="modelguard-monitor-")
                 db_path = Path(self._tmpdir) / "monitor.db"
             lc = config.log
-            store = SQLiteStore(db_path, lc.batch_size, lc.flush_seconds, lc.retention_days)
+            store = SQLiteStore(db_path, lc.batch_size, lc.flush_seconds, lc.retention_days,
+                                lc.max_mb, lc.max_queue)
         self.store = store
+        self._durable = config.log.durability == "commit"
+        self._fail_open = config.log.on_failure == "open"
+        self._commit_timeout = config.log.commit_timeout_seconds
+        # per client: the store ticket that must be durable before the client's next answer
+        # (its last level change; with durability "commit" in async mode, its last request)
+        self._must_commit: dict[str, int] = {}
+        self._commit_lock = threading.Lock()
         self.db_path = Path(db_path) if db_path is not None else None
         self._clock = clock
         self._hash = config.detector_hash()
@@ -261,14 +269,23 @@ class Monitor:
         requests waiting for the detectors (async mode), clients held in memory."""
         out = {"log_queue_depth": self.store.queue_depth(),
                "log_uncommitted": self.store.uncommitted(),
+               "log_failing": int(self.store.failure() is not None),
+               "log_dropped": self.store.dropped(),
                "resident_clients": self.resident_clients()}
         if self._queue is not None:
             out["detector_queue_depth"] = self._queue.qsize()
         return out
 
     def ready(self) -> bool:
-        """False while the clients active before a restart are still being restored."""
+        """False while the clients active before a restart are still being restored, and
+        (with ``log.on_failure = "closed"``) while the log cannot be written."""
+        if not self._fail_open and self.store.failure() is not None:
+            return False
         return self._warmer is None or not self._warmer.is_alive()
+
+    def health(self) -> str | None:
+        """Why the monitor's log is not being made durable right now (None: healthy)."""
+        return self.store.failure()
 
     def resident_clients(self) -> int:
         """Clients whose detector state is in memory (evicted ones in flight to the store
@@ -280,8 +297,18 @@ class Monitor:
     def level(self, client_id: str, images: np.ndarray | None = None) -> Level:
         """The level to answer this client's request at. With ``images`` and cross-client
         linking on, a request that perturbs queries of an escalated group is answered at that
-        group's level (see Linker.probe)."""
+        group's level (see Linker.probe).
+
+        Raises LogUnavailable while the log cannot be written (``log.on_failure = "closed"``),
+        or when the client's last level change is not durable within the commit timeout: no
+        client is answered at a level that a crash could take back."""
+        if not self._fail_open:
+            why = self.store.failure()
+            if why is not None:
+                raise LogUnavailable(f"the monitor's log cannot be written ({why}); "
+                                     f"try again later")
         lvl = self._own_level(client_id)
+        self._await_commit(client_id)
         lk = self.linker
         if lk is not None and images is not None and self.config.linking.raise_members:
             with self._link_lock:
@@ -291,6 +318,30 @@ class Monitor:
                 with self._link_lock:
                     lvl = max(lvl, lk.probe(client_id, x))
         return lvl
+
+    def _await_commit(self, client_id: str) -> None:
+        ticket = self._must_commit.get(client_id)
+        if ticket is None:
+            return
+        st = self.store
+        deadline = time.monotonic() + self._commit_timeout
+        while st.committed() < ticket:
+            if self._fail_open and st.failure() is not None:
+                break   # fail-open: answer without waiting for a log that cannot be written
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LogUnavailable(f"the monitor's log did not commit within "
+                                     f"{self._commit_timeout:g} s "
+                                     f"({st.failure() or 'slow disk'})")
+            st.wait_committed(ticket, min(left, 0.05))
+        with self._commit_lock:
+            if self._must_commit.get(client_id) == ticket:
+                del self._must_commit[client_id]
+
+    def _needs_commit(self, client_id: str, ticket: int) -> None:
+        with self._commit_lock:
+            if ticket > self._must_commit.get(client_id, 0):
+                self._must_commit[client_id] = ticket
 
     def _own_level(self, client_id: str) -> Level:
         if self._queue is not None and self._pending.get(client_id):
@@ -350,40 +401,51 @@ class Monitor:
                 raise
             sent_top = None if answer.probs is None else answer.probs.max(1)
             if linker is None:
-                self._log(client_id, request_id, t, images, on_grid, probs, level, answer,
-                          sent_top, st, st.transitions, [])
+                last = self._log(client_id, request_id, t, images, on_grid, probs, level,
+                                 answer, sent_top, st, st.transitions, [])
             else:
                 # one order for the index, the groups and the log: replay follows the log
                 with self._link_lock:
                     out = linker.apply(client_id, eng, st, t)
-                    self._log(client_id, request_id, t, images, on_grid, probs, level, answer,
-                              sent_top, st, out.transitions, out.pairs)
+                    last = self._log(client_id, request_id, t, images, on_grid, probs, level,
+                                     answer, sent_top, st, out.transitions, out.pairs)
             if eng.qn - self._saved_qn.get(client_id, 0) >= self._exec.checkpoint_every and \
                     client_id not in self._ckpt_due:
                 # pickled by the checkpointer thread (under this client's lock), not here
                 self._ckpt_due.add(client_id)
                 self._ckpt_queue.put(client_id)
-            return eng.level
+            level_after = eng.level
+        if self._durable:
+            # sync: this answer waits for its own rows (group commit); async: the client's
+            # next answer does
+            self._needs_commit(client_id, last)
+            if self._queue is None:
+                self._await_commit(client_id)
+        return level_after
 
     def _log(self, client_id, request_id, t, images, on_grid, probs, level, answer, sent_top,
-             st, transitions, pairs) -> None:
+             st, transitions, pairs) -> int:
+        """Hand the request's rows to the store; returns the last ticket. Each level change's
+        ticket must be durable before its client is answered again (``_must_commit``)."""
         for tr in transitions:
             log.warning("client %s escalated %s -> %s at query %d (%s)", tr.client,
                         tr.from_level.name, tr.to_level.name, tr.qn, tr.rule)
-        self.store.put_batch(Batch(
+        last = self.store.put_batch(Batch(
             client_id, st.qn0, t, request_id, images, on_grid, probs,
             int(level), int(answer.kind), np.asarray(answer.labels), sent_top,
             list(answer.model), np.asarray(answer.watermarked, bool), st.scores, st.fired,
             st.after, self.config.log.keep_raw))
         for tr in transitions:
-            self.store.put_transition(tr)
+            last = self.store.put_transition(tr)
+            self._needs_commit(tr.client, last)
             for fn in self._transition_listeners:
                 try:
                     fn(tr)
                 except Exception:  # noqa: BLE001 - a listener never breaks the monitor
                     log.exception("a transition listener failed")
         if pairs:
-            self.store.put_pairs(pairs)
+            last = self.store.put_pairs(pairs)
+        return last
 
     def _run_async(self) -> None:
         q = self._queue

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import pickle
 import queue
 import sqlite3
@@ -34,6 +35,8 @@ from typing import Iterator
 import numpy as np
 
 from common.types import Level
+
+log = logging.getLogger("modelguard.log")
 
 SCHEMA_VERSION = "2"
 SCORE_COLUMNS = ("s_prada", "s_ood", "s_similarity", "s_volume", "s_near_duplicate")
@@ -108,15 +111,32 @@ class SchemaError(RuntimeError):
     """The database was written by another version of the monitor's log."""
 
 
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A reader's connection that never writes: works on read-only media and beside a live
+    server (mode=ro); a WAL database on media where SQLite cannot create its shared-memory file
+    is opened as immutable (a snapshot)."""
+    uri = path.resolve().as_uri()
+    con = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
+    try:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return con
+    except sqlite3.OperationalError:
+        con.close()
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
+
+
 def connect(path: str | Path, create: bool = True) -> sqlite3.Connection:
     path = Path(path)
     if not create and not path.exists():
         raise FileNotFoundError(f"no monitor database at {path}")
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=NORMAL")
+    if create:
+        con = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+    else:
+        con = _connect_readonly(path)
     old = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='queries'"
                       ).fetchone()
     if old:
@@ -252,98 +272,247 @@ class Decoded:
         self.x_exact = exact.reshape(n, 28, 28)
 
 
+class LogUnavailable(RuntimeError):
+    """The monitor's log cannot be written (disk full, I/O error, read-only media) or did not
+    commit in time. The service answers UNAVAILABLE (fail-closed) while this lasts."""
+
+
+# Errors the writer waits out and retries (disk full, I/O error, read-only file, a locked
+# database): the items stay queued and nothing put is lost while the process lives.
+RETRIABLE = (sqlite3.OperationalError,)
+
+
 class Writer(threading.Thread):
     """Background writer: takes Batch / Transition / state items from a queue, commits in
-    transactions of up to ``batch_size`` items or every ``flush_seconds``."""
+    transactions of up to ``batch_size`` items or every ``flush_seconds`` (group commit: one
+    transaction holds whatever was queued while the previous one committed).
+
+    Failures: a retriable error (:data:`RETRIABLE`) keeps the transaction's items and retries
+    with back-off (up to 2 s apart) until it succeeds; ``failure`` says what is wrong meanwhile
+    and is cleared by the first successful commit. Any other error is fatal (``error``), as is a
+    failure that outlasts ``close(timeout)``.
+
+    Bounds: with ``max_queue`` > 0, request rows and checkpoints put while more than
+    ``max_queue`` items wait are dropped and counted in ``dropped`` (transitions and pairs are
+    always kept): memory stays bounded when the log cannot keep up or is down for long.
+    ``retention_days`` deletes request rows that many days older than the newest one (rows
+    holding watermarked answers, the ownership proof, are kept); ``max_mb`` caps the database's used pages, deleting the
+    oldest rows without watermarked answers first, then the oldest of any kind."""
 
     def __init__(self, path: str | Path, batch_size: int = 512, flush_seconds: float = 0.2,
-                 retention_days: float = 0.0):
+                 retention_days: float = 0.0, max_mb: float = 0.0, max_queue: int = 0):
         super().__init__(name="monitor-log-writer", daemon=True)
-        self.con = connect(path)
+        self.path = Path(path)
+        try:
+            self.con = connect(path)
+        except (sqlite3.Error, OSError) as exc:
+            raise LogUnavailable(f"cannot open the monitor log {self.path} for writing: {exc} "
+                                 f"(full or read-only disk? point --monitor-db elsewhere)"
+                                 ) from exc
         self.q: queue.Queue = queue.Queue()
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
         self.retention_days = retention_days
+        self.max_mb = max_mb
+        self.max_queue = max_queue
         self.error: BaseException | None = None
+        self.failure: BaseException | None = None   # retrying on this (None: healthy)
+        self.failing_since: float | None = None
+        self.failures = 0            # retriable errors seen in all
+        self.dropped = 0             # rows and checkpoints dropped by the max_queue bound
+        self.pruned = 0              # request rows deleted by retention or the size cap
         self._last_retention = 0.0
+        self._last_cap = 0.0
         self._seq = itertools.count(1)
+        self._cv = threading.Condition()
+        self._abandon = threading.Event()
         self.committed = 0      # every item put with a ticket <= this is committed
         self.start()
 
     def put(self, item) -> int:
         """Queue an item; returns its ticket (compare with ``committed``)."""
         if self.error is not None:
-            raise RuntimeError(f"monitor log writer failed: {self.error!r}") from self.error
+            raise LogUnavailable(f"monitor log writer failed: {self.error!r}") from self.error
+        if self.max_queue and self.q.qsize() >= self.max_queue and (
+                isinstance(item, Batch) or (isinstance(item, tuple) and item[0] == "state")):
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error("monitor log: %d items waiting; %d request rows/checkpoints dropped so "
+                          "far (log.max_queue)", self.q.qsize(), self.dropped)
+            return next(self._seq)
         seq = next(self._seq)
         self.q.put((seq, item))
         return seq
 
-    def _apply_retention(self) -> None:
-        if self.retention_days > 0 and time.time() - self._last_retention > 3600:
-            self.con.execute("DELETE FROM requests WHERE t < ?",
-                             (time.time() - self.retention_days * 86400,))
-            self._last_retention = time.time()
+    def wait_committed(self, ticket: int, timeout: float | None) -> bool:
+        """Block until ``ticket`` is committed; False after ``timeout`` seconds, or at once if
+        the writer has failed for good."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self.committed >= ticket or self.error is not None
+                                     or not self.is_alive(), timeout) \
+                and self.committed >= ticket
 
-    def run(self) -> None:
+    # --- housekeeping: retention and the size cap -------------------------------------------
+    def _used_bytes(self) -> int:
+        con = self.con
+        page = con.execute("PRAGMA page_size").fetchone()[0]
+        used = con.execute("PRAGMA page_count").fetchone()[0] - \
+            con.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(used) * int(page)
+
+    def _delete_oldest(self, where: str, args: tuple = (), chunk: int = 2000) -> int:
+        cur = self.con.execute(f"DELETE FROM requests WHERE seq IN (SELECT seq FROM requests "
+                               f"WHERE {where} ORDER BY seq LIMIT ?)", (*args, chunk))
+        return cur.rowcount
+
+    def _housekeeping(self) -> None:
+        now = time.time()
+        try:
+            if self.retention_days > 0 and now - self._last_retention > 600:
+                self._last_retention = now
+                # age is measured from the newest logged request, not the wall clock, so logs
+                # written with a simulated clock (the lab, replays) are aged consistently
+                newest = self.con.execute("SELECT max(t) FROM requests").fetchone()[0]
+                with self.con:
+                    n = 0 if newest is None else self.con.execute(
+                        "DELETE FROM requests WHERE t < ? AND n_wm = 0",
+                        (newest - self.retention_days * 86400,)).rowcount
+                if n:
+                    self.pruned += n
+                    log.info("monitor log: %d request rows older than %g days deleted", n,
+                             self.retention_days)
+            if self.max_mb > 0 and now - self._last_cap > 5.0:
+                self._last_cap = now
+                cap = self.max_mb * 2 ** 20
+                if self._used_bytes() > cap:
+                    deleted = {}
+                    for where in ("n_wm = 0", "1"):
+                        deleted[where] = 0
+                        while (used := self._used_bytes()) > 0.9 * cap:
+                            rows = self.con.execute("SELECT count(*) FROM requests").fetchone()[0]
+                            # as many rows as the excess holds on average, at least one
+                            chunk = int(min(5000, max(1, (used - 0.9 * cap) * rows / used)))
+                            with self.con:
+                                k = self._delete_oldest(where, chunk=chunk)
+                            if not k:
+                                break
+                            deleted[where] += k
+                    n = sum(deleted.values())
+                    self.pruned += n
+                    log.warning("monitor log above log.max_mb = %g: the %d oldest request rows "
+                                "deleted (%d of them held watermarked answers)", self.max_mb, n,
+                                deleted["1"])
+        except RETRIABLE as exc:  # the next commit's retry loop reports the condition
+            log.debug("monitor log housekeeping postponed: %r", exc)
+
+    # --- the writer loop -----------------------------------------------------------------------
+    def _write(self, items) -> bool:
+        """One transaction of ``items``; True when the stop marker was among them."""
         con = self.con
         stop = False
+        with con:  # one transaction
+            for _, it in items:
+                if it is _STOP:
+                    stop = True
+                elif isinstance(it, Batch):
+                    con.execute(INSERT_REQUEST, it.row())
+                elif isinstance(it, tuple) and it[0] == "pairs":
+                    con.executemany(
+                        "INSERT INTO pairs (t, client, qn, other, other_qn, dist, dense, "
+                        "peak) VALUES (?,?,?,?,?,?,?,?)",
+                        [(p.t, p.client, p.qn, p.other, p.other_qn, p.dist, p.dense,
+                          p.peak) for p in it[1]])
+                elif isinstance(it, tuple) and it[0] == "state":
+                    con.execute("INSERT OR REPLACE INTO client_state VALUES (?,?,?,?,?,?)",
+                                it[1:])
+                else:  # Transition
+                    con.execute("INSERT INTO transitions (client, t, qn, from_level, "
+                                "to_level, rule, evidence) VALUES (?,?,?,?,?,?,?)",
+                                transition_row(it))
+        return stop
+
+    def _write_retrying(self, items) -> bool:
+        delay = 0.05
+        while True:
+            try:
+                stop = self._write(items)
+            except RETRIABLE as exc:
+                if self._abandon.is_set():
+                    raise
+                self.failures += 1
+                if self.failure is None:
+                    self.failing_since = time.time()
+                    log.error("monitor log %s cannot be written (%s); %d items held, retrying "
+                              "until it can", self.path, exc, len(items) + self.q.qsize())
+                self.failure = exc
+                self._abandon.wait(delay)
+                delay = min(2 * delay, 2.0)
+                continue
+            if self.failure is not None:
+                log.warning("monitor log %s writable again after %.1f s", self.path,
+                            time.time() - (self.failing_since or time.time()))
+                self.failure = None
+                self.failing_since = None
+            return stop
+
+    def run(self) -> None:
+        stop = False
         try:
-            self._apply_retention()
-            con.commit()
+            self._housekeeping()
             while not stop:
                 try:
                     item = self.q.get(timeout=self.flush_seconds)
                 except queue.Empty:
+                    self._housekeeping()
                     continue
                 items = [item]
-                nrows = 1
                 deadline = time.monotonic() + self.flush_seconds
-                while nrows < self.batch_size and time.monotonic() < deadline:
+                while len(items) < self.batch_size and time.monotonic() < deadline:
                     try:
-                        it = self.q.get_nowait()
+                        items.append(self.q.get_nowait())
                     except queue.Empty:
                         break
-                    items.append(it)
-                    nrows += 1
-                with con:  # one transaction
-                    for _, it in items:
-                        if it is _STOP:
-                            stop = True
-                        elif isinstance(it, Batch):
-                            con.execute(INSERT_REQUEST, it.row())
-                        elif isinstance(it, tuple) and it[0] == "pairs":
-                            con.executemany(
-                                "INSERT INTO pairs (t, client, qn, other, other_qn, dist, dense, "
-                                "peak) VALUES (?,?,?,?,?,?,?,?)",
-                                [(p.t, p.client, p.qn, p.other, p.other_qn, p.dist, p.dense,
-                                  p.peak) for p in it[1]])
-                        elif isinstance(it, tuple) and it[0] == "state":
-                            con.execute("INSERT OR REPLACE INTO client_state VALUES (?,?,?,?,?,?)",
-                                        it[1:])
-                        else:  # Transition
-                            con.execute("INSERT INTO transitions (client, t, qn, from_level, "
-                                        "to_level, rule, evidence) VALUES (?,?,?,?,?,?,?)",
-                                        transition_row(it))
-                self._apply_retention()
-                self.committed = items[-1][0]
+                stop = self._write_retrying(items)
+                with self._cv:
+                    self.committed = max(self.committed, items[-1][0])
+                    self._cv.notify_all()
                 for _ in items:
                     self.q.task_done()
-        except BaseException as exc:  # surfaced by put()/close()
+                self._housekeeping()
+        except BaseException as exc:  # surfaced by put()/flush()/close()
             self.error = exc
+            log.error("monitor log writer stopped: %r", exc)
         finally:
-            con.close()
+            with self._cv:
+                self._cv.notify_all()
+            self.con.close()
 
     def flush(self) -> None:
-        self.q.join()
+        """Block until everything put so far is committed (waits out a retriable failure)."""
+        while self.q.unfinished_tasks and self.is_alive():
+            with self._cv:
+                self._cv.wait(0.1)
         if self.error is not None:
-            raise RuntimeError(f"monitor log writer failed: {self.error!r}") from self.error
+            raise LogUnavailable(f"monitor log writer failed: {self.error!r}") from self.error
+        if self.q.unfinished_tasks:
+            raise LogUnavailable(f"monitor log writer stopped with {self.q.unfinished_tasks} "
+                                 f"items unwritten")
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Drain and stop. While the log cannot be written the writer keeps retrying for up to
+        ``timeout`` seconds, then gives up: what was still queued is lost and said so."""
         if self.is_alive():
             self.q.put((0, _STOP))
-            self.join()
+            self.join(timeout)
+            if self.is_alive():
+                left = self.q.qsize() + 1
+                self._abandon.set()
+                self.join()
+                raise LogUnavailable(f"monitor log {self.path} still not writable after "
+                                     f"{timeout:g} s ({self.failure}); about {left} queued "
+                                     f"items were not written")
         if self.error is not None:
-            raise RuntimeError(f"monitor log writer failed: {self.error!r}") from self.error
+            raise LogUnavailable(f"monitor log writer failed: {self.error!r}") from self.error
 
 
 class QueryLog:

@@ -36,6 +36,9 @@ class NullMonitor:
     def ready(self) -> bool:
         return True
 
+    def health(self) -> str | None:
+        return None
+
     def close(self) -> None:
         self._closed = True
 

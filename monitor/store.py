@@ -9,6 +9,7 @@ several server replicas implements the same methods.
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterator
@@ -19,16 +20,17 @@ from monitor.log import Batch, QueryLog, Writer
 
 class MonitorStore(ABC):
     # --- writes: asynchronous, applied in the order they were put ----------------------------
+    # Every put_* returns a ticket: the item is durable once committed() >= its ticket.
     @abstractmethod
-    def put_batch(self, batch: Batch) -> None:
+    def put_batch(self, batch: Batch) -> int:
         """One request's items with the scores and levels after each."""
 
     @abstractmethod
-    def put_transition(self, tr) -> None:
+    def put_transition(self, tr) -> int:
         """A level change (monitor.engine.Transition)."""
 
     @abstractmethod
-    def put_pairs(self, pairs: list) -> None:
+    def put_pairs(self, pairs: list) -> int:
         """Cross-client linking's attack-like pairs (monitor.linking.Pair) of one request."""
 
     @abstractmethod
@@ -50,6 +52,24 @@ class MonitorStore(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def wait_committed(self, ticket: int, timeout: float | None) -> bool:
+        """Block until ``ticket`` is durable; False if ``timeout`` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.committed() < ticket:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def failure(self) -> str | None:
+        """Why writes are not being made durable right now (None: healthy). A store retries by
+        itself and clears this once writes succeed again."""
+        return None
+
+    def dropped(self) -> int:
+        """Request rows and checkpoints dropped by the store's queue bound."""
+        return 0
 
     def queue_depth(self) -> int:
         """Items put and not yet picked up by the writer (0 for stores without a queue)."""
@@ -94,9 +114,12 @@ class SQLiteStore(MonitorStore):
     wait on each other or on a global lock."""
 
     def __init__(self, path: str | Path, batch_size: int = 512, flush_seconds: float = 0.2,
-                 retention_days: float = 0.0):
+                 retention_days: float = 0.0, max_mb: float = 0.0, max_queue: int = 0,
+                 close_timeout: float = 30.0):
         self.path = Path(path)
-        self._writer = Writer(self.path, batch_size, flush_seconds, retention_days)
+        self._writer = Writer(self.path, batch_size, flush_seconds, retention_days, max_mb,
+                              max_queue)
+        self._close_timeout = close_timeout
         self._local = threading.local()
         self._readers: list[QueryLog] = []
         self._readers_lock = threading.Lock()
@@ -112,19 +135,32 @@ class SQLiteStore(MonitorStore):
         return q
 
     def put_batch(self, batch):
-        self._writer.put(batch)
+        return self._writer.put(batch)
 
     def put_transition(self, tr):
-        self._writer.put(tr)
+        return self._writer.put(tr)
 
     def put_pairs(self, pairs):
-        self._writer.put(("pairs", list(pairs)))
+        return self._writer.put(("pairs", list(pairs)))
 
     def put_state(self, client, qn, level, config_hash, blob, t):
         return self._writer.put(("state", client, qn, level, config_hash, blob, t))
 
     def committed(self):
         return self._writer.committed
+
+    def wait_committed(self, ticket, timeout):
+        return self._writer.wait_committed(ticket, timeout)
+
+    def failure(self):
+        w = self._writer
+        if w.error is not None:
+            return f"log writer stopped: {w.error}"
+        f = w.failure
+        return None if f is None else f"{self.path}: {f}"
+
+    def dropped(self):
+        return self._writer.dropped
 
     def queue_depth(self):
         return self._writer.q.qsize()
@@ -141,7 +177,7 @@ class SQLiteStore(MonitorStore):
 
     def close(self):
         try:
-            self._writer.close()
+            self._writer.close(self._close_timeout)
         finally:
             with self._readers_lock:
                 for q in self._readers:

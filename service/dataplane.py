@@ -22,6 +22,7 @@ from common import training
 from common.types import CLASS_NAMES, Answer, AnswerKind, Level
 from service.defences import DIGEST_SCHEME, PolicyContext, Watermark, build_policy
 from service.errors import NotReady, PermissionDenied
+from monitor.log import LogUnavailable
 from service.train import privacy_parameters
 
 log = logging.getLogger("modelguard.dataplane")
@@ -119,7 +120,10 @@ class DataPlane:
         request_id = request_id or self._next_id()
         clock = time.perf_counter   # stage timings for the metrics (~0.1 us a reading)
         t0 = clock()
-        level = self.monitor.level(client_id, images)
+        try:
+            level = self.monitor.level(client_id, images)
+        except LogUnavailable as exc:   # fail-closed: no answer the log could not keep
+            raise NotReady(str(exc)) from None
         if level >= Level.BLOCK:
             if self.metrics is not None:
                 self.metrics.client_level(client_id, level)
@@ -135,7 +139,10 @@ class DataPlane:
             answer = Answer(answer.labels, None, AnswerKind.LABEL_ONLY, answer.model,
                             answer.watermarked)
         t3 = clock()
-        after = self.monitor.observe(client_id, request_id, images, probs, answer, level)
+        try:
+            after = self.monitor.observe(client_id, request_id, images, probs, answer, level)
+        except LogUnavailable as exc:   # not durable in time: the answer is not sent
+            raise NotReady(str(exc)) from None
         if self.metrics is not None:
             self.metrics.stages(t2 - t1, t3 - t2, (t1 - t0) + (clock() - t3))
             self.metrics.client_level(client_id, after if after is not None else level)
