@@ -271,6 +271,9 @@ class ExecutionConfig(_Strict):
                                   "after a crash)")
     max_clients: int = Field(128, ge=1, description="clients held in memory; the least recently "
                              "used are checkpointed and evicted beyond this")
+    max_state_mb: float = Field(2048.0, gt=0.0, description="memory budget for the detector "
+                                "state of the clients held in memory; the least recently used "
+                                "are checkpointed and evicted beyond it")
     queue_limit: int = Field(64, ge=1, description="async: requests waiting for the detectors "
                                                    "before observe() blocks (back-pressure)")
 

@@ -24,6 +24,7 @@ from monitor.store import MonitorStore, SQLiteStore
 log = logging.getLogger("modelguard.monitor")
 
 _STOP = object()
+LOCK_STRIPES = 4096
 
 
 class Monitor:
@@ -39,8 +40,10 @@ class Monitor:
     applies from the client's next request, as in sync mode.
     close(): drains everything, checkpoints every client in memory, closes the store.
 
-    Memory is bounded: at most ``execution.max_clients`` clients are held; the least recently
-    used is checkpointed and evicted beyond that. Every client's state is also checkpointed
+    Memory is bounded: at most ``execution.max_clients`` clients, and at most
+    ``execution.max_state_mb`` of their detector state, are held; the least recently used are
+    checkpointed and evicted beyond that (per-client locks are striped, so nothing per client
+    stays behind). Every client's state is also checkpointed
     after ``execution.checkpoint_every`` new queries, so a restart after a crash replays at most
     that many logged queries per client (plus what the writer had not committed).
 
@@ -83,7 +86,12 @@ class Monitor:
         self._saved_qn: dict[str, int] = {}
         # evicted clients whose checkpoint the store has not committed yet: (ticket, engine)
         self._evicted: dict[str, tuple[int, ClientEngine]] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        # per-client mutual exclusion without a per-client object that outlives the client:
+        # striped re-entrant locks (clients that share a stripe just take turns)
+        self._stripes = [threading.RLock() for _ in range(LOCK_STRIPES)]
+        self._bytes: dict[str, int] = {}     # detector state bytes of each resident client
+        self._resident_bytes = 0
+        self._budget = int(config.execution.max_state_mb * 2 ** 20)
         self._global = threading.Lock()   # guards the two dicts only, never held while working
         self._closed = False
         self._queue: queue.Queue | None = None
@@ -118,12 +126,15 @@ class Monitor:
         return cls(load_config(config_path), db_path, **kw)
 
     # --- per-client state -------------------------------------------------------------------
-    def _lock(self, client: str) -> threading.Lock:
-        lk = self._locks.get(client)
-        if lk is None:
-            with self._global:
-                lk = self._locks.setdefault(client, threading.Lock())
-        return lk
+    def _lock(self, client: str) -> threading.RLock:
+        return self._stripes[hash(client) % LOCK_STRIPES]
+
+    def _sized(self, client: str, eng: ClientEngine) -> None:
+        """Record the resident client's state size (caller holds the client's lock)."""
+        n = eng.nbytes()
+        with self._global:
+            self._resident_bytes += n - self._bytes.get(client, 0)
+            self._bytes[client] = n
 
     def _load(self, client: str) -> ClientEngine:
         """Restore a client: its checkpoint when it matches the config, then the logged requests
@@ -169,6 +180,7 @@ class Monitor:
             eng = self._load(client)
             with self._global:
                 self._engines[client] = eng
+            self._sized(client, eng)
             self._evict(client)
         else:
             with self._global:
@@ -211,22 +223,25 @@ class Monitor:
         self._forget_committed()
         while True:
             with self._global:
-                if len(self._engines) <= self._exec.max_clients:
+                if len(self._engines) <= self._exec.max_clients and \
+                        self._resident_bytes <= self._budget:
                     return
                 victim = next((c for c in self._engines if c != keep), None)
             if victim is None:
                 return
             lk = self._lock(victim)
             if not lk.acquire(blocking=False):
-                return  # in use right now (so not idle): try again on a later load
+                return  # in use right now (so not idle): try again on a later request
             try:
                 eng = self._engines.get(victim)
                 if eng is not None:
                     ticket = self._checkpoint(victim, eng)
                     with self._global:
                         self._engines.pop(victim, None)
+                        self._resident_bytes -= self._bytes.pop(victim, 0)
                         if ticket is not None:
                             self._evicted[victim] = (ticket, eng)
+                    self._saved_qn.pop(victim, None)
             finally:
                 lk.release()
 
@@ -271,7 +286,8 @@ class Monitor:
                "log_uncommitted": self.store.uncommitted(),
                "log_failing": int(self.store.failure() is not None),
                "log_dropped": self.store.dropped(),
-               "resident_clients": self.resident_clients()}
+               "resident_clients": self.resident_clients(),
+               "resident_state_bytes": self.resident_bytes()}
         if self._queue is not None:
             out["detector_queue_depth"] = self._queue.qsize()
         return out
@@ -292,6 +308,11 @@ class Monitor:
         included)."""
         self._forget_committed()
         return len(self._engines) + len(self._evicted)
+
+    def resident_bytes(self) -> int:
+        """Detector state bytes of the clients in memory (what ``execution.max_state_mb``
+        bounds)."""
+        return self._resident_bytes
 
     # --- service API --------------------------------------------------------------------------
     def level(self, client_id: str, images: np.ndarray | None = None) -> Level:
@@ -393,6 +414,7 @@ class Monitor:
                 # it from its checkpoint and the log (which does not hold this request)
                 with self._global:
                     self._engines.pop(client_id, None)
+                    self._resident_bytes -= self._bytes.pop(client_id, 0)
                 self._saved_qn.pop(client_id, None)
                 try:  # the reload must see every request of this client logged so far
                     self.store.flush()
@@ -409,6 +431,9 @@ class Monitor:
                     out = linker.apply(client_id, eng, st, t)
                     last = self._log(client_id, request_id, t, images, on_grid, probs, level,
                                      answer, sent_top, st, out.transitions, out.pairs)
+            self._sized(client_id, eng)
+            if self._resident_bytes > self._budget:
+                self._evict(client_id)
             if eng.qn - self._saved_qn.get(client_id, 0) >= self._exec.checkpoint_every and \
                     client_id not in self._ckpt_due:
                 # pickled by the checkpointer thread (under this client's lock), not here

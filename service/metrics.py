@@ -14,7 +14,7 @@ import logging
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common.types import Level
 
@@ -66,6 +66,21 @@ class _MonitorCollector:
             yield GaugeMetricFamily(
                 "modelguard_monitor_resident_clients",
                 "Clients whose detector state is held in memory", value=st["resident_clients"])
+        if "resident_state_bytes" in st:
+            yield GaugeMetricFamily(
+                "modelguard_monitor_resident_state_bytes",
+                "Detector state of the clients held in memory, in bytes (bounded by "
+                "execution.max_state_mb)", value=st["resident_state_bytes"])
+        if "log_failing" in st:
+            yield GaugeMetricFamily(
+                "modelguard_monitor_log_failing",
+                "1 while the monitor's log cannot be written (disk full, I/O error); the writer "
+                "retries by itself", value=st["log_failing"])
+        if "log_dropped" in st:
+            yield CounterMetricFamily(
+                "modelguard_monitor_log_dropped",
+                "Log rows and checkpoints dropped because log.max_queue items were waiting "
+                "(fail-open only)", value=st["log_dropped"])
 
 
 class Metrics:

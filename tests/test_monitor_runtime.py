@@ -107,6 +107,28 @@ def test_eviction_checkpoints_and_restores_exactly(streams, reference, tmp_path)
     _same(_decisions(db), reference)
 
 
+def test_memory_budget_evicts_by_state_size_and_restores_exactly(streams, reference,
+                                                                   tmp_path):
+    db = tmp_path / "m.db"
+    budget_mb = 1.0     # a client's state passes 1 MB after a few hundred queries
+    peak = 0
+    with Monitor(_cfg(max_clients=100, max_state_mb=budget_mb, checkpoint_every=100000), db,
+                 clock=FakeClock()) as mon:
+        out = {c: [] for c in streams}
+        for i in range(0, 900, 30):
+            for c, (x, p) in streams.items():
+                lvl = mon.level(c)
+                mon.observe(c, f"{c}-{i}", x[i:i + 30], p[i:i + 30], _answer(p[i:i + 30]), lvl)
+                peak = max(peak, mon.resident_bytes())
+                # at most the budget, or one client alone (the one being served is kept)
+                assert mon.resident_bytes() <= budget_mb * 2 ** 20 or \
+                    len(mon._engines) == 1, (i, c, mon.resident_bytes())
+        mon.flush()
+        assert mon.resident_clients() < len(streams)   # evicted by size, not by count
+    assert peak > 0.5 * 2 ** 20
+    _same(_decisions(db), reference)
+
+
 def test_restart_after_a_crash_replays_only_since_the_last_checkpoint(streams, reference,
                                                                       tmp_path, caplog):
     db = tmp_path / "m.db"
