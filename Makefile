@@ -23,7 +23,7 @@ POOL_STAMP := $(ARTIFACTS)/pool/.complete
         triton-venv
 
 help:
-	@echo "make serve    set up everything and serve on $(HOST):$(PORT) (PORT=..., ARGS=...)"
+	@echo "make serve    set up everything and serve on $(HOST):$(PORT) (PORT=..., ARGS=..., KEYS=...)"
 	@echo "make test     set up and run the test suite"
 	@echo "make train    train the target model (if missing)"
 	@echo "make models   train the defences' model pool (if missing)"
@@ -82,8 +82,20 @@ $(ARTIFACTS)/dp/eps%.pt: | $(STAMP)
 dp: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(foreach e,$(DP_EPSILONS),$(ARTIFACTS)/dp/eps$(e).pt)
 	$(PY) -m lab.dp --epsilons $(DP_EPSILONS) $(ARGS)
 
-serve: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP)
-	$(PY) -m service serve --host $(HOST) --port $(PORT) $(ARGS)
+# The server's secret (keyed noise, routing, watermark, open mode's client ids): 32 random bytes
+# as hex, generated once into $(ARTIFACTS) (git-ignored; keep it: a new secret changes every
+# watermark and every open-mode client id). MODELGUARD_SECRET, when set, is used instead.
+SECRET_FILE ?= $(ARTIFACTS)/secret
+# How clients are identified (docs/security.md): open mode (any key, ids are keyed hashes) so
+# that the README's attacks can pick their own keys; KEYS="--api-keys keys.toml" restricts.
+KEYS ?= --open-keys
+$(SECRET_FILE):
+	@mkdir -p $(dir $@)
+	@(umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_hex(32))" > $@.tmp) && mv $@.tmp $@
+	@echo "generated a random server secret in $@"
+
+serve: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP) $(SECRET_FILE)
+	$(PY) -m service serve --host $(HOST) --port $(PORT) $(if $(MODELGUARD_SECRET),,--secret-file $(SECRET_FILE)) $(KEYS) $(ARGS)
 
 test: $(STUBS) $(OIP_STUBS)
 	$(PY) -m pytest -q $(ARGS)

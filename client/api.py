@@ -3,8 +3,13 @@
     with ModelClient("127.0.0.1:50051", api_key="alice") as c:
         answer = c.predict(images)          # uint8 or float32 (N, 28, 28)
         answer.labels, answer.probs         # probs is None when the defence withholds them
+
+Over TLS (a server started with --tls-cert/--tls-key): ``ModelClient(addr, key,
+tls_ca="ca.pem")``; for mutual TLS also ``tls_cert="client.pem", tls_key="client.key"``.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -45,19 +50,48 @@ def decode_response(resp: pb.PredictResponse) -> Answer:
     return Answer(labels, None, AnswerKind.LABEL_ONLY)
 
 
+def _pem(v) -> bytes | None:
+    if v is None or isinstance(v, bytes):
+        return v
+    return Path(v).read_bytes()
+
+
+def make_channel(address: str, options=(), tls_ca=None, tls_cert=None, tls_key=None,
+                 tls_server_name: str | None = None) -> grpc.Channel:
+    """A plaintext channel, or a TLS one when any tls_* is given. ``tls_ca``: PEM (path or
+    bytes) of the CA that signed the server's certificate (None with tls_cert: the system's
+    roots); ``tls_cert``/``tls_key``: the client's certificate and key, for mutual TLS;
+    ``tls_server_name``: the name to check the server's certificate against when it differs
+    from the address's host."""
+    options = list(options)
+    if tls_ca is None and tls_cert is None and tls_key is None:
+        return grpc.insecure_channel(address, options=options)
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together (mutual TLS)")
+    creds = grpc.ssl_channel_credentials(root_certificates=_pem(tls_ca),
+                                         private_key=_pem(tls_key),
+                                         certificate_chain=_pem(tls_cert))
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return grpc.secure_channel(address, creds, options=options)
+
+
 class ModelClient:
     def __init__(self, address: str = "127.0.0.1:50051", api_key: str | None = None,
                  batch_size: int = 256, timeout: float = 60.0, max_message_bytes: int = 8 << 20,
-                 packed: bool = True):
+                 packed: bool = True, tls_ca=None, tls_cert=None, tls_key=None,
+                 tls_server_name: str | None = None):
         """``packed``: ask for the packed response (labels + raw_output); False asks for the
-        original per-image predictions. Both decode to the same Answer."""
+        original per-image predictions. Both decode to the same Answer. ``tls_*``: connect over
+        TLS (see :func:`make_channel`); without them the channel is plaintext."""
         self.address = address
         self.packed = packed
         self.batch_size = batch_size
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=[
+        self.channel = make_channel(address, [
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+            ("grpc.max_send_message_length", max_message_bytes)], tls_ca=tls_ca,
+            tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.metadata = (("x-api-key", api_key),) if api_key else ()
         self._server_max_batch: int | None = None
@@ -130,11 +164,12 @@ class RemoteOracle(Oracle):
     """The attacker's budgeted query function over the real gRPC API."""
 
     def __init__(self, address: str, api_key: str, budget: int | None = None,
-                 labels_only: bool = False, batch_size: int = 256):
+                 labels_only: bool = False, batch_size: int = 256, **tls):
+        """``tls``: ModelClient's tls_ca / tls_cert / tls_key / tls_server_name."""
         super().__init__(budget)
         self.api_key = api_key
         self.labels_only = labels_only
-        self.client = ModelClient(address, api_key, batch_size=batch_size)
+        self.client = ModelClient(address, api_key, batch_size=batch_size, **tls)
 
     def _query(self, images: np.ndarray) -> Answer:
         return self.client.predict(images, labels_only=self.labels_only)

@@ -21,6 +21,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--address", default=DEFAULT_ADDRESS, help="server host:port")
     g.add_argument("--api-key", default="attacker", help="API key (the client's identity)")
+    g.add_argument("--tls-ca", type=Path, metavar="PEM",
+                   help="connect over TLS, trusting this CA (the server's --tls-cert signer)")
+    g.add_argument("--tls-cert", type=Path, metavar="PEM",
+                   help="mutual TLS: this client's certificate (with --tls-key)")
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help="mutual TLS: its private key")
+    g.add_argument("--tls-server-name", metavar="NAME",
+                   help="the name in the server's certificate, when the address's host differs")
     g.add_argument("--sybil", type=int, default=1, metavar="K",
                    help="split the budget over K API keys (KEY-0 .. KEY-K-1)")
     g.add_argument("--ask-labels", dest="ask_labels", action="store_true",
@@ -56,8 +63,10 @@ def _oracles(args, budget):
 
     keys = [args.api_key] if args.sybil <= 1 else [f"{args.api_key}-{i}"
                                                   for i in range(args.sybil)]
+    tls = dict(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+               tls_server_name=args.tls_server_name)
     return [RemoteOracle(args.address, k, None, labels_only=args.ask_labels,
-                         batch_size=args.query_batch) for k in keys]
+                         batch_size=args.query_batch, **tls) for k in keys]
 
 
 def run_attack(name: str, args) -> dict:

@@ -110,7 +110,8 @@ def start_server(scenario: str, args, workdir: Path):
     config = STRICT_CONFIG if scenario == "strict" else args.config
     cfg = ServerConfig(port=0, target=args.target, artifacts=args.artifacts,
                        monitor_config=config, monitor_db=workdir / "monitor.db", workers=4,
-                       torch_threads=1, undefended=scenario == "undefended")
+                       torch_threads=1, undefended=scenario == "undefended", open_keys=True,
+                       dev_secret=True)
     return Server(cfg, build_dataplane(cfg)).start()
 
 
@@ -520,10 +521,10 @@ def main(argv=None) -> int:
         log.info("%s: reading what the monitor did from %s", scenario, db)
         for r in rows:
             if r["scenario"] == scenario:
-                r.update(client_outcome(dbs.get(r["attack"], db),
-                                        attack_keys(scenario, r["attack"], r["keys"])))
+                r.update(client_outcome(dbs.get(r["attack"], db), [
+                    server.client_id(k) for k in attack_keys(scenario, r["attack"], r["keys"])]))
         for h in hs:
-            h.update(client_outcome(db, [h["client"]]))
+            h.update(client_outcome(db, [server.client_id(h["client"])]))
         honest += hs
         (args.out / "campaign.json").write_text(json.dumps(
             {"attacks": rows, "honest": honest, "settings": settings}, indent=2, default=str))

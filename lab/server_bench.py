@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="mg-bench-"))
     cfg = ServerConfig(port=0, target=args.target, monitor_db=tmp / "monitor.db",
                        workers=args.workers, torch_threads=args.torch_threads, undefended=True,
-                       monitor=not args.no_monitor)
+                       monitor=not args.no_monitor, open_keys=True, dev_secret=True)
     plane = build_dataplane(cfg)
     server = Server(cfg, plane).start()
     out = {"workers": args.workers, "torch_threads": args.torch_threads,

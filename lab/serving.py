@@ -8,7 +8,9 @@ real server. Sections (all of them when none is chosen):
 
 ``--matrix``   img/s and request p50/p99 for batch x concurrent clients, per server profile:
                monitor-off (``serve --no-monitor``), detectors-off (every detector disabled, no
-               rules), default (monitor/default.toml), strict (monitor/strict.toml), async
+               rules), default (monitor/default.toml: answers wait for their log rows'
+               commit), fast (default with ``[log] durability = "fast"``), strict
+               (monitor/strict.toml), async
                (default + ``[execution] mode = "async"``; skipped when the monitor config does
                not know that key). Ratio = the profile's img/s / the echo's img/s in that cell.
 ``--history-latency``  unary (batch 1) p50/p99 for 4 clients, fresh and after each sent 100k
@@ -53,7 +55,7 @@ from lab.loadgen import FORMATS, ClientPool
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
-PROFILES = ("monitor-off", "detectors-off", "default", "strict", "async")
+PROFILES = ("monitor-off", "detectors-off", "default", "fast", "strict", "async")
 READY_KEY = (("x-api-key", "bench-readiness"),)
 
 
@@ -237,7 +239,7 @@ def real_server(name: str, extra: list[str], args, db: Path, workdir: Path) -> S
     argv = [sys.executable, "-m", "service", "serve", "--host", HOST, "--port", str(port),
             "--workers", str(args.workers), "--torch-threads", "1",
             "--artifacts", str(args.artifacts), "--target", str(args.artifacts / "target.pt"),
-            "--monitor-db", str(db), *extra]
+            "--monitor-db", str(db), "--open-keys", "--dev-secret", *extra]
     return ServerProcess(name, argv, port, workdir / f"{name}.log").start()
 
 
@@ -282,6 +284,10 @@ def prepare_profiles(names: list[str], workdir: Path) -> tuple[dict[str, list[st
             out[name] = ["--monitor-config", str(default_toml)]
         elif name == "strict":
             out[name] = ["--monitor-config", str(REPO / "monitor" / "strict.toml")]
+        elif name == "fast":   # default, answers not waiting for their log rows' commit
+            d = copy.deepcopy(base)
+            d.setdefault("log", {})["durability"] = "fast"
+            out[name] = ["--monitor-config", str(write(name, d))]
         elif name == "async":
             d = copy.deepcopy(base)
             d["execution"] = {"mode": "async"}
@@ -577,9 +583,11 @@ def logged_queries(db: Path, keys: list[str]) -> dict[str, int]:
     """Queries per client in a monitor database, read by a fresh process: the monitor's code
     (and its schema) is that of the server which wrote the database, even when it changed on
     disk since this benchmark started."""
-    code = ("import json, sys\nfrom monitor import QueryLog\n"
+    code = ("import json, os, sys\nfrom monitor import QueryLog\n"
+            "from common.keys import client_id_for_key as cid\n"
             "with QueryLog(sys.argv[1]) as q:\n"
-            "    print(json.dumps({k: q.max_qn(k) for k in sys.argv[2:]}))")
+            "    print(json.dumps({k: q.max_qn(cid(k, os.environ['MODELGUARD_SECRET'])) "
+            "for k in sys.argv[2:]}))")
     p = subprocess.run([sys.executable, "-c", code, str(db), *keys], cwd=REPO, env=_child_env(),
                        capture_output=True, text=True, timeout=300)
     if p.returncode != 0:

@@ -66,8 +66,8 @@ def run_one(args, lam: float, keys: int, target, runs_dir: Path) -> dict:
         row = campaign.run_attack(server.address, "defended", plan, args, target)
     finally:
         server.stop()
-    row.update(campaign.client_outcome(workdir / "monitor.db",
-                                       campaign.attack_keys("defended", label, keys)))
+    row.update(campaign.client_outcome(workdir / "monitor.db", [
+        server.client_id(k) for k in campaign.attack_keys("defended", label, keys)]))
     row.update(lam=lam, monitor_db=str(workdir / "monitor.db"))
     return row
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from service.config import DEFAULT_SECRET, ServerConfig
+from service.config import ServerConfig, read_secret_file
 
 
 def _serve(args) -> int:
@@ -16,8 +16,15 @@ def _serve(args) -> int:
 
     overrides = {k: v for k, v in vars(args).items()
                  if k in ServerConfig.model_fields and v is not None}
+    if args.secret_file is not None:
+        overrides["secret"] = read_secret_file(args.secret_file)
     cfg = ServerConfig(**overrides)
     log = logging.getLogger("modelguard")
+    problems = cfg.startup_problems()
+    if problems:   # before loading anything: the server would refuse to start
+        for p in problems:
+            log.error("refusing to start: %s", p)
+        return 2
     if args.dp is not None:  # serve the DP-SGD target for that budget (docs/dp.md)
         from service.defences.pool import dp_path
 
@@ -30,16 +37,17 @@ def _serve(args) -> int:
                       "%g` (or `make dp`)", cfg.target, args.dp)
             return 2
     log.info("config: %s", cfg.model_dump_json(exclude={"secret"}))
-    if cfg.secret == DEFAULT_SECRET:
-        log.warning("using the built-in development secret; set MODELGUARD_SECRET in production")
     if not cfg.target.exists():
         log.error("no target checkpoint at %s; run `make train` (or python -m service train)",
                   cfg.target)
         return 2
     server = Server(cfg, build_dataplane(cfg)).start()
     log.info("serving modelguard.v1.Inference and inference.GRPCInferenceService (Open "
-             "Inference Protocol v2) on %s (max batch %d, %d workers, %d torch threads); "
-             "Ctrl-C to stop", server.address, cfg.max_batch, cfg.workers, cfg.torch_threads)
+             "Inference Protocol v2) on %s over %s, %s (max batch %d, %d workers, %d torch "
+             "threads); Ctrl-C to stop", server.address,
+             ("mutual TLS" if cfg.tls_client_ca else "TLS") if server.tls else "PLAINTEXT",
+             f"keys from {cfg.api_keys}" if cfg.api_keys else "open keys (any key; ids are "
+             "keyed hashes)", cfg.max_batch, cfg.workers, cfg.torch_threads)
     server.wait()
     return 0
 
@@ -95,8 +103,26 @@ def main(argv=None) -> int:
     s.add_argument("--monitor-config", dest="monitor_config", type=Path,
                    help="monitor TOML (default: monitor/default.toml)")
     s.add_argument("--monitor-db", dest="monitor_db", type=Path)
-    s.add_argument("--api-keys", dest="api_keys", type=Path,
-                   help="TOML of name = \"key\"; default: any key is accepted")
+    k = s.add_argument_group("keys and secret (docs/security.md)")
+    k.add_argument("--api-keys", dest="api_keys", type=Path,
+                   help="TOML of name = \"key\" lines: only these keys pass, the client id is "
+                        "the name")
+    k.add_argument("--open-keys", dest="open_keys", action="store_true", default=None,
+                   help="open mode: any well-formed key is a client, its id a keyed hash of the "
+                        "key (one of --api-keys / --open-keys is required)")
+    k.add_argument("--secret-file", dest="secret_file", type=Path, metavar="PATH",
+                   help="read the server's secret (>= 32 bytes) from PATH (default: "
+                        "$MODELGUARD_SECRET, else the file $MODELGUARD_SECRET_FILE)")
+    k.add_argument("--dev-secret", dest="dev_secret", action="store_true", default=None,
+                   help="development only: start without a secret (the public built-in one) or "
+                        "with a short one")
+    tl = s.add_argument_group("TLS (docs/security.md)")
+    tl.add_argument("--tls-cert", dest="tls_cert", type=Path, metavar="PEM",
+                   help="certificate chain: serve TLS only (with --tls-key)")
+    tl.add_argument("--tls-key", dest="tls_key", type=Path, metavar="PEM",
+                   help="the certificate's private key")
+    tl.add_argument("--tls-client-ca", dest="tls_client_ca", type=Path, metavar="PEM",
+                   help="mutual TLS: require a client certificate signed by this CA")
     s.add_argument("--metrics-port", dest="metrics_port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; "
                         "docs/ecosystem.md)")

@@ -1,5 +1,11 @@
 """The server's one validated configuration object. Values come from defaults, then environment
-variables (MODELGUARD_*), then command-line flags (service/__main__.py)."""
+variables (MODELGUARD_*), then command-line flags (service/__main__.py).
+
+Security posture (docs/security.md): the server refuses to start (:meth:`ServerConfig.
+startup_problems`, checked by service.server.Server) without a secret of at least
+MIN_SECRET_BYTES bytes unless ``dev_secret`` is set, and without being told how clients are
+identified: a keys file (``api_keys``) or open mode (``open_keys``), not both.
+"""
 from __future__ import annotations
 
 import os
@@ -7,7 +13,29 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
+from common.keys import MIN_SECRET_BYTES
+
+# Public, in the source: only ever used with dev_secret (--dev-secret) and then with a warning.
 DEFAULT_SECRET = "modelguard-dev-secret"
+
+
+def read_secret_file(path: Path) -> str:
+    """The secret in ``path`` (surrounding whitespace removed). ValueError naming the path when
+    it cannot be read."""
+    try:
+        return Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the secret file {path}: {exc}") from None
+
+
+def _default_secret() -> str:
+    """$MODELGUARD_SECRET, else the contents of $MODELGUARD_SECRET_FILE, else the public
+    development secret (which the server accepts only with dev_secret)."""
+    if os.environ.get("MODELGUARD_SECRET"):
+        return os.environ["MODELGUARD_SECRET"]
+    if os.environ.get("MODELGUARD_SECRET_FILE"):
+        return read_secret_file(Path(os.environ["MODELGUARD_SECRET_FILE"]))
+    return DEFAULT_SECRET
 
 
 def artifacts_dir() -> Path:
@@ -25,9 +53,18 @@ class ServerConfig(BaseModel):
     monitor_config: Path | None = None     # None: the monitor's shipped default
     monitor_db: Path = Field(default_factory=lambda: Path(
         os.environ.get("MODELGUARD_MONITOR_DB", str(artifacts_dir() / "monitor.db"))))
-    api_keys: Path | None = None           # None: open mode, any non-empty key is a client
-    secret: str = Field(default_factory=lambda: os.environ.get("MODELGUARD_SECRET",
-                                                               DEFAULT_SECRET), repr=False)
+    api_keys: Path | None = Field(None, description="TOML of name = \"key\" lines: only "
+                                                    "these keys pass, the client id is the name")
+    open_keys: bool = Field(False, description="open mode: any well-formed key is a client, "
+                                               "its id a keyed hash of the key; must be asked "
+                                               "for when there is no keys file")
+    secret: str = Field(default_factory=_default_secret, repr=False)
+    dev_secret: bool = Field(False, description="development only: accept the public built-in "
+                                                "secret or one shorter than MIN_SECRET_BYTES")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve TLS only")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle: mutual TLS, clients "
+                                                         "must present a certificate it signed")
     grace_s: float = Field(5.0, ge=0)
     metrics_port: int | None = Field(None, ge=0, le=65535,
                                      description="serve Prometheus metrics on host:port/metrics "
@@ -44,6 +81,35 @@ class ServerConfig(BaseModel):
         if not v:
             raise ValueError("host must not be empty")
         return v
+
+    def startup_problems(self) -> list[str]:
+        """Why a server with this config must not start ([] when it may)."""
+        out = []
+        n = len(self.secret.encode())
+        if not self.dev_secret:
+            if self.secret == DEFAULT_SECRET:
+                out.append("no secret configured: set MODELGUARD_SECRET, MODELGUARD_SECRET_FILE "
+                           f"or --secret-file (at least {MIN_SECRET_BYTES} random bytes; `make "
+                           "serve` generates artifacts/secret), or pass --dev-secret to serve "
+                           "with the public development secret")
+            elif n < MIN_SECRET_BYTES:
+                out.append(f"the secret has {n} bytes; at least {MIN_SECRET_BYTES} are needed "
+                           "(e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`), "
+                           "or pass --dev-secret for development")
+        if self.api_keys is None and not self.open_keys:
+            out.append("no client keys configured: pass --api-keys keys.toml (only listed keys) "
+                       "or --open-keys (any key is a client; `make serve` does)")
+        if self.api_keys is not None and self.open_keys:
+            out.append("--api-keys and --open-keys both given; choose one")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            out.append("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            out.append("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        return out
+
+    @property
+    def weak_secret(self) -> bool:
+        return self.secret == DEFAULT_SECRET or len(self.secret.encode()) < MIN_SECRET_BYTES
 
     @property
     def max_message_bytes(self) -> int:

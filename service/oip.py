@@ -30,7 +30,7 @@ from protos import grpc_predict_v2_pb2_grpc as oip_grpc
 from service import codec
 from service.auth import KeyRing
 from service.dataplane import DataPlane
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput, NotFound, quote
 from service.servicer import CallStats, abort_for
 
 log = logging.getLogger("modelguard.oip")
@@ -55,9 +55,9 @@ def check_model(plane: DataPlane, name: str, version: str) -> None:
     """NotFound unless ``name`` (and ``version`` when given) is the served model."""
     m = plane.model
     if name != m.name:
-        raise NotFound(f"unknown model {name!r}; this server serves model {m.name!r}")
+        raise NotFound(f"unknown model {quote(name)}; this server serves model {m.name!r}")
     if version and version != m.version:
-        raise NotFound(f"model {name!r} has no version {version!r}; "
+        raise NotFound(f"model {quote(name)} has no version {quote(version)}; "
                        f"the served version is {m.version!r}")
 
 
@@ -66,7 +66,7 @@ def requested_outputs(request: oip.ModelInferRequest) -> list[str]:
     names = list(dict.fromkeys(o.name for o in request.outputs)) or list(OUTPUTS)
     bad = [n for n in names if n not in OUTPUTS]
     if bad:
-        raise InvalidInput(f"unknown output(s) {bad}; the model's outputs are "
+        raise InvalidInput(f"unknown output(s) {quote(bad)}; the model's outputs are "
                            f"{LABEL!r} (INT64 [N]) and {PROBS!r} (FP32 [N, {NUM_CLASSES}])")
     return names
 
@@ -78,7 +78,8 @@ def _shape(t) -> list[int]:
           or (len(shape) == 3 and shape[1:] == [codec.H, codec.W])
           or (len(shape) == 4 and shape[1:] == [1, codec.H, codec.W]))
     if not ok:
-        raise InvalidInput(f"input {INPUT!r}: shape {shape} is not [N, 28, 28], [N, 1, 28, 28] "
+        raise InvalidInput(f"input {INPUT!r}: shape {quote(shape)} is not [N, 28, 28], "
+                           f"[N, 1, 28, 28] "
                            f"or [N, 784]")
     return [shape[0], codec.H, codec.W]
 
@@ -100,7 +101,7 @@ def _typed_contents(t, shape: list[int]) -> bytes:
             raise InvalidInput(f"input {INPUT!r} has no data: send raw_input_contents or "
                                f"contents.{field}")
         raise InvalidInput(f"input {INPUT!r}: contents.{field} has {len(values)} values; "
-                           f"shape {list(t.shape)} needs {need}")
+                           f"shape {quote(list(t.shape))} needs {need}")
     if t.datatype == "UINT8":
         a = np.asarray(values, np.uint32)
         if len(a) and int(a.max()) > 255:
@@ -116,10 +117,10 @@ def decode_inputs(request: oip.ModelInferRequest, max_batch: int) -> np.ndarray:
         raise InvalidInput(f"expected one input tensor {INPUT!r}; got {len(request.inputs)}")
     t = request.inputs[0]
     if t.name != INPUT:
-        raise InvalidInput(f"unknown input {t.name!r}; the model's input is {INPUT!r}")
+        raise InvalidInput(f"unknown input {quote(t.name)}; the model's input is {INPUT!r}")
     if t.datatype not in codec.DTYPES:
-        raise InvalidInput(f"input {INPUT!r}: unknown datatype {t.datatype!r}; expected one of "
-                           f"{sorted(codec.DTYPES)}")
+        raise InvalidInput(f"input {INPUT!r}: unknown datatype {quote(t.datatype)}; expected one "
+                           f"of {sorted(codec.DTYPES)}")
     shape = _shape(t)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
@@ -196,11 +197,12 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         stats = CallStats()
         try:
             client = self.keyring.client_id(context.invocation_metadata())
+            request_id = codec.check_request_id(request.id)
             check_model(self.plane, request.model_name, request.model_version)
             outputs = requested_outputs(request)
             images = decode_inputs(request, self.plane.max_batch)
             stats.decoded(len(images))
-            result = self.plane.predict(client, request.id or None, images,
+            result = self.plane.predict(client, request_id or None, images,
                                         want_probabilities=PROBS in outputs)
             stats.answered(result)
             return build_infer_response(result.answer, result.request_id, self.plane.model.name,

@@ -12,26 +12,75 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from protos import grpc_predict_v2_pb2 as oip_pb
 from protos import inference_pb2 as pb
-from protos import grpc_predict_v2_pb2_grpc as oip_grpc
-from protos import inference_pb2_grpc as pb_grpc
 from service import oip
 from service.auth import KeyRing
 from service.config import ServerConfig
 from service.dataplane import DataPlane
-from service.servicer import AuthInterceptor, InferenceServicer
+from service.errors import ConfigError
+from service.servicer import AuthInterceptor, InferenceServicer, raw_method_handlers
 
 log = logging.getLogger("modelguard.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
+def keyring_for(cfg: ServerConfig) -> KeyRing:
+    """The keys file's ring, or open mode's (cfg.open_keys)."""
+    if cfg.api_keys is not None:
+        return KeyRing.from_file(cfg.api_keys, cfg.secret)
+    if not cfg.open_keys:
+        raise ConfigError("no client keys configured: pass --api-keys or --open-keys")
+    return KeyRing.open(cfg.secret)
+
+
+def _read_pem(path, what: str) -> bytes:
+    try:
+        data = open(path, "rb").read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN" not in data:
+        raise ConfigError(f"the {what} {path} is not PEM")
+    return data
+
+
+def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from cfg.tls_cert/tls_key (and tls_client_ca: mutual TLS, a client
+    certificate signed by that CA is required); None without TLS."""
+    if cfg.tls_cert is None:
+        return None
+    chain = _read_pem(cfg.tls_cert, "TLS certificate")
+    key = _read_pem(cfg.tls_key, "TLS private key")
+    ca = None if cfg.tls_client_ca is None else _read_pem(cfg.tls_client_ca, "client CA")
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
 class Server:
-    """A running server: ``Server(cfg, plane).start()``; ``.port`` is the bound port."""
+    """A running server: ``Server(cfg, plane).start()``; ``.port`` is the bound port.
+
+    Refuses (ConfigError) a config with startup problems (ServerConfig.startup_problems: a weak
+    secret without dev_secret, no key mode). A weak secret allowed by dev_secret is logged."""
 
     def __init__(self, cfg: ServerConfig, plane: DataPlane):
+        problems = cfg.startup_problems()
+        if problems:
+            plane.close()
+            raise ConfigError("refusing to start: " + "; ".join(problems))
+        if cfg.weak_secret:
+            log.warning("serving with a development secret (--dev-secret): anyone who knows it "
+                        "can predict the noise and the watermark and map keys to client ids; "
+                        "never in production")
         self.cfg = cfg
         self.plane = plane
-        keyring = KeyRing.from_file(cfg.api_keys)
+        try:
+            keyring = keyring_for(cfg)
+            creds = server_credentials(cfg)
+        except Exception:
+            plane.close()
+            raise
+        self.keyring = keyring
+        self.tls = creds is not None
         self.metrics = None
         if cfg.metrics_port is not None:
             from service.metrics import Metrics
@@ -43,15 +92,22 @@ class Server:
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
                                 interceptors=[AuthInterceptor(keyring, self.metrics)],
                                 options=opts)
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(plane, keyring), self.grpc)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip.OipServicer(plane, keyring),
-                                                            self.grpc)
+        # Both APIs parse their requests' bytes themselves (servicer.raw_method_handlers):
+        # malformed messages are INVALID_ARGUMENT, without grpcio's deserialization failure.
+        self.grpc.add_generic_rpc_handlers((
+            raw_method_handlers(pb.DESCRIPTOR.services_by_name["Inference"],
+                                InferenceServicer(plane, keyring), pb, self.metrics),
+            raw_method_handlers(oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+                                oip.OipServicer(plane, keyring), oip_pb, self.metrics)))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, oip.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if creds is None:
+            self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        else:
+            self.port = self.grpc.add_secure_port(f"{cfg.host}:{cfg.port}", creds)
         if self.port == 0:
             raise OSError(f"could not bind {cfg.host}:{cfg.port}")
         self._stopped = threading.Event()
@@ -59,6 +115,12 @@ class Server:
     @property
     def address(self) -> str:
         return f"{self.cfg.host}:{self.port}"
+
+    def client_id(self, key: str) -> str:
+        """The client id this server gives ``key`` (its name with a keys file; in open mode
+        common.keys.client_id_for_key under this server's secret): how the monitor's log,
+        transitions and metrics name that client."""
+        return self.keyring.client_id_of_key(key)
 
     @property
     def metrics_port(self) -> int | None:

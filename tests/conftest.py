@@ -11,6 +11,8 @@ import torch
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# The secret of the in-process test servers: long enough that they start without --dev-secret.
+TEST_SECRET = "test-secret-0123456789abcdef0123456789"
 if not os.environ.get("MODELGUARD_DATA") and (REPO.parent / "shared" / "data").exists():
     os.environ["MODELGUARD_DATA"] = str(REPO.parent / "shared" / "data")
 
@@ -34,6 +36,10 @@ class GrpcTarget:
         self.address = server.address
         self.monitor_db = monitor_db
 
+    def client_id(self, api_key: str) -> str:
+        """How the server names ``api_key``'s client in its log (open mode: a keyed hash)."""
+        return self.server.client_id(api_key)
+
     def oracle(self, api_key: str, budget: int | None = None, labels_only: bool = False):
         from client.api import RemoteOracle
 
@@ -46,9 +52,10 @@ class GrpcTarget:
 
 
 def start_server(target_path: Path, workdir: Path, policies: dict | None = None,
-                 max_batch: int = 64):
+                 max_batch: int = 64, **server_config):
     """Server with the real monitor (shipped default detectors and rules) and the given
-    per-level policy specs (default: identity at every level, i.e. undefended answers)."""
+    per-level policy specs (default: identity at every level, i.e. undefended answers), in open
+    mode with TEST_SECRET; ``server_config``: more ServerConfig fields (TLS, keys file...)."""
     from common.types import Level
     from monitor import load_config
     from service.config import ServerConfig
@@ -57,9 +64,11 @@ def start_server(target_path: Path, workdir: Path, policies: dict | None = None,
 
     policies = policies or {lvl: {"policy": "identity"} for lvl in Level if lvl != Level.BLOCK}
     config = load_config(None).model_copy(update={"policies": policies, "watermark": {}})
+    server_config = {"secret": TEST_SECRET, "open_keys": "api_keys" not in server_config,
+                     **server_config}
     cfg = ServerConfig(port=0, max_batch=max_batch, workers=4, artifacts=workdir,
                        target=target_path, monitor_db=workdir / "monitor.db", grace_s=1.0,
-                       secret="test-secret")
+                       **server_config)
     plane = build_dataplane(cfg, config)
     return Server(cfg, plane).start(), plane, cfg.monitor_db
 

@@ -61,14 +61,16 @@ def test_attack_over_grpc(grpc_target, target, name, params, budget, min_fid):
         assert len(rec) >= 1 and (cos > 0.995).all(), cos
 
 
-def _server_counts(db, prefix, expect, timeout=10.0):
-    """Per-client query counts in the monitor's log (written by a background thread)."""
+def _server_counts(db, clients, expect, timeout=10.0):
+    """Per-client query counts of ``clients`` (client ids) in the monitor's log (written by a
+    background thread)."""
     deadline = time.time() + timeout
+    marks = ",".join("?" * len(clients))
     while True:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
         try:
-            rows = dict(con.execute("SELECT client, SUM(n) FROM requests WHERE client LIKE ? "
-                                    "GROUP BY client", (prefix + "%",)).fetchall())
+            rows = dict(con.execute(f"SELECT client, SUM(n) FROM requests WHERE client IN "
+                                    f"({marks}) GROUP BY client", list(clients)).fetchall())
         finally:
             con.close()
         if sum(rows.values()) >= expect or time.time() > deadline:
@@ -84,8 +86,9 @@ def test_sybil_over_grpc_uses_n_distinct_keys(grpc_target, target):
                    train_config=TrainConfig(epochs=2, progress=False)).run()
     assert result.queries_used == 300
     assert result.extra["sybil"]["distinct_keys"] == 3
-    seen = _server_counts(grpc_target.monitor_db, "sybil-e2e-", 300)
-    assert set(seen) == set(keys)                      # the server saw three clients
+    ids = [grpc_target.client_id(k) for k in keys]
+    seen = _server_counts(grpc_target.monitor_db, ids, 300)
+    assert set(seen) == set(ids)                       # the server saw three clients
     assert sum(seen.values()) == 300 and max(seen.values()) <= 100
     assert agreement(result.surrogate, target) > 0.5
 
@@ -93,10 +96,12 @@ def test_sybil_over_grpc_uses_n_distinct_keys(grpc_target, target):
 def test_honest_clients_over_grpc(grpc_target):
     from client.honest import HonestConfig, run_honest
 
-    oracles = [grpc_target.oracle(f"honest-e2e-{i}") for i in range(2)]
+    keys = [f"honest-e2e-{i}" for i in range(2)]
+    oracles = [grpc_target.oracle(k) for k in keys]
     out = run_honest(oracles, data.attack_pool(), seed=0, config=HonestConfig(queries=100))
     assert out["clients"] == 2 and out["queries"] == sum(o.queries_used for o in oracles)
     assert out["prob_share"] == 1.0 and out["clients_losing_probabilities"] == 0  # undefended
     assert out["accuracy"] > 0.5
-    seen = _server_counts(grpc_target.monitor_db, "honest-e2e-", out["queries"])
+    seen = _server_counts(grpc_target.monitor_db, [grpc_target.client_id(k) for k in keys],
+                          out["queries"])
     assert sum(seen.values()) == out["queries"] and len(seen) == 2

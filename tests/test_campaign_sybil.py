@@ -134,6 +134,14 @@ policy = "identity"
 """
 
 
+def _client_id(key: str) -> str:
+    """The id the campaign's open-mode servers (default secret) give ``key`` in their logs."""
+    from common.keys import client_id_for_key
+    from service.config import ServerConfig
+
+    return client_id_for_key(key, ServerConfig().secret)
+
+
 def test_sybil_campaign_row_end_to_end(small_target, tmp_path, monkeypatch):
     """A tiny Sybil campaign over gRPC: every key is escalated at its 61st query (volume), the
     honest client (100 queries) too, so a row must count its own keys and no one else's."""
@@ -180,8 +188,9 @@ def test_sybil_campaign_row_end_to_end(small_target, tmp_path, monkeypatch):
     if variants:  # the flags reached the honest client
         assert h["variants_setting"] == 0.3 and h["orgs_setting"] == 1 and h["org"] == 0
         assert h["variants"] > 0
+    ids = {_client_id(k) for k in campaign.attack_keys("defended", "jbda x3 seq", 3)}
     with QueryLog(out / "defended" / "monitor.db") as q:
-        mine = [c for c in q.client_ids() if c.startswith(seq["key_prefix"] + "/")]
+        mine = [c for c in q.client_ids() if c in ids]
     assert len(mine) == 3
     md = (out / "campaign.md").read_text()
     assert "queries spent before 80% of keys escalated" in md
@@ -258,7 +267,7 @@ def test_campaign_isolates_each_attack_by_default(small_target, tmp_path, monkey
                         "--surrogate", "mlp", "--out", str(out), "--no-progress"])
     assert rc == 0
     with QueryLog(out / "defended" / "monitor.db") as q:
-        assert [c for c in q.client_ids()] == ["defended/honest-0"]
+        assert [c for c in q.client_ids()] == [_client_id("defended/honest-0")]
     with QueryLog(out / "defended" / "jbda-x3-seq" / "monitor.db") as q:
         assert len(q.client_ids()) == 3
     [row] = json.loads((out / "campaign.json").read_text())["attacks"]

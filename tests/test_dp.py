@@ -116,10 +116,12 @@ def test_serve_option_selects_the_dp_target(dp_artifacts, tmp_path, monkeypatch)
 
     monkeypatch.setattr("service.dataplane.build_dataplane", fake_build)
     with pytest.raises(SystemExit):
-        cli.main(["serve", "--dp", "8", "--artifacts", str(dp_artifacts), "--port", "0"])
+        cli.main(["serve", "--dp", "8", "--artifacts", str(dp_artifacts), "--port", "0",
+                  "--open-keys", "--dev-secret"])
     assert seen["target"] == dp_path(dp_artifacts, 8)
     # a budget with no checkpoint: a clear error, no server
-    assert cli.main(["serve", "--dp", "2", "--artifacts", str(tmp_path)]) == 2
+    assert cli.main(["serve", "--dp", "2", "--artifacts", str(tmp_path), "--open-keys",
+                     "--dev-secret"]) == 2
 
 
 def test_dp_target_in_the_switching_pool(dp_artifacts):

@@ -48,6 +48,7 @@ def start_oip_server(target: Path, workdir: Path, metrics_port: int | None = Non
 
     cfg = ServerConfig(port=0, max_batch=64, workers=4, artifacts=workdir, target=target,
                        monitor_db=workdir / "monitor.db", grace_s=1.0, secret="test-secret",
+                       dev_secret=True, open_keys=True,
                        metrics_port=metrics_port)
     return Server(cfg, build_dataplane(cfg, oip_monitor_config(volume))).start()
 
@@ -237,10 +238,10 @@ def test_tritonclient_calls_are_in_the_monitor_log(triton_run, oip_server):
     oip_server.plane.monitor.flush()
     with QueryLog(oip_server.cfg.monitor_db) as q:
         per = {s["client"]: s for s in q.summary()}
-        trs = q.transitions("mallory")
-    assert per["mallory"]["queries"] == len(images["mallory"])
-    assert per["alice"]["queries"] >= 8 + 8 + 5
-    assert "carol" not in per      # rejected before the data plane (not found / bad input)
+        trs = q.transitions(oip_server.client_id("mallory"))
+    assert per[oip_server.client_id("mallory")]["queries"] == len(images["mallory"])
+    assert per[oip_server.client_id("alice")]["queries"] >= 8 + 8 + 5
+    assert oip_server.client_id("carol") not in per   # rejected before the data plane
     assert [(t["from_level"], t["to_level"]) for t in trs] == [(Level.NORMAL, Level.LABEL_ONLY)]
     assert trs[0]["qn"] == VOLUME + 1 and "volume" in trs[0]["rule"]
 
@@ -373,8 +374,11 @@ def test_not_found_and_unauthenticated(oip_server):
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert not stub.ModelReady(oip.ModelReadyRequest(name="target", version="7"),
                                    metadata=md, timeout=5).ready
+        # liveness and readiness need no key (probes carry none); everything else does
+        assert stub.ServerLive(oip.ServerLiveRequest(), timeout=5).live
+        assert stub.ServerReady(oip.ServerReadyRequest(), timeout=5).ready
         with pytest.raises(grpc.RpcError) as err:
-            stub.ServerLive(oip.ServerLiveRequest(), timeout=5)
+            stub.ServerMetadata(oip.ServerMetadataRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 

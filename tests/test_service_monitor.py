@@ -27,7 +27,8 @@ def _server(small_target, tmp_path, volume_threshold, rule_level, allow_block=Fa
     cfg_dict["watermark"] = {}
     mcfg = config_from_dict(cfg_dict)
     cfg = ServerConfig(port=0, max_batch=64, target=small_target[0], artifacts=tmp_path,
-                       monitor_db=tmp_path / "m.db", grace_s=1.0, secret="s")
+                       monitor_db=tmp_path / "m.db", grace_s=1.0, secret="s", dev_secret=True,
+                       open_keys=True)
     return Server(cfg, build_dataplane(cfg, mcfg)).start()
 
 
@@ -45,12 +46,13 @@ def test_escalation_changes_answers_and_log_is_complete(small_target, tmp_path):
     server.stop(1.0)
     # the volume rule fires once more than 100 queries were seen: probabilities stop after that
     assert kinds[:2] == [True, True] and kinds[-1] is False and quiet.probs is not None
+    greedy, quiet = server.client_id("greedy"), server.client_id("quiet")
     with QueryLog(tmp_path / "m.db") as log:
         summary = {s["client"]: s for s in log.summary()}
-        assert summary["greedy"]["queries"] == 300 and summary["quiet"]["queries"] == 20
-        assert summary["greedy"]["level"] == Level.LABEL_ONLY
-        assert summary["quiet"]["level"] == Level.NORMAL
-        tr = log.transitions("greedy")
+        assert summary[greedy]["queries"] == 300 and summary[quiet]["queries"] == 20
+        assert summary[greedy]["level"] == Level.LABEL_ONLY
+        assert summary[quiet]["level"] == Level.NORMAL
+        tr = log.transitions(greedy)
         assert len(tr) == 1 and tr[0]["to_level"] == Level.LABEL_ONLY and 100 < tr[0]["qn"] <= 150
 
 

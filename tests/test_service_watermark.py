@@ -35,7 +35,7 @@ def shipped_server(small_target, tmp_path_factory):
     tiny_pool(root)
     cfg = ServerConfig(port=0, max_batch=256, workers=4, artifacts=root,
                        target=small_target[0], monitor_db=root / "monitor.db", grace_s=1.0,
-                       secret="shipped-secret")
+                       secret="shipped-secret", dev_secret=True, open_keys=True)
     plane = build_dataplane(cfg, load_config(None))     # the default profile, unchanged
     server = Server(cfg, plane).start()
     yield server, plane
@@ -63,7 +63,7 @@ def test_shipped_watermark_rate_labels_and_determinism(shipped_server, small_tar
     labels, probs = ask(server.address, "honest", x)
     # every honest client was answered with probabilities at a level that keeps the target's
     # labels (NORMAL here): differences from the target are the watermark's, not a defence's
-    levels = {plane.monitor.level(f"honest-{k}") for k in range(N // PER_KEY)}
+    levels = {plane.monitor.level(server.client_id(f"honest-{k}")) for k in range(N // PER_KEY)}
     assert levels <= {Level.NORMAL, Level.NOISE}, levels
     changed = labels != target
     rate = changed.mean()
