@@ -118,3 +118,21 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) $(TRITON_VENV) $(ARTIFACTS) results *.egg-info
+
+# --- scale-out (docs/scaleout.md): PostgreSQL + replicas + nginx on localhost -----------------
+CLUSTER_DIR ?= $(ARTIFACTS)/cluster
+CLUSTER_PORT ?= 50050
+REPLICAS ?= 3
+.PHONY: pg cluster cluster-stop cluster-status
+
+pg: $(STAMP)
+	$(PY) -m deploy.pgserver install
+
+cluster: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP)
+	$(PY) -m deploy.cluster up --dir $(CLUSTER_DIR) --port $(CLUSTER_PORT) --replicas $(REPLICAS) -- $(ARGS)
+
+cluster-stop: $(STAMP)
+	$(PY) -m deploy.cluster down --dir $(CLUSTER_DIR)
+
+cluster-status: $(STAMP)
+	$(PY) -m deploy.cluster status --dir $(CLUSTER_DIR)
