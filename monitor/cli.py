@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from common.types import Level
-from monitor.config import DETECTOR_NAMES
+from monitor.config import DETECTOR_NAMES, DETECTORS
 
 DEFAULT_DB = "artifacts/monitor.db"
-SHORT = {"s_prada": "prada W", "s_ood": "ood rate", "s_similarity": "sim kNN", "s_volume": "volume",
-         "s_near_duplicate": "near-dup"}
+SHORT = {d.column: d.short for d in DETECTORS}     # the log's score column -> the CLI's label
 DETS = DETECTOR_NAMES
 
 
@@ -109,10 +108,7 @@ def cmd_show(a) -> int:
         d = next(x for x in q.summary() if x["client"] == a.client)
         print(f"client {a.client}: {d['queries']} queries logged "
               f"({_ts(d['first_t'])} .. {_ts(d['last_t'])}), level {d['level'].name}")
-        det = cfg.detectors
-        th = {"s_prada": f"< {det.prada.delta}", "s_ood": f"> {det.ood.threshold}",
-              "s_similarity": f"< {det.similarity.threshold}", "s_volume": f"> {det.volume.threshold}",
-              "s_near_duplicate": f"> {det.near_duplicate.threshold}"}
+        th = {d.column: d.fires_text(getattr(cfg.detectors, d.name)) for d in DETECTORS}
         print("latest scores: " + ", ".join(f"{SHORT[k]} {_fmt(d['scores'].get(k))} (fires {th[k]})"
                                             for k in SHORT))
         _show_group(q, cfg, a.client)
@@ -174,15 +170,10 @@ def cmd_plot(a) -> int:
         q_pairs = q.pairs(a.client)
     if len(s["qn"]) == 0:
         raise CliError(f"client {a.client!r} has no logged queries to plot")
-    det = cfg.detectors
-    panels = [("s_prada", "PRADA Shapiro-Wilk W", det.prada.delta, "alarm below"),
-              ("s_ood", f"OOD share (top prob < {det.ood.tau})", det.ood.threshold, "alarm above"),
-              ("s_similarity", f"similarity: mean L2 to {det.similarity.k}-NN",
-               det.similarity.threshold, "alarm below"),
-              ("s_volume", f"volume: queries in {det.volume.window_seconds:g}s",
-               det.volume.threshold, "alarm above"),
-              ("s_near_duplicate", f"near-copy share (L2 < {det.near_duplicate.radius:g})",
-               det.near_duplicate.threshold, "alarm above")]
+    panels = []
+    for d in DETECTORS:
+        dcfg = getattr(cfg.detectors, d.name)
+        panels.append((d.column, d.title(dcfg), d.threshold(dcfg), f"alarm {d.direction}"))
     pairs = [p["qn"] for p in q_pairs if p["client"] == a.client]
     if pairs:  # cross-client linking: cumulative perturbed copies of other keys' queries
         qn = np.asarray(s["qn"])

@@ -9,15 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from common.types import Level
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
-DETECTOR_NAMES = ("prada", "ood", "similarity", "volume", "near_duplicate")
 # bumped whenever detector semantics or the pickled state layout change: stored states of another
 # version are not loaded (the state is rebuilt from the log instead)
 ENGINE_VERSION = "batched-dct8-3"
@@ -124,12 +125,68 @@ class NearDuplicateConfig(_Strict):
         return self
 
 
-class DetectorsConfig(_Strict):
-    prada: PradaConfig = PradaConfig()
-    ood: OODConfig = OODConfig()
-    similarity: SimilarityConfig = SimilarityConfig()
-    volume: VolumeConfig = VolumeConfig()
-    near_duplicate: NearDuplicateConfig = NearDuplicateConfig()
+# --- the detector registry ------------------------------------------------------------------
+@dataclass(frozen=True)
+class DetectorSpec:
+    """Everything about a detector outside its implementation, in one place: its name (the
+    ``[detectors.<name>]`` table, the name rules use), its config class, the log's score column,
+    the CLI's column label, which side of the threshold alarms, the config key holding the
+    threshold, the keys that decide firing only (the tuner varies those without re-running the
+    detector) and its plot title. The implementation is the ``monitor.detectors.Detector``
+    subclass whose ``name`` is the same. Adding a detector = its config class and a spec here,
+    and its Detector subclass."""
+
+    name: str
+    config: type
+    short: str
+    direction: Literal["below", "above"]
+    threshold_key: str
+    firing_keys: tuple[str, ...]
+    title: Callable[[Any], str]
+
+    @property
+    def column(self) -> str:
+        return f"s_{self.name}"
+
+    def threshold(self, dcfg) -> float:
+        """The threshold in ``dcfg`` (this detector's config)."""
+        return float(getattr(dcfg, self.threshold_key))
+
+    def fires_text(self, dcfg) -> str:
+        return f"{'<' if self.direction == 'below' else '>'} {self.threshold(dcfg):g}"
+
+    def fires(self, dcfg, scores, qn):
+        """Firing from recorded scores (numpy arrays), as the detector decides it: beyond the
+        threshold on the alarming side, and from ``min_queries`` on when that is a firing key."""
+        import numpy as np
+
+        t = self.threshold(dcfg)
+        with np.errstate(invalid="ignore"):
+            out = scores < t if self.direction == "below" else scores > t
+        if "min_queries" in self.firing_keys:
+            out = out & (np.asarray(qn) >= dcfg.min_queries)
+        return out
+
+
+DETECTORS: tuple[DetectorSpec, ...] = (
+    DetectorSpec("prada", PradaConfig, "prada W", "below", "delta", ("delta",),
+                 lambda c: "PRADA Shapiro-Wilk W"),
+    DetectorSpec("ood", OODConfig, "ood rate", "above", "threshold",
+                 ("threshold", "min_queries"), lambda c: f"OOD share (top prob < {c.tau})"),
+    DetectorSpec("similarity", SimilarityConfig, "sim kNN", "below", "threshold", ("threshold",),
+                 lambda c: f"similarity: mean L2 to {c.k}-NN"),
+    DetectorSpec("volume", VolumeConfig, "volume", "above", "threshold", ("threshold",),
+                 lambda c: f"volume: queries in {c.window_seconds:g}s"),
+    DetectorSpec("near_duplicate", NearDuplicateConfig, "near-dup", "above", "threshold",
+                 ("threshold", "min_queries"),
+                 lambda c: f"near-copy share (L2 < {c.radius:g})"),
+)
+DETECTOR_NAMES = tuple(d.name for d in DETECTORS)
+SPEC = {d.name: d for d in DETECTORS}
+
+# [detectors]: one table per registered detector, in the registry's order
+DetectorsConfig = create_model("DetectorsConfig", __base__=_Strict,
+                               **{d.name: (d.config, d.config()) for d in DETECTORS})
 
 
 class Rule(_Strict):

@@ -32,8 +32,8 @@ from functools import cached_property, lru_cache
 import numpy as np
 from scipy import special
 
-from monitor.config import (NearDuplicateConfig, OODConfig, PradaConfig, SimilarityConfig,
-                            VolumeConfig)
+from monitor.config import (DETECTOR_NAMES, NearDuplicateConfig, OODConfig, PradaConfig,
+                            SimilarityConfig, VolumeConfig)
 from monitor.features import (DIM, Ring, approx_sq, encode, lower_bound_sq,
                               attack_like_pairs, pixel_dist, residual_norms,
                               sq_norms)
@@ -203,9 +203,20 @@ def _pixel_ring(size: int) -> Ring:
     return PixelRing(size)
 
 
+IMPLEMENTATIONS: dict[str, type] = {}   # registered name -> Detector subclass
+
+
 class Detector:
+    """A detector's implementation; its ``name`` ties it to its spec in the registry
+    (monitor.config.DETECTORS: config, score column, labels), and defining the subclass
+    registers it."""
+
     name = "detector"
     threshold: float
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        IMPLEMENTATIONS[cls.name] = cls
 
     def observe_batch(self, items: Items, t: float) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -663,20 +674,14 @@ class Volume(Detector):
 
 
 def build_detectors(cfg) -> dict[str, Detector]:
-    """Enabled detectors of a DetectorsConfig, in a fixed order."""
-    out: dict[str, Detector] = {}
-    if cfg.prada.enabled:
-        out["prada"] = Prada(cfg.prada)
-    if cfg.ood.enabled:
-        out["ood"] = OODRate(cfg.ood)
-    if cfg.similarity.enabled:
-        out["similarity"] = Similarity(cfg.similarity)
-    if cfg.volume.enabled:
-        out["volume"] = Volume(cfg.volume)
-    if cfg.near_duplicate.enabled:
-        out["near_duplicate"] = NearDuplicate(cfg.near_duplicate)
-    return out
+    """Enabled detectors of a DetectorsConfig, in the registry's order."""
+    missing = [n for n in DETECTOR_NAMES if n not in IMPLEMENTATIONS]
+    if missing:
+        raise RuntimeError(f"detectors registered in monitor.config without an implementation: "
+                           f"{missing}")
+    return {n: IMPLEMENTATIONS[n](getattr(cfg, n)) for n in DETECTOR_NAMES
+            if getattr(cfg, n).enabled}
 
 
-__all__ = ["Items", "Detector", "Prada", "OODRate", "Similarity", "NearDuplicate", "Volume",
+__all__ = ["IMPLEMENTATIONS", "Items", "Detector", "Prada", "OODRate", "Similarity", "NearDuplicate", "Volume",
            "build_detectors", "DIM"]

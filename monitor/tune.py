@@ -43,17 +43,15 @@ import numpy as np
 
 from common import tomlw
 from common.types import Level
-from monitor.config import (DETECTOR_NAMES, ConfigError, MonitorConfig, config_from_dict,
-                            load_config, read_toml)
+from monitor.config import (DETECTOR_NAMES, DETECTORS, SPEC, ConfigError, MonitorConfig,
+                            config_from_dict, load_config, read_toml)
 
 DEFAULT_OUTPUT = "results/tune/tuned.toml"
 NEVER = np.iinfo(np.int64).max
 LABELS = ("honest", "attacker")
 
 # per detector: config keys that decide firing only (not the detector's state)
-FIRING_KEYS = {"prada": ("delta",), "ood": ("threshold", "min_queries"),
-               "similarity": ("threshold",), "volume": ("threshold",),
-               "near_duplicate": ("threshold", "min_queries")}
+FIRING_KEYS = {d.name: d.firing_keys for d in DETECTORS}
 # state keys recomputed without re-running the detector's pixel search
 LIGHT_DETECTORS = ("ood", "volume")                 # re-run from probabilities / timestamps
 FLAG_WINDOW_KEYS = {"near_duplicate": ("window",)}  # share over a window of per-item flags
@@ -66,9 +64,8 @@ class TuneError(ValueError):
 
 # --- small helpers ---------------------------------------------------------------------------
 def _detector_classes():
-    from monitor.detectors import NearDuplicate, OODRate, Prada, Similarity, Volume
-    return {"prada": Prada, "ood": OODRate, "similarity": Similarity, "volume": Volume,
-            "near_duplicate": NearDuplicate}
+    from monitor.detectors import IMPLEMENTATIONS
+    return IMPLEMENTATIONS
 
 
 def _sub(cfg: MonitorConfig, det: str):
@@ -94,16 +91,7 @@ def heavy_sig(det: str, sub) -> tuple:
 
 def fires(det: str, sub, scores: np.ndarray, qn: np.ndarray) -> np.ndarray:
     """A detector's firing from its scores, exactly as the detector decides it."""
-    with np.errstate(invalid="ignore"):
-        if det == "prada":
-            return scores < sub.delta
-        if det == "similarity":
-            return scores < sub.threshold
-        if det == "volume":
-            return scores > sub.threshold
-        if det in ("ood", "near_duplicate"):
-            return (qn >= sub.min_queries) & (scores > sub.threshold)
-    raise KeyError(det)
+    return SPEC[det].fires(sub, scores, qn)
 
 
 def used_detectors(cfg: MonitorConfig) -> list[str]:
