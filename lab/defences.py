@@ -208,8 +208,9 @@ class _Bench:
                 res = self.attack(cls, oracle, ep)
                 rx = np.concatenate([r[0] for r in oracle.records])
                 ry = np.concatenate([r[1] for r in oracle.records])
+                ids = np.array(["attacker"] * len(ry))   # the oracle's client: marks are keyed
                 r = verify(images=rx, labels_sent=ry, predict=predictor(res.surrogate),
-                           key=BENCH_KEY, rate=rate)
+                           key=BENCH_KEY, rate=rate, client_ids=ids)
                 ev = self.evaluate(res.surrogate)
                 res_rate[key] = {"verify": r.as_dict(), **ev}
                 print(f"watermark rate {rate} {key}: {r.summary()}", flush=True)
@@ -217,7 +218,7 @@ class _Bench:
                     res_rate["nulls"] = {}
                     for nname, m in nulls.items():
                         rn = verify(images=rx, labels_sent=ry, predict=predictor(m), key=BENCH_KEY,
-                                    rate=rate)
+                                    rate=rate, client_ids=ids)
                         res_rate["nulls"][nname] = rn.as_dict()
                         print(f"   null {nname}: {rn.summary()}", flush=True)
                     path = self.args.out / f"wm_records_rate{rate}.npz"

@@ -205,6 +205,7 @@ def measure(name: str, path: Path, args, pool, ev, members, nonmembers) -> dict:
 
         def check(model):
             return verify(images=rx, labels_sent=ry, key=BENCH_KEY, rate=args.wm_rate,
+                          client_ids=["attacker"] * len(ry),     # the oracle's client
                           predict=lambda x: training.predict_proba(model, x)).as_dict()
 
         ev_res = evaluate(res.surrogate, target, ev)

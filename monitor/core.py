@@ -340,6 +340,16 @@ class Monitor:
                     lvl = max(lvl, lk.probe(client_id, x))
         return lvl
 
+    def queries(self, client_id: str) -> int:
+        """The client's query count so far (its detectors' count: restored after a restart).
+        Concurrent requests of one client may read the same count; the logged query numbers
+        are assigned later, in order, and are never lower."""
+        eng = self._engines.get(client_id)
+        if eng is not None:
+            return eng.qn
+        with self._lock(client_id):
+            return self._engine(client_id).qn
+
     def _await_commit(self, client_id: str) -> None:
         ticket = self._must_commit.get(client_id)
         if ticket is None:

@@ -39,6 +39,10 @@ class NullMonitor:
     def health(self) -> str | None:
         return None
 
+    def queries(self, client_id: str) -> None:
+        """Unknown (nothing is counted): the watermark then counts for itself."""
+        return None
+
     def close(self) -> None:
         self._closed = True
 

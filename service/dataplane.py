@@ -134,7 +134,9 @@ class DataPlane:
         ctx = self._context(client_id, request_id)
         answer = self.policies[level].answer(images, probs, ctx)
         if self.watermark is not None:
-            answer = self.watermark.apply(images, answer, ctx)
+            # the key's query count decides its mark rate (none before the knee)
+            answer = self.watermark.apply(images, answer, ctx, probs,
+                                          qn0=self.monitor.queries(client_id))
         if not want_probabilities and answer.probs is not None:
             answer = Answer(answer.labels, None, AnswerKind.LABEL_ONLY, answer.model,
                             answer.watermarked)

@@ -48,6 +48,9 @@ class FakeMonitor:
     def ready(self):
         return True
 
+    def queries(self, client_id):
+        return sum(len(s["images"]) for s in self.seen if s["client"] == client_id)
+
     def close(self):
         pass
 

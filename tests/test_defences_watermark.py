@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from common import nets, training
-from common.types import Answer, AnswerKind
 from service.defences import PolicyContext, Watermark, build_policy, verify
 from service.defences.watermark import dedupe
 
@@ -30,19 +29,26 @@ def test_selection_rate_and_determinism():
     grey = rng.integers(0, 256, (4000, 28, 28))
     images = (grey / 255).astype(np.float32)
     wm = Watermark(b"secret", rate=0.05)
-    sel, off = wm.select(images)
+    sel, off = wm.select(images, client_id="alice")
     assert 0.04 < sel.mean() < 0.06
-    assert np.all((off >= 1) & (off <= 9))
-    sel2, off2 = Watermark(b"secret", rate=0.05).select(images)
+    assert np.all((off[sel] >= 1) & (off[sel] <= 9)) and np.all(off[~sel] == 0)
+    sel2, off2 = Watermark(b"secret", rate=0.05).select(images, client_id="alice")
     assert np.array_equal(sel, sel2) and np.array_equal(off, off2)
-    sel3, _ = Watermark(b"other", rate=0.05).select(images)
+    sel3, _ = Watermark(b"other", rate=0.05).select(images, client_id="alice")
     assert not np.array_equal(sel, sel3)
     # the wrong labels are spread over the 9 offsets
     assert len(np.unique(off[sel])) == 9
+    # another key: at a flat rate the same images are marked, but with its own wrong labels
+    # (equal to alice's only by the 1-in-9 chance of two independent offsets)
+    sel_b, off_b = wm.select(images, client_id="bob")
+    assert np.array_equal(sel_b, sel)
+    same = np.mean(off_b[sel] == off[sel])
+    assert same < 0.25, same
     # float noise below half a grey level does not change the selection; uint8 input works too
-    sel4, _ = wm.select(images + rng.uniform(-0.4, 0.4, images.shape).astype(np.float32) / 255)
-    assert np.array_equal(sel, sel4)
-    sel4, _ = wm.select(grey.astype(np.uint8))
+    sel4, off4 = wm.select(images + rng.uniform(-0.4, 0.4, images.shape).astype(np.float32)
+                           / 255, client_id="alice")
+    assert np.array_equal(sel, sel4) and np.array_equal(off, off4)
+    sel4, _ = wm.select(grey.astype(np.uint8), client_id="alice")
     assert np.array_equal(sel, sel4)
 
 
@@ -129,8 +135,12 @@ def test_verifier_tells_stolen_from_independent():
     r_stolen = verify(images=rec_x, labels_sent=rec_y, predict=predictor(stolen))
     r_indep = verify(images=rec_x, labels_sent=rec_y, predict=predictor(indep))
     r_owner = verify(images=rec_x, labels_sent=rec_y, predict=predictor(owner))
-    r_stolen_k = verify(images=rec_x, labels_sent=rec_y, predict=predictor(stolen), key=key)
-    r_indep_k = verify(images=rec_x, labels_sent=rec_y, predict=predictor(indep), key=key)
+    ids = ["alice"] * len(rec_y)
+    r_stolen_k = verify(images=rec_x, labels_sent=rec_y, predict=predictor(stolen), key=key,
+                        client_ids=ids)
+    r_indep_k = verify(images=rec_x, labels_sent=rec_y, predict=predictor(indep), key=key,
+                       client_ids=ids)
+
     assert r_stolen_k.stolen and not r_indep_k.stolen
     print(r_stolen.summary(), r_indep.summary(), r_owner.summary(), sep="\n")
     assert r_stolen.stolen and r_stolen.p_value < 1e-6, r_stolen.summary()
@@ -152,19 +162,20 @@ def test_keyed_test_recovers_the_honest_label_and_is_sharper():
     suspect = honest[a.watermarked].copy()
     suspect[:8] = sent[:8]
     r_plain = verify(suspect, sent)
-    r_keyed = verify(suspect, sent, images=x, key=b"k")
+    ids = ["alice"] * n
+    r_keyed = verify(suspect, sent, images=x, key=b"k", client_ids=ids)
     assert r_keyed.disagreements == 8 and r_keyed.matches == 8
     assert r_keyed.p_value_keyed < 1e-7 < r_plain.p_value
     assert r_keyed.stolen and not r_plain.stolen
     # an honest-but-wrong suspect (departs from the honest label at random) is not accused
     wrong = (honest[a.watermarked] + rng.integers(1, 10, n)) % 10
-    r = verify(wrong, sent, images=x, key=b"k")
+    r = verify(wrong, sent, images=x, key=b"k", client_ids=ids)
     assert r.disagreements == n and not r.stolen and r.p_value_keyed > 1e-4
     # the key re-checks the selection: records that were not watermarked are dropped
     mixed_x = np.concatenate([x, images[~a.watermarked][:20]])
     mixed_y = np.concatenate([sent, a.labels[~a.watermarked][:20]])
     r = verify(images=mixed_x, labels_sent=mixed_y, predict=lambda z: np.zeros(len(z), int),
-               key=b"k", rate=0.02)
+               key=b"k", rate=0.02, client_ids=["alice"] * len(mixed_y))
     assert r.not_selected_dropped == 20 and r.total == n
 
 
@@ -190,7 +201,9 @@ def test_verify_cli_on_records(tmp_path, capsys):
     res = json.loads(out_json.read_text())
     assert res["all"]["matches"] == 40 and res["all"]["stolen"]
     assert set(res["per_client"]) == {"a", "b"}
-    assert "OWNERSHIP SHOWN" in capsys.readouterr().out
+    assert set(res["attribution"]["attributed_keys"]) == {"a", "b"}
+    out = capsys.readouterr().out
+    assert "OWNERSHIP SHOWN" in out and "ATTRIBUTED" in out
     main(["verify", "--suspect", str(ck), "--records", str(rec), "--no-key", "--client", "b",
           "--json", str(out_json)])
     assert json.loads(out_json.read_text())["all"]["total"] == 20
@@ -201,22 +214,30 @@ def test_verify_cli_on_records(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 def test_selection_follows_the_documented_derivation():
-    """Selection and wrong-label offset from the documented scheme, derived independently:
-    key = blake2b(secret, person 'modelguard/key2'), digest = keyed blake2b-512 of the uint8
-    image (person 'modelguard/img2'); select: bytes 48-49 big-endian < 2^16 rate; offset:
-    1 + (bytes 50-57 big-endian mod 9)."""
+    """Candidates, marks and wrong-label offsets from the documented scheme (wm3), derived
+    independently: key = blake2b(secret, person 'modelguard/key2'); candidate: bytes 48-49 of the
+    keyed blake2b-512 of the uint8 image (person 'modelguard/img2') < 2^16 max rate; mark digest:
+    keyed blake2b-128 (person 'modelguard/wmk3') of len(client) (4 bytes big-endian) || client ||
+    image; marked when its bytes 0-3 < 2^32 rate(qn) / max rate; offset 1 + (bytes 4-11 mod 9)."""
     import hashlib
 
     rng = np.random.default_rng(3)
     grey = rng.integers(0, 256, (300, 28, 28)).astype(np.uint8)
-    wm = Watermark(b"secret", rate=0.2)
-    sel, off = wm.select(grey)
+    wm = Watermark(b"secret", rate=0.2, knee=100, light_rate=0.05)
+    qn = np.arange(1, 301)
+    sel, off = wm.select(grey, client_id="zoë", qn=qn)
     k = hashlib.blake2b(b"secret", digest_size=64, person=b"modelguard/key2").digest()
+    cid = "zoë".encode()
     for i in range(len(grey)):
         d = hashlib.blake2b(grey[i].tobytes(), key=k, digest_size=64,
                             person=b"modelguard/img2").digest()
-        assert sel[i] == (int.from_bytes(d[48:50], "big") < round(2**16 * 0.2))
-        assert off[i] == 1 + int.from_bytes(d[50:58], "big") % 9
+        cand = int.from_bytes(d[48:50], "big") < round(2**16 * 0.2)
+        m = hashlib.blake2b(len(cid).to_bytes(4, "big") + cid + grey[i].tobytes(), key=k,
+                            digest_size=16, person=b"modelguard/wmk3").digest()
+        rate = 0.05 if qn[i] <= 100 else 0.2
+        marked = cand and int.from_bytes(m[0:4], "big") < 2**32 * rate / 0.2
+        assert sel[i] == marked
+        assert off[i] == (1 + int.from_bytes(m[4:12], "big") % 9 if marked else 0)
 
 
 def test_apply_uses_the_request_digests_and_the_verifier_rederives_them():
@@ -228,27 +249,33 @@ def test_apply_uses_the_request_digests_and_the_verifier_rederives_them():
     wm = Watermark(b"secret", rate=0.05)
     c = Ctx("alice", b"secret", request_id="r")
     a = wm.apply(images, build_policy({"policy": "gaussian"}).answer(images, probs, c), c)
-    sel, off = wm.select(images)                       # fresh digests, no context
+    sel, off = wm.select(images, client_id="alice")      # fresh digests, no context
     np.testing.assert_array_equal(a.watermarked, sel)
     base = build_policy({"policy": "gaussian"}).answer(images, probs, ctx())
     np.testing.assert_array_equal(a.labels[sel], (base.labels[sel] + off[sel]) % 10)
     # a context under another key never lends its digests to the watermark
     other = wm.apply(images, base, Ctx("alice", b"another-key"))
     np.testing.assert_array_equal(other.watermarked, sel)
-    # same image, other client / request / batch: same selection and wrong label
+    # same client, other request and batch order: the same answers
     b = wm.apply(images[::-1], build_policy({"policy": "gaussian"}).answer(
-        images[::-1], probs[::-1], Ctx("bob", b"secret", request_id="x")), None)
+        images[::-1], probs[::-1], Ctx("alice", b"secret", request_id="x")),
+        Ctx("alice", b"secret", request_id="x"))
     np.testing.assert_array_equal(b.labels[::-1], a.labels)
-    # the verifier, from the records alone (image, label sent) and the key: re-checks every
-    # selection and recovers every honest label
+    # another client: its own wrong labels on the marked images
+    bob = wm.apply(images, base, Ctx("bob", b"secret", request_id="y"))
+    differ = np.mean(bob.labels[sel] != a.labels[sel])
+    assert differ > 0.75, differ
+    # the verifier, from the records alone (image, label sent, client) and the key: re-checks
+    # every selection and recovers every honest label
     rec_x, rec_y = images[a.watermarked], a.labels[a.watermarked]
+    ids = ["alice"] * len(rec_y)
     honest = base.labels[a.watermarked]
     r = verify(images=rec_x, labels_sent=rec_y, predict=lambda x: np.eye(10)[honest],
-               key=b"secret", rate=0.05)
+               key=b"secret", rate=0.05, client_ids=ids)
     assert r.not_selected_dropped == 0 and r.total == len(rec_y)
     assert r.disagreements == 0 and r.matches == 0          # the honest model is not accused
     r = verify(images=rec_x, labels_sent=rec_y, predict=lambda x: np.eye(10)[rec_y],
-               key=b"secret", rate=0.05)
+               key=b"secret", rate=0.05, client_ids=ids)
     assert r.matches == r.disagreements == len(rec_y) and r.stolen
 
 

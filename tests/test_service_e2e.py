@@ -275,6 +275,9 @@ def test_dataplane_hashes_each_request_once(small_target, tmp_path, monkeypatch)
         def observe(self, client_id, request_id, images, probs, answer, level):
             return level
 
+        def queries(self, client_id):
+            return None
+
         def close(self):
             pass
 

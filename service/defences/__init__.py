@@ -7,7 +7,7 @@ model is used):
     ctx = PolicyContext(client_id, key, request_id=request_id)   # one per request
     answer = policy.answer(images, target_probs, ctx)
     wm = Watermark.from_spec({"enabled": True, "rate": 0.005}, key)
-    if wm: answer = wm.apply(images, answer, ctx)
+    if wm: answer = wm.apply(images, answer, ctx, target_probs, qn0=client_queries)
 
 The context computes the batch's keyed per-image digests once, on first use (ctx.digests), and
 noise, routing and the watermark all read their own byte ranges of them.

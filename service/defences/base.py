@@ -72,8 +72,9 @@ class AnswerPolicy(ABC):
 # use. v1 (HMAC-SHA256(key, domain || image), one HMAC per image and per use) is gone: answers,
 # routes and watermark selections differ between the two, and watermark records logged under v1
 # do not pass the keyed re-checks of `verify` under v2 (docs/defences.md).
-DIGEST_SCHEME = "v2: blake2b-512(key=blake2b(secret, person='modelguard/key2'), " \
-                "person='modelguard/img2', uint8 image)"
+DIGEST_SCHEME = "v2+wm3: blake2b-512(key=blake2b(secret, person='modelguard/key2'), " \
+                "person='modelguard/img2', uint8 image); watermark marks: " \
+                "blake2b-128(same key, person='modelguard/wmk3', len(client) || client || image)"
 DIGEST_SIZE = 64
 _KEY_PERSON = b"modelguard/key2"
 _IMG_PERSON = b"modelguard/img2"
@@ -81,10 +82,58 @@ _IMG_PERSON = b"modelguard/img2"
 # independent pseudo-random bits (one use's values say nothing about another's).
 NOISE_RANGE = (0, 4 * NUM_CLASSES)     # 10 x uint32 (big-endian) -> uniforms for the noise
 ROUTE_RANGE = (40, 8)                  # uint64 -> pool model index (mod len(models))
-WM_SELECT_RANGE = (48, 2)              # uint16 -> watermarked when < 2^16 * rate
-WM_OFFSET_RANGE = (50, 8)              # uint64 -> wrong-label offset 1 + (x mod 9)
+WM_SELECT_RANGE = (48, 2)              # uint16 -> a watermark candidate when < 2^16 * max rate
+WM_OFFSET_RANGE = (50, 8)              # unused since wm3 (the offset is keyed on the client too)
 assert NOISE_RANGE[0] + NOISE_RANGE[1] <= ROUTE_RANGE[0]
 assert WM_OFFSET_RANGE[0] + WM_OFFSET_RANGE[1] <= DIGEST_SIZE
+
+# Watermark marks, scheme wm3 (issue #12): which candidate a client's answer marks, and with which
+# wrong label, depend on the client as well as the image, so a key that asked the same images as
+# a thief holds other marks (other wrong labels) than the thief. One more keyed hash per
+# *candidate* image only (a few percent of the items), so the request path barely pays for it.
+MARK_SIZE = 16
+_MARK_PERSON = b"modelguard/wmk3"
+MARK_SELECT_RANGE = (0, 4)             # uint32 -> marked when < 2^32 * rate(qn) / max rate
+MARK_OFFSET_RANGE = (4, 8)             # uint64 -> wrong-label offset 1 + (x mod 9)
+
+
+@functools.lru_cache(maxsize=8)
+def _mark_state(secret: bytes):
+    return hashlib.blake2b(key=_hash_key(secret), digest_size=MARK_SIZE, person=_MARK_PERSON)
+
+
+def mark_digests(key: bytes, client_id: str, images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 16): the watermark's keyed digest of each (client, quantised image) (wm3):
+    BLAKE2b-128 keyed like the image digests, personalised 'modelguard/wmk3', fed the client id's
+    UTF-8 length (4 bytes, big-endian), the id, then the image's 784 bytes."""
+    if not key:
+        raise ValueError("keyed digests need a non-empty key")
+    q = quantise(images)
+    n = len(q)
+    if n == 0:
+        return np.zeros((0, MARK_SIZE), np.uint8)
+    cid = str(client_id).encode("utf-8")
+    state = _mark_state(key).copy()
+    state.update(len(cid).to_bytes(4, "big") + cid)
+    row = q[0].size
+    buf = memoryview(q.reshape(-1))
+    copy = state.copy
+    out = []
+    for i in range(n):
+        h = copy()
+        h.update(buf[i * row:(i + 1) * row])
+        out.append(h.digest())
+    return np.frombuffer(b"".join(out), np.uint8).reshape(n, MARK_SIZE)
+
+
+def be_words(raw: np.ndarray, span: tuple[int, int], width: int) -> np.ndarray:
+    """Bytes ``span`` = (start, length) of each row of ``raw`` (uint8 (N, k)) as big-endian
+    unsigned integers of ``width`` bytes: (N, length // width) uint{8*width}."""
+    start, length = span
+    if length % width:
+        raise ValueError(f"span length {length} is not a multiple of {width}")
+    w = np.ascontiguousarray(raw[:, start:start + length]).view(f">u{width}")
+    return w.astype(f"=u{width}")
 
 
 def quantise(images: np.ndarray) -> np.ndarray:
