@@ -302,15 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db", default=os.environ.get("MODELGUARD_MONITOR_DB", DEFAULT_DB),
                     help="monitor database (default: $MODELGUARD_MONITOR_DB or %(default)s)")
+    ap.add_argument("--key", action="append", metavar="KEY",
+                    help="name a client by its API key (open mode logs a keyed hash of the key, "
+                         "never the key): show/plot/export/replay; repeatable for replay")
+    ap.add_argument("--secret-file", metavar="PATH",
+                    help="the server's secret, for --key (default: $MODELGUARD_SECRET, else "
+                         "$MODELGUARD_SECRET_FILE, else $MODELGUARD_ARTIFACTS/secret or "
+                         "artifacts/secret, the file `make serve` generates)")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = sub.add_parser("clients", help="table of clients: queries, level, escalation, latest scores")
     p.set_defaults(fn=cmd_clients)
     p = sub.add_parser("show", help="a client's escalation timeline with evidence")
-    p.add_argument("client")
+    p.add_argument("client", nargs="?", help="client id (or give --key)")
     p.add_argument("--config", help="thresholds to display (default: those the monitor ran with)")
     p.set_defaults(fn=cmd_show)
     p = sub.add_parser("plot", help="detector scores over the query count, thresholds, escalations")
-    p.add_argument("client")
+    p.add_argument("client", nargs="?", help="client id (or give --key)")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.add_argument("--config", help="thresholds to draw (default: those the monitor ran with)")
     p.set_defaults(fn=cmd_plot)
@@ -338,6 +345,40 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _secret(a) -> str:
+    path = a.secret_file or os.environ.get("MODELGUARD_SECRET_FILE")
+    if not path and os.environ.get("MODELGUARD_SECRET"):
+        return os.environ["MODELGUARD_SECRET"]
+    path = Path(path or Path(os.environ.get("MODELGUARD_ARTIFACTS", "artifacts")) / "secret")
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise CliError(f"--key needs the server's secret: cannot read {path} ({exc.strerror}); "
+                       f"give --secret-file or set MODELGUARD_SECRET") from None
+
+
+def _resolve_keys(a) -> None:
+    """--key KEY -> the client id an open-mode server logs for it."""
+    client = getattr(a, "client", None)
+    if a.key and client and a.cmd != "replay":
+        raise CliError("give a client id or --key, not both")
+    if not a.key:
+        if a.cmd in ("show", "plot") and not client:
+            raise CliError(f"{a.cmd}: name the client (its id, or --key KEY)")
+        return
+    if a.cmd not in ("show", "plot", "export", "replay"):
+        raise CliError(f"--key applies to show, plot, export and replay, not {a.cmd}")
+    from common.keys import client_id_for_key
+    secret = _secret(a)
+    ids = [client_id_for_key(k, secret) for k in a.key]
+    if a.cmd == "replay":
+        a.client = (a.client or []) + ids
+    elif len(ids) > 1:
+        raise CliError(f"{a.cmd} takes one --key")
+    else:
+        a.client = ids[0]
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     from threadpoolctl import threadpool_limits
@@ -347,6 +388,7 @@ def main(argv=None) -> int:
 
     threadpool_limits(1, user_api="blas")  # replay's detectors: one BLAS thread (see dataplane)
     try:
+        _resolve_keys(a)
         return a.fn(a)
     except (CliError, ConfigError, FileNotFoundError, SchemaError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -132,25 +132,32 @@ class Server:
             self.metrics.start(self.cfg.host, self.cfg.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.cfg.host, self.metrics.port)
         self.grpc.start()
-        if self.plane.ready():
-            self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        else:  # the monitor is restoring client state after a restart: NOT_SERVING until done
-            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-            threading.Thread(target=self._serving_when_ready, name="health-ready",
-                             daemon=True).start()
+        self._serving = self.plane.ready()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING if self._serving else
+                         health_pb2.HealthCheckResponse.NOT_SERVING)
+        threading.Thread(target=self._watch_health, name="health-watch", daemon=True).start()
         return self
 
     def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME, oip.SERVICE_NAME):
             self.health.set(name, status)
 
-    def _serving_when_ready(self) -> None:
-        while not self._stopped.is_set():
-            if self.plane.ready():
-                self._set_health(health_pb2.HealthCheckResponse.SERVING)
-                log.info("monitor state restored; health SERVING")
-                return
-            self._stopped.wait(0.05)
+    def _watch_health(self, every: float = 0.1) -> None:
+        """Health follows the data plane's readiness: NOT_SERVING while the monitor restores
+        client state after a restart, or while its log cannot be written (fail-closed), and
+        SERVING again by itself when that ends."""
+        while not self._stopped.wait(every):
+            ready = self.plane.ready()
+            if ready == self._serving or self._stopped.is_set():
+                continue
+            self._serving = ready
+            self._set_health(health_pb2.HealthCheckResponse.SERVING if ready else
+                             health_pb2.HealthCheckResponse.NOT_SERVING)
+            if ready:
+                log.info("health SERVING")
+            else:
+                why = getattr(self.plane.monitor, "health", lambda: None)()
+                log.error("health NOT_SERVING%s", f": {why}" if why else "")
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful: stop taking calls, finish those in flight, flush the monitor's log."""

@@ -241,3 +241,51 @@ def test_readers_open_a_log_without_writing_to_it(tmp_path):
             q.con.execute("DELETE FROM requests")
     after = {f.name: f.stat().st_mtime_ns for f in tmp_path.iterdir()}
     assert after.get("m.db") == before["m.db"]
+
+
+def test_server_on_a_full_disk_answers_unavailable_goes_not_serving_and_recovers(
+        small_target, tmp_path):
+    """Through gRPC: a full disk turns Predict into UNAVAILABLE and health into NOT_SERVING;
+    once space returns the server serves again by itself and every acknowledged image is in
+    the log."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from client.api import ApiError, ModelClient
+    from common import data
+    from tests.conftest import start_server
+
+    server, plane, db = start_server(small_target[0], tmp_path)
+    x = data.attack_pool().x[:32]
+    ch = grpc.insecure_channel(server.address)
+    health = health_pb2_grpc.HealthStub(ch)
+
+    def status():
+        return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+
+    acked = 0
+    try:
+        with ModelClient(server.address, "disk-user") as c:
+            c.predict(x)
+            acked += len(x)
+            assert status() == health_pb2.HealthCheckResponse.SERVING
+            _fill_disk(plane.monitor)
+            codes = []
+            for _ in range(3):
+                try:
+                    c.predict(x)
+                    acked += len(x)
+                except ApiError as exc:
+                    codes.append(exc.code)
+            assert codes and set(codes) == {grpc.StatusCode.UNAVAILABLE}, codes
+            assert _wait(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
+            _free_disk(plane.monitor)
+            assert _wait(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+            c.predict(x)
+            acked += len(x)
+        plane.monitor.flush()
+        cid = server.client_id("disk-user")
+        assert _logged_items(db, cid) >= acked
+    finally:
+        ch.close()
+        server.stop(0.5)
