@@ -35,12 +35,17 @@ from typing import Iterator
 import numpy as np
 
 from common.types import Level
+from monitor.config import DETECTORS
 
 log = logging.getLogger("modelguard.log")
 
-SCHEMA_VERSION = "2"
-SCORE_COLUMNS = ("s_prada", "s_ood", "s_similarity", "s_volume", "s_near_duplicate")
+SCHEMA_VERSION = "3"
+# the detectors' score columns, in the registry's order (monitor.config.DETECTORS); each request
+# row names the layout its scores were written in (score_layouts), so a log stays readable when
+# detectors are added or removed. Layout 0 is the five detectors of schema 2.
+SCORE_COLUMNS = tuple(d.column for d in DETECTORS)
 NSCORES = len(SCORE_COLUMNS)
+LEGACY_COLUMNS = ("s_prada", "s_ood", "s_similarity", "s_volume", "s_near_duplicate")
 # how an item's input is kept (per item in iter_rows' raw_fmt)
 RAW_NONE, RAW_U8, RAW_F16, RAW_F32 = 0, 1, 2, 3
 
@@ -67,7 +72,13 @@ CREATE TABLE IF NOT EXISTS requests (
     grid BLOB,                      -- uint8 (n,): 1 = input on the 0-255 grid; NULL = all on it
     raw_u8 BLOB,                    -- on-grid inputs, uint8 (k, 784)
     raw_f16 BLOB,                   -- other inputs, float16 (n - k, 784)
-    raw_f32 BLOB                    -- watermarked other inputs again, float32 (lossless)
+    raw_f32 BLOB,                   -- watermarked other inputs again, float32 (lossless)
+    -- score_layouts.id: the columns of scores and fired
+    layout INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS score_layouts (
+    id INTEGER PRIMARY KEY,
+    columns TEXT NOT NULL UNIQUE    -- JSON list of score columns, in order
 );
 CREATE UNIQUE INDEX IF NOT EXISTS requests_client_qn ON requests(client, qn0);
 CREATE INDEX IF NOT EXISTS requests_t ON requests(t);
@@ -145,11 +156,88 @@ def connect(path: str | Path, create: bool = True) -> sqlite3.Connection:
                           f"1); this version logs one row per request (schema {SCHEMA_VERSION}). "
                           f"Convert it with `python -m monitor --db {path} migrate NEW.db`, or "
                           f"move it away (or point --monitor-db elsewhere) to start a new log")
+    version = _schema_of(con)
+    if version is not None and int(version) > int(SCHEMA_VERSION):
+        con.close()
+        raise SchemaError(f"{path} was written by a newer modelguard (log schema {version}); this "
+                          f"version reads schemas up to {SCHEMA_VERSION}: upgrade modelguard, or "
+                          f"point --monitor-db/--db elsewhere")
     if create:
+        if version is not None and version != SCHEMA_VERSION:
+            migrate_in_place(con, version, path)
         con.executescript(SCHEMA)
         con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        con.execute("INSERT OR IGNORE INTO score_layouts VALUES (0, ?)",
+                    (json.dumps(LEGACY_COLUMNS),))
         con.commit()
     return con
+
+
+def _schema_of(con) -> str | None:
+    """The log schema a database was written with (None: a new, empty database)."""
+    if not con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+                       ).fetchone():
+        return None
+    r = con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    return None if r is None else str(r[0])
+
+
+def _v2_to_v3(con) -> None:
+    """Schema 3: each request row names the layout of its score columns (score_layouts), so
+    that adding or removing a detector keeps older rows readable. Schema-2 rows are layout 0."""
+    con.execute("ALTER TABLE requests ADD COLUMN layout INTEGER NOT NULL DEFAULT 0")
+    con.execute("CREATE TABLE IF NOT EXISTS score_layouts (id INTEGER PRIMARY KEY, "
+                "columns TEXT NOT NULL UNIQUE)")
+    con.execute("INSERT OR IGNORE INTO score_layouts VALUES (0, ?)", (json.dumps(LEGACY_COLUMNS),))
+
+
+# in-place migrations: from schema -> (to schema, step). Schema 1 (a row per item) is converted
+# into a new file instead (monitor/migrate.py, `python -m monitor migrate`).
+MIGRATIONS = {"2": ("3", _v2_to_v3)}
+
+
+def migrate_in_place(con, version: str, path) -> None:
+    """Bring a writable database from ``version`` up to SCHEMA_VERSION, one step per
+    transaction; the schema number is updated with each step."""
+    while version != SCHEMA_VERSION:
+        if version not in MIGRATIONS:
+            raise SchemaError(f"{path}: no migration from log schema {version} to "
+                              f"{SCHEMA_VERSION}")
+        to, step = MIGRATIONS[version]
+        with con:
+            step(con)
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (to,))
+        log.info("monitor log %s migrated from schema %s to %s", path, version, to)
+        version = to
+
+
+def layout_id(con, columns=SCORE_COLUMNS) -> int:
+    """The score_layouts id of ``columns`` (registered when new)."""
+    cols = json.dumps(list(columns))
+    with con:
+        r = con.execute("SELECT id FROM score_layouts WHERE columns=?", (cols,)).fetchone()
+        if r is None:
+            nxt = con.execute("SELECT coalesce(max(id), 0) + 1 FROM score_layouts").fetchone()[0]
+            con.execute("INSERT INTO score_layouts VALUES (?, ?)", (nxt, cols))
+            return int(nxt)
+    return int(r[0])
+
+
+def read_layouts(con) -> dict[int, tuple]:
+    """{layout id: score columns} of a database (schema 2: only layout 0)."""
+    try:
+        return {int(i): tuple(json.loads(c)) for i, c in
+                con.execute("SELECT id, columns FROM score_layouts")}
+    except sqlite3.OperationalError:   # schema 2 read in place (read-only media)
+        return {0: LEGACY_COLUMNS}
+
+
+def _remap(columns: tuple) -> np.ndarray | None:
+    """For scores written in ``columns``: index of each in SCORE_COLUMNS (-1: a detector this
+    version does not have); None when the layout is the current one."""
+    if tuple(columns) == SCORE_COLUMNS:
+        return None
+    return np.array([SCORE_COLUMNS.index(c) if c in SCORE_COLUMNS else -1 for c in columns])
 
 
 @dataclass
@@ -212,6 +300,9 @@ INSERT_REQUEST = ("INSERT INTO requests (client, qn0, n, t, request_id, level, k
                   "target_probs, sent_labels, sent_top, models, n_wm, watermarked, scores, "
                   "fired, level_after, grid, raw_u8, raw_f16, raw_f32) VALUES ("
                   + ",".join("?" * 20) + ")")
+# the same with the row's score layout (the writer's: this version's detectors)
+INSERT_REQUEST_LAYOUT = INSERT_REQUEST.replace("raw_f32) VALUES (", "raw_f32, layout) VALUES (") \
+    .replace(",".join("?" * 20), ",".join("?" * 21))
 
 
 def transition_row(tr) -> tuple:
@@ -225,7 +316,7 @@ _STOP = object()
 class Decoded:
     """A request row expanded into per-item arrays."""
 
-    def __init__(self, r: sqlite3.Row, raw: bool = True):
+    def __init__(self, r: sqlite3.Row, raw: bool = True, layouts: dict | None = None):
         n = r["n"]
         self.client, self.qn0, self.n, self.t = r["client"], r["qn0"], n, r["t"]
         self.request_id, self.level, self.kind = r["request_id"], r["level"], r["kind"]
@@ -237,8 +328,24 @@ class Decoded:
         self.models = json.loads(r["models"]) if r["models"] else [None] * n
         self.watermarked = (np.zeros(n, bool) if r["watermarked"] is None else
                             np.frombuffer(r["watermarked"], np.uint8).astype(bool))
-        self.scores = np.frombuffer(r["scores"], np.float64).reshape(n, NSCORES)
-        self.fired = np.frombuffer(r["fired"], np.uint8).astype(np.int64)
+        scores = np.frombuffer(r["scores"], np.float64).reshape(n, -1)
+        fired = np.frombuffer(r["fired"], np.uint8).astype(np.int64)
+        cols = None
+        if layouts is not None and "layout" in r.keys():
+            cols = layouts.get(r["layout"])
+            if cols is None:
+                raise SchemaError(f"a request row names an unknown score layout {r['layout']}")
+        idx = None if cols is None else _remap(cols)
+        if idx is not None:   # written with other detectors: map onto this version's columns
+            out = np.full((n, NSCORES), np.nan)
+            bits = np.zeros(n, np.int64)
+            for j, i in enumerate(idx):
+                if i >= 0:
+                    out[:, i] = scores[:, j]
+                    bits |= ((fired >> j) & 1) << i
+            scores, fired = out, bits
+        self.scores = scores
+        self.fired = fired
         self.level_after = np.frombuffer(r["level_after"], np.int8).astype(np.int64)
         code = (np.zeros(n, np.uint8) + 1 if r["grid"] is None else
                 np.frombuffer(r["grid"], np.uint8))
@@ -309,6 +416,7 @@ class Writer(threading.Thread):
             raise LogUnavailable(f"cannot open the monitor log {self.path} for writing: {exc} "
                                  f"(full or read-only disk? point --monitor-db elsewhere)"
                                  ) from exc
+        self.layout = layout_id(self.con)      # the score columns this version writes
         self.q: queue.Queue = queue.Queue()
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
@@ -415,7 +523,7 @@ class Writer(threading.Thread):
                 if it is _STOP:
                     stop = True
                 elif isinstance(it, Batch):
-                    con.execute(INSERT_REQUEST, it.row())
+                    con.execute(INSERT_REQUEST_LAYOUT, it.row() + (self.layout,))
                 elif isinstance(it, tuple) and it[0] == "pairs":
                     con.executemany(
                         "INSERT INTO pairs (t, client, qn, other, other_qn, dist, dense, "
@@ -522,6 +630,9 @@ class QueryLog:
         self.path = Path(path)
         self.con = connect(self.path, create=create)
         self.con.row_factory = sqlite3.Row
+        self.layouts = read_layouts(self.con)   # score layouts of the rows (schema 3)
+        self._has_layout = any(r[1] == "layout" for r in
+                               self.con.execute("PRAGMA table_info(requests)"))
 
     def close(self) -> None:
         self.con.close()
@@ -578,7 +689,7 @@ class QueryLog:
             last = self.con.execute("SELECT * FROM requests WHERE client=? ORDER BY qn0 DESC "
                                     "LIMIT 1", (c,)).fetchone()
             if last:
-                dec = Decoded(last, raw=False)
+                dec = Decoded(last, raw=False, layouts=self.layouts)
                 sc = dec.scores[-1]
                 d["scores"] = ({k: (None if np.isnan(v) else float(v))
                                 for k, v in zip(SCORE_COLUMNS, sc)} | {"fired": int(dec.fired[-1])})
@@ -591,7 +702,7 @@ class QueryLog:
         """The requests in order (by the client's query number, or by arrival for all)."""
         cols = "*" if raw else ("seq, client, qn0, n, t, request_id, level, kind, target_probs, "
                                 "sent_labels, sent_top, models, n_wm, watermarked, scores, fired, "
-                                "level_after, grid")
+                                "level_after, grid" + (", layout" if self._has_layout else ""))
         if client is None:
             last = 0
             while True:
@@ -600,7 +711,7 @@ class QueryLog:
                 if not rows:
                     return
                 for r in rows:
-                    yield Decoded(r, raw)
+                    yield Decoded(r, raw, self.layouts)
                 last = rows[-1]["seq"]
         last = after_qn - 1
         while True:
@@ -609,7 +720,7 @@ class QueryLog:
             if not rows:
                 return
             for r in rows:
-                yield Decoded(r, raw)
+                yield Decoded(r, raw, self.layouts)
             last = rows[-1]["qn0"]
 
     def series(self, client: str) -> dict[str, np.ndarray]:
@@ -681,7 +792,7 @@ class QueryLog:
             if not rows:
                 break
             for r in rows:
-                d = Decoded(r, raw=True)
+                d = Decoded(r, raw=True, layouts=self.layouts)
                 if d.kept.all():
                     x = d.x[-(limit - n):]
                     out.append((d.client, d.qn0 + d.n - len(x), x))
@@ -712,7 +823,7 @@ class QueryLog:
             args = (client_id,)
         xs, ls, cs = [], [], []
         for r in self.con.execute(sql + " ORDER BY seq", args):
-            d = Decoded(r, raw=True)
+            d = Decoded(r, raw=True, layouts=self.layouts)
             w = d.watermarked
             if not d.kept[w].all():
                 raise RuntimeError("a watermarked item has no stored input")

@@ -84,3 +84,93 @@ def test_old_log_is_refused_then_migrated(tmp_path, capsys):
         wx, wl, wc = q.watermark_records()
         assert wc == ["a"] and wl.tolist() == [3]
     assert cli(["--db", str(old), "migrate", str(new)]) == 2  # never overwrites
+
+
+def _small_log(path):
+    """A schema-3 log with one client of 12 items through the real monitor."""
+    from common.clock import FakeClock
+    from common.types import Answer, AnswerKind
+    from monitor import Monitor, load_config
+
+    rng = np.random.default_rng(1)
+    x = rng.random((12, 28, 28), np.float32)
+    p = np.full((12, 10), 0.1, np.float32)
+    with Monitor(load_config(), path, clock=FakeClock()) as mon:
+        for i in (0, 6):
+            mon.observe("a", "r", x[i:i + 6], p[i:i + 6],
+                        Answer(p[i:i + 6].argmax(1), p[i:i + 6], AnswerKind.PROBABILITIES),
+                        mon.level("a"))
+    return x
+
+
+def test_schema_2_log_is_migrated_in_place_and_reads_the_same(tmp_path):
+    db = tmp_path / "m.db"
+    _small_log(db)
+    with QueryLog(db) as q:
+        want = q.series("a")
+    con = sqlite3.connect(db)          # make it a schema-2 file, as the previous version wrote
+    cols = [r[1] for r in con.execute("PRAGMA table_info(requests)") if r[1] != "layout"]
+    con.execute(f"CREATE TABLE v2 AS SELECT {', '.join(cols)} FROM requests")
+    con.execute("DROP TABLE requests")
+    con.execute("ALTER TABLE v2 RENAME TO requests")
+    con.execute("DROP TABLE score_layouts")
+    con.execute("UPDATE meta SET value='2' WHERE key='schema'")
+    con.commit()
+    con.close()
+    with QueryLog(db) as q:            # read-only: read in place, not migrated
+        np.testing.assert_array_equal(q.series("a")["s_volume"], want["s_volume"])
+    assert sqlite3.connect(db).execute("SELECT value FROM meta WHERE key='schema'"
+                                       ).fetchone()[0] == "2"
+    from monitor.log import Writer
+    w = Writer(db)                     # a writer migrates it, then appends
+    w.close()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "3"
+    assert con.execute("SELECT count(*) FROM requests WHERE layout = 0").fetchone()[0] == 2
+    con.close()
+    with QueryLog(db) as q:
+        got = q.series("a")
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_rows_written_with_other_detectors_map_onto_this_versions_columns(tmp_path):
+    """A detector added (a column this version does not know) or removed (a column missing):
+    known scores and firing bits land in their columns, the rest is NaN / not fired."""
+    import json
+
+    from monitor.log import SCORE_COLUMNS
+    db = tmp_path / "m.db"
+    _small_log(db)
+    con = sqlite3.connect(db)
+    other = ["s_new_detector", "s_volume", "s_prada"]          # another version's layout
+    con.execute("INSERT INTO score_layouts VALUES (7, ?)", (json.dumps(other),))
+    n = 6
+    sc = np.column_stack([np.full(n, 9.0), np.arange(n, dtype=np.float64), np.full(n, 0.5)])
+    fired = np.array([0b011, 0b100, 0, 0b010, 0, 0], np.uint8)    # new+volume, prada, volume
+    con.execute("UPDATE requests SET layout=7, scores=?, fired=? WHERE qn0=0",
+                (sc.tobytes(), fired.tobytes()))
+    con.commit()
+    con.close()
+    with QueryLog(db) as q:
+        rows = [r for r in q.iter_rows("a") if r["qn"] <= n]
+    assert [r["s_volume"] for r in rows] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert all(r["s_prada"] == 0.5 for r in rows)
+    assert all(r["s_ood"] is None and r["s_near_duplicate"] is None for r in rows)
+    bit = {c: 1 << i for i, c in enumerate(SCORE_COLUMNS)}
+    assert [r["fired"] for r in rows] == [bit["s_volume"], bit["s_prada"], 0, bit["s_volume"],
+                                          0, 0]
+
+
+def test_a_log_from_a_newer_version_is_refused_by_name(tmp_path):
+    db = tmp_path / "m.db"
+    _small_log(db)
+    con = sqlite3.connect(db)
+    con.execute("UPDATE meta SET value='9' WHERE key='schema'")
+    con.commit()
+    con.close()
+    with pytest.raises(SchemaError, match="newer modelguard.*schema 9"):
+        QueryLog(db)
+    from monitor import Monitor, load_config
+    with pytest.raises(SchemaError, match="schema 9"):
+        Monitor(load_config(), db)
