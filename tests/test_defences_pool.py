@@ -10,7 +10,7 @@ import torch
 from common import data
 from common.types import AnswerKind
 from service.defences import PolicyContext, Watermark, build_policy
-from service.defences import pool
+from service.defences import pool, pool_train
 
 
 def synthetic(n: int, seed: int):
@@ -26,10 +26,10 @@ def artifacts(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("artifacts")
     train, test = synthetic(600, 1), synthetic(300, 2)
-    pool.train_cnn(pool.model_path(root, "cnn"), train, test, epochs=4, progress=False)
-    pool.train_trees(pool.model_path(root, "trees"), train, test, n_estimators=10,
+    pool_train.train_cnn(pool.model_path(root, "cnn"), train, test, epochs=4, progress=False)
+    pool_train.train_trees(pool.model_path(root, "trees"), train, test, n_estimators=10,
                      progress=False)
-    pool.train_misinformation(pool.model_path(root, "misinformation"), train, test, epochs=5,
+    pool_train.train_misinformation(pool.model_path(root, "misinformation"), train, test, epochs=5,
                               progress=False)
     return root
 
@@ -120,9 +120,9 @@ def test_misinformation(artifacts):
 
 def test_train_pool_caches(artifacts, monkeypatch):
     calls = []
-    monkeypatch.setattr(pool, "train_cnn", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(pool_train, "train_cnn", lambda *a, **k: calls.append(1))
     monkeypatch.setattr(data, "load", lambda *a, **k: synthetic(10, 0))
-    out = pool.train_pool(artifacts, log=lambda s: None, progress=False)
+    out = pool_train.train_pool(artifacts, log=lambda s: None, progress=False)
     assert calls == [] and set(out) == {"cnn", "trees", "misinformation"}
     assert out["cnn"]["test_accuracy"] > 0.8
 

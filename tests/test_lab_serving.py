@@ -25,13 +25,14 @@ def _env():
 # The lab apart from the product: which first-party packages each package may import (issue 11).
 # The lab (and the tests) may import everything; the client talks to the server only through
 # common (types, the wire codec) and protos.
-FIRST_PARTY = {"service", "monitor", "common", "protos", "client", "lab"}
+FIRST_PARTY = {"service", "monitor", "common", "protos", "client", "lab", "deploy"}
 ALLOWED = {
     "common": {"common"},
     "protos": {"protos"},
     "monitor": {"monitor", "common"},
     "service": {"service", "monitor", "common", "protos"},
     "client": {"client", "common", "protos"},
+    "deploy": {"deploy", "service", "monitor", "common", "protos"},
 }
 
 
@@ -81,6 +82,19 @@ def test_product_packages_never_import_the_lab_or_the_client():
                     bad.append(f"{f.relative_to(REPO)}:{line} imports {mod}")
     assert not bad, "the product imports outside its layer:\n" + "\n".join(bad)
     assert {"service", "monitor", "client"} <= seen  # the walk saw real imports
+
+
+def test_serving_never_loads_the_pool_training_code():
+    """The model pool's serving (service.defences.pool) and training (pool_train) are apart: a
+    server process, its data plane and every policy load without the training module."""
+    code = ("import sys\nimport service.server, service.dataplane, service.defences, "
+            "service.defences.registry\n"
+            "print(sorted(m for m in sys.modules if m.startswith('service.defences')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "service.defences.pool'" in out.stdout           # the serving side is there
+    assert "pool_train" not in out.stdout, out.stdout
 
 
 def test_the_benchmarks_live_in_the_lab():

@@ -30,11 +30,11 @@ def test_default_config_withholds_answers_from_a_near_copy_stream_only(small_tar
 
     from common import data, training
     from monitor import Monitor
-    from service.defences import PolicyContext, build_policy, pool
+    from service.defences import PolicyContext, build_policy, pool, pool_train
 
     torch.set_num_threads(1)
     ap = data.attack_pool()
-    pool.train_misinformation(pool.model_path(tmp_path, "misinformation"),
+    pool_train.train_misinformation(pool.model_path(tmp_path, "misinformation"),
                               data.Split(ap.x[:600], ap.y[:600]),
                               data.Split(ap.x[600:900], ap.y[600:900]), epochs=1,
                               progress=False)

@@ -14,13 +14,13 @@ PER_KEY = 500     # honest clients with a modest share each
 
 def tiny_pool(root):
     """The default profile's SWITCH level needs the misinformation model: a tiny one."""
-    from service.defences import pool
+    from service.defences import pool, pool_train
 
     torch.set_num_threads(1)
     x = data.attack_pool().x
     y = data.attack_pool().y
     train, test = data.Split(x[:600], y[:600]), data.Split(x[600:900], y[600:900])
-    pool.train_misinformation(pool.model_path(root, "misinformation"), train, test, epochs=1,
+    pool_train.train_misinformation(pool.model_path(root, "misinformation"), train, test, epochs=1,
                               progress=False)
 
 

@@ -17,7 +17,7 @@ def _artifacts_default() -> Path:
 def cmd_train_pool(args) -> int:
     import torch
 
-    from service.defences.pool import train_pool
+    from service.defences.pool_train import train_pool
 
     torch.set_num_threads(args.threads)
     train_pool(args.artifacts, force=args.force, train_size=args.train_size,
@@ -214,12 +214,16 @@ def cmd_verify(args) -> int:
         print("  note: " + note)
     print(att.table(limit=args.top))
     hit = att.attributed()
-    if hit:
+    named = [r for r in hit if r.kind != "all"]
+    if named:
         print("ATTRIBUTED (corrected p < alpha): " + "; ".join(
-            f"{r.name} [{', '.join(r.members)}]" if r.kind in ("group", "pool", "all")
-            else r.name for r in hit))
+            f"{r.name} [{', '.join(r.members)}]" if r.kind in ("group", "pool")
+            else r.name for r in named))
     else:
         print("no key, group or pool attributed at this alpha after correction")
+    if any(r.kind == "all" for r in hit):
+        print("OWNERSHIP SHOWN over all keys' records pooled (evidence that the suspect copies "
+              "this service; it names no key)")
     print("all records, one set, departures only (the summary before attribution): "
           + allres.summary())
     if args.json:

@@ -416,7 +416,8 @@ class Attribution:
         rows = []
         shown = self.rows if limit is None else self.rows[:limit]
         for r in shown:
-            verdict = ("ATTRIBUTED" if r.attributed else "not shown" if r.testable
+            verdict = ("OWNERSHIP (no key named)" if r.attributed and r.kind == "all" else
+                       "ATTRIBUTED" if r.attributed else "not shown" if r.testable
                        else "untestable (too few records)")
             rows.append([str(r.rank) if r.testable else "-", r.name, r.kind, str(len(r.members)),
                          str(r.records), f"{r.matches}/{r.departures}" if self.keyed
