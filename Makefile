@@ -19,7 +19,7 @@ OIP_STUBS := protos/grpc_predict_v2_pb2.py protos/grpc_predict_v2_pb2_grpc.py \
 TARGET_CKPT := $(ARTIFACTS)/target.pt
 POOL_STAMP := $(ARTIFACTS)/pool/.complete
 
-.PHONY: help venv protos train models dp serve test attack attacks bench eval clean distclean \
+.PHONY: help venv protos train models dp serve test attack attacks bench eval chaos clean distclean \
         triton-venv
 
 help:
@@ -31,6 +31,7 @@ help:
 	@echo "make attack   run the original copycat attack against a running server"
 	@echo "make bench    wire-speed benchmark + monitor calibration + attack table + defence table (long)"
 	@echo "make eval     end-to-end evaluation against a live server (long)"
+	@echo "make chaos    kill -9, full disk, SIGTERM, key churn, fuzzing against real servers (~10 min)"
 	@echo "make triton-venv  $(TRITON_VENV): tritonclient[grpc] in its own venv (docs/ecosystem.md)"
 	@echo "make clean    remove generated stubs and caches; distclean also venv, artifacts, results"
 
@@ -108,6 +109,10 @@ bench: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP)
 	$(PY) -m lab.monitor_bench
 	$(PY) -m lab.bench_attacks
 	$(PY) -m lab.defences
+
+# Crashes, a full disk (a tmpfs: needs root) and hostile clients (lab/chaos.py; results/chaos)
+chaos: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP)
+	$(PY) -m lab.chaos $(ARGS)
 
 eval: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP)
 	$(PY) -m lab.campaign --out results/campaign $(ARGS)

@@ -289,6 +289,15 @@ def cmd_migrate(a) -> int:
     return 0
 
 
+def cmd_id(a) -> int:
+    from common.keys import client_id_for_key, key_problem
+    secret = _secret(a)
+    for k in a.keys:
+        why = key_problem(k)
+        print(f"{k}\t{'(invalid: ' + why + ')' if why else client_id_for_key(k, secret)}")
+    return 0
+
+
 def cmd_tune(a) -> int:
     from monitor.tune import TuneError, run
     try:
@@ -333,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", action="append", help="only this client (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every replayed transition")
     p.set_defaults(fn=cmd_replay)
+    p = sub.add_parser("id", help="the client id an open-mode server logs for each API key "
+                                  "(a keyed hash: needs the server's secret)")
+    p.add_argument("keys", nargs="+", metavar="KEY")
+    p.set_defaults(fn=cmd_id)
     p = sub.add_parser("migrate", help="convert a log written before the batched monitor "
                                        "(one row per item) into the current layout")
     p.add_argument("output", help="the new database file (must not exist)")

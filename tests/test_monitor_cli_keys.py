@@ -43,3 +43,18 @@ def test_key_finds_the_client_an_open_mode_server_logged(grpc_target, tmp_path, 
     assert len(out_csv.read_text().splitlines()) == 1 + 40
     assert np.all([line.split(",")[1].startswith("k-")
                    for line in out_csv.read_text().splitlines()[1:]])
+
+
+def test_id_prints_what_the_server_logs(grpc_target, tmp_path, capsys):
+    from tests.conftest import TEST_SECRET
+
+    grpc_target.client("ida").predict(data.attack_pool().x[:3])
+    grpc_target.plane.monitor.flush()
+    secret = tmp_path / "secret"
+    secret.write_text(TEST_SECRET)
+    capsys.readouterr()
+    assert cli(["--secret-file", str(secret), "id", "ida", "not valid"]) == 0
+    lines = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert "invalid" in lines["not valid"]
+    assert cli(["--db", str(grpc_target.monitor_db), "show", lines["ida"]]) == 0
+    assert "3 queries logged" in capsys.readouterr().out
