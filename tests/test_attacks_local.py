@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from client.attacks import ATTACKS
-from client.attacks.base import Attack
 from client.oracle import BudgetExceeded, LocalOracle
 from common import data, training
 from common.training import TrainConfig
@@ -67,18 +66,30 @@ def test_attack_beats_chance_within_budget(name, params, budget, min_fid, target
     assert fid > min_fid and acc > min_fid - 0.05, (fid, acc)
 
 
-def test_registry_declares_cli_conventions():
-    assert {"copycat", "copycat-labels", "knockoff", "jbda", "activethief", "equivalent",
-            "interleaved-jbda"} <= set(ATTACKS)
+def test_every_attack_parameter_is_a_cli_flag_with_its_default(capsys):
+    """`python -m client ATTACK --help` shows each of the attack's parameters as a flag with its
+    default, and a value of the wrong type is refused by the parser (exit 2) before any query."""
+    from client.cli import main
+
+    seen = 0
     for name, cls in ATTACKS.items():
-        assert issubclass(cls, Attack)
-        assert set(cls.needs) <= {"pool", "ood"}
-        assert cls.answers in ("probabilities", "labels")
-        for pname, spec in cls.params.items():
-            ptype, default, helptext = spec
-            assert ptype in (int, float, str, bool) and isinstance(helptext, str) and helptext
-            assert isinstance(default, ptype), (name, pname)
-            assert not (ptype is bool and default), "bool params are store_true flags"
+        with pytest.raises(SystemExit) as ex:
+            main([name, "--help"])
+        assert ex.value.code == 0
+        out = " ".join(capsys.readouterr().out.split())
+        for pname, (ptype, default, _) in cls.params.items():
+            flag = "--" + pname.replace("_", "-")
+            assert flag in out, (name, flag)
+            seen += 1
+            if ptype is bool:
+                continue
+            assert f"(default: {default})" in out, (name, pname)
+            if ptype in (int, float):
+                with pytest.raises(SystemExit) as ex:
+                    main([name, "--local", flag, "not-a-number"])
+                assert ex.value.code == 2
+                assert "invalid" in capsys.readouterr().err
+    assert seen >= 5     # the registry has attacks with parameters
 
 
 @pytest.mark.parametrize("name", ["copycat-labels", "jbda", "activethief", "knockoff"])
