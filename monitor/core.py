@@ -249,7 +249,7 @@ class Monitor:
         """Restore the most recently active clients in the background after a start, so their
         first requests find them in memory (each under its own lock only)."""
         try:
-            for c in self.store.recent_clients(self._exec.max_clients):
+            for c in self._warm_clients():
                 if self._closed:
                     return
                 with self._lock(c):
@@ -257,6 +257,10 @@ class Monitor:
                         self._engine(c)
         except Exception as exc:  # noqa: BLE001 - warming is an optimisation
             log.warning("warming client state failed: %r", exc)
+
+    def _warm_clients(self) -> list[str]:
+        """The clients to restore at start: the most recently checkpointed ones."""
+        return self.store.recent_clients(self._exec.max_clients)
 
     def _restore_linker(self) -> None:
         """After a restart: the groups from the logged pairs, the members' levels from the

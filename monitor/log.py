@@ -623,6 +623,23 @@ class Writer(threading.Thread):
             raise LogUnavailable(f"monitor log writer failed: {self.error!r}") from self.error
 
 
+def series_of(parts: list[Decoded]) -> dict[str, np.ndarray]:
+    """A client's decoded requests as per-item columns: qn, t, every score column, fired,
+    level (answered at) and level_after (any store's reader uses this)."""
+    if not parts:
+        return {c: np.zeros(0) for c in ["qn", "t", *SCORE_COLUMNS, "fired", "level",
+                                         "level_after"]}
+    out = {"qn": np.concatenate([d.qn0 + 1 + np.arange(d.n) for d in parts]).astype(float),
+           "t": np.concatenate([np.full(d.n, d.t) for d in parts])}
+    sc = np.concatenate([d.scores for d in parts])
+    for i, c in enumerate(SCORE_COLUMNS):
+        out[c] = sc[:, i]
+    out["fired"] = np.concatenate([d.fired for d in parts]).astype(float)
+    out["level"] = np.concatenate([np.full(d.n, d.level) for d in parts]).astype(float)
+    out["level_after"] = np.concatenate([d.level_after for d in parts]).astype(float)
+    return out
+
+
 class QueryLog:
     """Read access to a monitor database (and the watermark verifier's entry point)."""
 
@@ -725,19 +742,7 @@ class QueryLog:
 
     def series(self, client: str) -> dict[str, np.ndarray]:
         """qn, t, scores, fired, level, level_after per item, for plotting/export."""
-        parts = list(self._decoded(client))
-        if not parts:
-            cols = ["qn", "t", *SCORE_COLUMNS, "fired", "level", "level_after"]
-            return {c: np.zeros(0) for c in cols}
-        out = {"qn": np.concatenate([d.qn0 + 1 + np.arange(d.n) for d in parts]).astype(float),
-               "t": np.concatenate([np.full(d.n, d.t) for d in parts])}
-        sc = np.concatenate([d.scores for d in parts])
-        for i, c in enumerate(SCORE_COLUMNS):
-            out[c] = sc[:, i]
-        out["fired"] = np.concatenate([d.fired for d in parts]).astype(float)
-        out["level"] = np.concatenate([np.full(d.n, d.level) for d in parts]).astype(float)
-        out["level_after"] = np.concatenate([d.level_after for d in parts]).astype(float)
-        return out
+        return series_of(list(self._decoded(client)))
 
     def iter_rows(self, client: str | None = None, raw: bool = False) -> Iterator[dict]:
         """One dict per item (the columns of the per-item view; ``raw``: the input as float32

@@ -45,7 +45,7 @@ from psycopg.rows import dict_row
 from common.types import Level
 from monitor.core import Monitor
 from monitor.engine import ClientEngine, det_view
-from monitor.log import (Batch, Decoded, LogUnavailable, SCHEMA_VERSION, SCORE_COLUMNS,
+from monitor.log import (Batch, Decoded, LogUnavailable, SCHEMA_VERSION, series_of,
                          transition_row)
 from monitor.store import MonitorStore
 
@@ -556,19 +556,7 @@ class PgStore(MonitorStore):
         return out
 
     def series(self, client: str) -> dict[str, np.ndarray]:
-        parts = list(self._decoded(client, raw=False))
-        if not parts:
-            return {c: np.zeros(0) for c in
-                    ["qn", "t", *SCORE_COLUMNS, "fired", "level", "level_after"]}
-        out = {"qn": np.concatenate([d.qn0 + 1 + np.arange(d.n) for d in parts]).astype(float),
-               "t": np.concatenate([np.full(d.n, d.t) for d in parts])}
-        sc = np.concatenate([d.scores for d in parts])
-        for i, c in enumerate(SCORE_COLUMNS):
-            out[c] = sc[:, i]
-        out["fired"] = np.concatenate([d.fired for d in parts]).astype(float)
-        out["level"] = np.concatenate([np.full(d.n, d.level) for d in parts]).astype(float)
-        out["level_after"] = np.concatenate([d.level_after for d in parts]).astype(float)
-        return out
+        return series_of(list(self._decoded(client, raw=False)))
 
     def pair_rows(self) -> list[dict]:
         return self._q("SELECT * FROM pairs ORDER BY id")
@@ -678,16 +666,8 @@ class SharedMonitor(Monitor):
         r = self.store.execute(f"SELECT COALESCE(MAX({key}), 0) AS m FROM {table}")
         return int(r[0]["m"])
 
-    def _warm(self):
-        try:
-            for c in self.store.owned_clients(self._exec.max_clients):
-                if self._closed:
-                    return
-                with self._lock(c):
-                    if c not in self._engines:
-                        self._engine(c)
-        except Exception as exc:  # noqa: BLE001 - warming is an optimisation
-            log.warning("warming client state failed: %r", exc)
+    def _warm_clients(self) -> list[str]:
+        return self.store.owned_clients(self._exec.max_clients)   # this replica's own only
 
     def _load(self, client):
         try:

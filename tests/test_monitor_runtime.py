@@ -9,12 +9,12 @@ import time
 import numpy as np
 import pytest
 
-from common import data
 from common.clock import FakeClock
 from common.types import Answer, AnswerKind, Level
 from monitor import Monitor, QueryLog, load_config
 from monitor.config import config_from_dict
 from monitor.log import SCORE_COLUMNS
+from tests.streams import three_streams
 
 
 def _cfg(**execution):
@@ -27,29 +27,7 @@ def _cfg(**execution):
 @pytest.fixture(scope="module")
 def streams():
     """Three clients: natural images, JBDA-like near-copies (escalates), MNIST (OOD)."""
-    try:
-        fx = data.load("fashion", "test").x.astype(np.float32) / 255.0
-        mx = data.load("mnist", "test").x.astype(np.float32) / 255.0
-    except data.DataUnavailable as exc:  # pragma: no cover
-        pytest.skip(f"data unavailable: {exc}")
-    rng = np.random.default_rng(0)
-    nat = fx[rng.integers(0, 5000, 900)]
-    seeds = fx[rng.choice(5000, 100, replace=False)]
-    jb = [seeds]
-    while sum(len(s) for s in jb) < 900:
-        cur = np.concatenate(jb)
-        jb.append(np.clip(cur + 0.1 * np.sign(rng.standard_normal(cur.shape)), 0, 1))
-    jb = np.concatenate(jb)[:900].astype(np.float32)
-    ood = mx[rng.integers(0, 10000, 900)]
-
-    def probs(x, confident):
-        lg = rng.normal(0, 1.0, (len(x), 10))
-        if confident:  # the target is sure of in-distribution images: top probability > 0.99
-            lg[np.arange(len(x)), rng.integers(0, 10, len(x))] += 10.0
-        return (np.exp(lg) / np.exp(lg).sum(1, keepdims=True)).astype(np.float32)
-
-    return {"natural": (nat, probs(nat, True)), "jbda": (jb, probs(jb, True)),
-            "mnist": (ood, probs(ood, False))}
+    return three_streams(900)
 
 
 def _answer(p):
@@ -114,7 +92,6 @@ def test_memory_budget_evicts_by_state_size_and_restores_exactly(streams, refere
     peak = 0
     with Monitor(_cfg(max_clients=100, max_state_mb=budget_mb, checkpoint_every=100000), db,
                  clock=FakeClock()) as mon:
-        out = {c: [] for c in streams}
         for i in range(0, 900, 30):
             for c, (x, p) in streams.items():
                 lvl = mon.level(c)

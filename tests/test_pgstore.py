@@ -18,6 +18,7 @@ from monitor.config import config_from_dict
 from monitor.log import SCORE_COLUMNS, LogUnavailable
 from monitor.store import SQLiteStore
 from tests.pgcluster import pg_schema, pg_server  # noqa: F401 - fixtures
+from tests.streams import three_streams
 
 psycopg = pytest.importorskip("psycopg")
 from monitor.pgstore import PgStore, SharedMonitor, StoreUnavailable  # noqa: E402
@@ -128,30 +129,8 @@ def _cfg(linking=False, log=None, **execution):
 
 @pytest.fixture(scope="module")
 def streams():
-    """Natural images, JBDA-like near-copies (escalates), MNIST (OOD)."""
-    try:
-        fx = data.load("fashion", "test").x.astype(np.float32) / 255.0
-        mx = data.load("mnist", "test").x.astype(np.float32) / 255.0
-    except data.DataUnavailable as exc:  # pragma: no cover
-        pytest.skip(f"data unavailable: {exc}")
-    rng = np.random.default_rng(0)
-    nat = fx[rng.integers(0, 5000, 600)]
-    seeds = fx[rng.choice(5000, 100, replace=False)]
-    jb = [seeds]
-    while sum(len(s) for s in jb) < 600:
-        cur = np.concatenate(jb)
-        jb.append(np.clip(cur + 0.1 * np.sign(rng.standard_normal(cur.shape)), 0, 1))
-    jb = np.concatenate(jb)[:600].astype(np.float32)
-    ood = mx[rng.integers(0, 10000, 600)]
-
-    def probs(x, confident):
-        lg = rng.normal(0, 1.0, (len(x), 10))
-        if confident:
-            lg[np.arange(len(x)), rng.integers(0, 10, len(x))] += 10.0
-        return (np.exp(lg) / np.exp(lg).sum(1, keepdims=True)).astype(np.float32)
-
-    return {"natural": (nat, probs(nat, True)), "jbda": (jb, probs(jb, True)),
-            "mnist": (ood, probs(ood, False))}
+    """Three clients: natural images, JBDA-like near-copies (escalates), MNIST (OOD)."""
+    return three_streams(600)
 
 
 def _run(mon, streams, batch=30, upto=600, start=0):
