@@ -387,7 +387,8 @@ def section_churn(args, pool, workdir: Path, res: dict) -> None:
     s = server("churn", args, workdir / "churn.db", workdir, cfg,
                extra=("--metrics-port", str(mport)))
     s.wait_ready()
-    out = {"rss_start_mb": round(rss_mb(s.pid), 1), "max_state_mb": args.state_mb}
+    out = {"rss_start_mb": round(rss_mb(s.pid), 1), "max_state_mb": args.state_mb,
+           "small_keys": args.churn_keys, "big_keys": args.churn_big}
     ch = grpc.insecure_channel(s.address, options=[("grpc.max_send_message_length", 8 << 20),
                                                     ("grpc.max_receive_message_length", 8 << 20)])
     call = ch.unary_unary(PREDICT, request_serializer=None, response_deserializer=None)
@@ -591,8 +592,9 @@ def table(res: dict) -> list[str]:
     if r:
         grow = r["rss_after_big_mb"] - r["rss_start_mb"]
         cap = r["max_state_mb"] + LINKING_INDEX_MB + SLACK_MB
-        row(f"key churn: RSS start -> after 10k keys x 1 -> after 300 keys x 512 images "
-            f"(max_state_mb {r['max_state_mb']:g}; resident state at the end)",
+        row(f"key churn: RSS start -> after {r['small_keys']:,} keys x 1 -> after "
+            f"{r['big_keys']:,} keys x 512 images (max_state_mb {r['max_state_mb']:g}; "
+            f"resident state at the end)",
             f"{r['rss_start_mb']} -> {r['rss_after_small_mb']} -> {r['rss_after_big_mb']} MB "
             f"(+{grow:.0f}); {r['resident_state_mb']} MB in {r['resident_clients']:.0f} clients",
             f"growth <= max_state_mb + linking index ({LINKING_INDEX_MB}) + {SLACK_MB} MB",
