@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from lab.loadgen import PREDICT, encode_request
-from lab.serving import HOST, REPO, ServerProcess, _child_env, free_port, log
+from lab.serving import HOST, REPO, ServerProcess, free_port, log
 
 SECRET = "chaos-" + "5e" * 29          # 64 bytes: a production-length secret, fixed for replay
 SECTIONS = ("kill9", "diskfull", "sigterm", "churn", "fuzz")
