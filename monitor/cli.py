@@ -311,38 +311,40 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db", default=os.environ.get("MODELGUARD_MONITOR_DB", DEFAULT_DB),
                     help="monitor database (default: $MODELGUARD_MONITOR_DB or %(default)s)")
-    ap.add_argument("--key", action="append", metavar="KEY",
-                    help="name a client by its API key (open mode logs a keyed hash of the key, "
-                         "never the key): show/plot/export/replay; repeatable for replay")
-    ap.add_argument("--secret-file", metavar="PATH",
-                    help="the server's secret, for --key (default: $MODELGUARD_SECRET, else "
-                         "$MODELGUARD_SECRET_FILE, else $MODELGUARD_ARTIFACTS/secret or "
-                         "artifacts/secret, the file `make serve` generates)")
+    keys = argparse.ArgumentParser(add_help=False)
+    keys.add_argument("--key", action="append", metavar="KEY",
+                      help="name the client by its API key (an open-mode server logs a keyed hash "
+                           "of the key, never the key)")
+    secret = argparse.ArgumentParser(add_help=False)
+    secret.add_argument("--secret-file", metavar="PATH",
+                        help="the server's secret, for --key (default: $MODELGUARD_SECRET, else "
+                             "$MODELGUARD_SECRET_FILE, else $MODELGUARD_ARTIFACTS/secret or "
+                             "artifacts/secret, the file `make serve` generates)")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = sub.add_parser("clients", help="table of clients: queries, level, escalation, latest scores")
     p.set_defaults(fn=cmd_clients)
-    p = sub.add_parser("show", help="a client's escalation timeline with evidence")
+    p = sub.add_parser("show", parents=[keys, secret], help="a client's escalation timeline with evidence")
     p.add_argument("client", nargs="?", help="client id (or give --key)")
     p.add_argument("--config", help="thresholds to display (default: those the monitor ran with)")
     p.set_defaults(fn=cmd_show)
-    p = sub.add_parser("plot", help="detector scores over the query count, thresholds, escalations")
+    p = sub.add_parser("plot", parents=[keys, secret], help="detector scores over the query count, thresholds, escalations")
     p.add_argument("client", nargs="?", help="client id (or give --key)")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.add_argument("--config", help="thresholds to draw (default: those the monitor ran with)")
     p.set_defaults(fn=cmd_plot)
-    p = sub.add_parser("export", help="export the query log or the transitions as CSV or JSON Lines")
+    p = sub.add_parser("export", parents=[keys, secret], help="export the query log or the transitions as CSV or JSON Lines")
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv")
     p.add_argument("--what", choices=("queries", "transitions", "pairs", "groups"),
                    default="queries", help="pairs and groups: cross-client linking's evidence")
     p.add_argument("--client", help="only this client")
     p.add_argument("-o", "--output", help="file (default: stdout)")
     p.set_defaults(fn=cmd_export)
-    p = sub.add_parser("replay", help="re-run detectors and ladder offline under another config")
+    p = sub.add_parser("replay", parents=[keys, secret], help="re-run detectors and ladder offline under another config")
     p.add_argument("--config", required=True, help="monitor TOML to evaluate")
     p.add_argument("--client", action="append", help="only this client (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every replayed transition")
     p.set_defaults(fn=cmd_replay)
-    p = sub.add_parser("id", help="the client id an open-mode server logs for each API key "
+    p = sub.add_parser("id", parents=[secret], help="the client id an open-mode server logs for each API key "
                                   "(a keyed hash: needs the server's secret)")
     p.add_argument("keys", nargs="+", metavar="KEY")
     p.set_defaults(fn=cmd_id)
@@ -372,6 +374,7 @@ def _secret(a) -> str:
 
 def _resolve_keys(a) -> None:
     """--key KEY -> the client id an open-mode server logs for it."""
+    a.key = getattr(a, "key", None)
     client = getattr(a, "client", None)
     if a.key and client and a.cmd != "replay":
         raise CliError("give a client id or --key, not both")
@@ -379,8 +382,6 @@ def _resolve_keys(a) -> None:
         if a.cmd in ("show", "plot") and not client:
             raise CliError(f"{a.cmd}: name the client (its id, or --key KEY)")
         return
-    if a.cmd not in ("show", "plot", "export", "replay"):
-        raise CliError(f"--key applies to show, plot, export and replay, not {a.cmd}")
     from common.keys import client_id_for_key
     secret = _secret(a)
     ids = [client_id_for_key(k, secret) for k in a.key]
