@@ -103,6 +103,9 @@ def main(argv=None) -> int:
     s.add_argument("--monitor-config", dest="monitor_config", type=Path,
                    help="monitor TOML (default: monitor/default.toml)")
     s.add_argument("--monitor-db", dest="monitor_db", type=Path)
+    s.add_argument("--store", metavar="DSN", help="postgresql://...: the monitor's state in "
+                   "PostgreSQL, shared by replicas (docs/scaleout.md; default: the SQLite file)")
+    s.add_argument("--replica", help="this replica's name in the shared store (with --store)")
     k = s.add_argument_group("keys and secret (docs/security.md)")
     k.add_argument("--api-keys", dest="api_keys", type=Path,
                    help="TOML of name = \"key\" lines: only these keys pass, the client id is "

@@ -53,6 +53,11 @@ class ServerConfig(BaseModel):
     monitor_config: Path | None = None     # None: the monitor's shipped default
     monitor_db: Path = Field(default_factory=lambda: Path(
         os.environ.get("MODELGUARD_MONITOR_DB", str(artifacts_dir() / "monitor.db"))))
+    store: str | None = Field(None, description="postgresql://USER@HOST:PORT/DB: keep the "
+                              "monitor's state in PostgreSQL, shared by replicas "
+                              "(docs/scaleout.md); None: the SQLite file monitor_db")
+    replica: str | None = Field(None, description="this replica's name in the shared store "
+                                "(default: host-pid)")
     api_keys: Path | None = Field(None, description="TOML of name = \"key\" lines: only "
                                                     "these keys pass, the client id is the name")
     open_keys: bool = Field(False, description="open mode: any well-formed key is a client, "

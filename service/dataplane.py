@@ -176,7 +176,16 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
         monitor_config = monitor_config.model_copy(update={
             "policies": {lvl: {"policy": "identity"} for lvl in Level if lvl != Level.BLOCK},
             "watermark": {}})
-    if cfg.monitor:
+    if cfg.monitor and cfg.store:
+        # replicas: the monitor's state in PostgreSQL, each client owned by one replica at a
+        # time (docs/scaleout.md)
+        from monitor.pgstore import PgStore, SharedMonitor
+
+        lc = monitor_config.log
+        mon = SharedMonitor(monitor_config, PgStore(
+            cfg.store, cfg.replica, batch_size=lc.batch_size, flush_seconds=lc.flush_seconds,
+            max_pending=lc.max_queue), warm=True)
+    elif cfg.monitor:
         from monitor import Monitor
 
         mon = Monitor(monitor_config, cfg.monitor_db, warm=True)

@@ -678,3 +678,44 @@ def test_the_cluster_recovers_by_itself_when_postgresql_restarts(cluster):
     print(f"\nPostgreSQL restarted during load (down {window['up'] - window['down']:.1f} s): "
           f"{during} calls overlapped the restart, {refused} refused (UNAVAILABLE), slowest "
           f"{slowest:.2f} s; {acked} queries acknowledged, all logged")
+
+
+def test_serve_with_store_keeps_the_monitor_state_in_postgresql(pg, small_target, tmp_path):
+    """`python -m service serve --store DSN --replica NAME`: the ordinary server whose monitor
+    state lives in PostgreSQL: a client's queries are logged there (not in a SQLite file) and
+    another replica on the same store restores the client's level."""
+    import psycopg
+
+    from client.api import ModelClient
+    from service.config import ServerConfig
+    from service.dataplane import build_dataplane
+    from service.server import Server
+    from tests.conftest import TEST_SECRET
+
+    srv, schema = pg
+    with psycopg.connect(srv.dsn, autocommit=True) as con:
+        con.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    dsn = f"{srv.dsn}{'&' if '?' in srv.dsn else '?'}options=-csearch_path%3D{schema}"
+    x = data.attack_pool().x[:40]
+
+    def serve(name):
+        cfg = ServerConfig(port=0, target=small_target[0], artifacts=tmp_path, store=dsn,
+                           replica=name, monitor_db=tmp_path / "unused.db", secret=TEST_SECRET,
+                           open_keys=True, grace_s=0.5, undefended=True)
+        return Server(cfg, build_dataplane(cfg)).start()
+
+    s1 = serve("r1")
+    try:
+        with ModelClient(s1.address, "pg-user") as c:
+            c.predict(x)
+        s1.plane.monitor.flush()
+        cid = s1.client_id("pg-user")
+        assert s1.plane.monitor.store.max_qn(cid) == 40
+    finally:
+        s1.stop(0.5)
+    assert not (tmp_path / "unused.db").exists()        # nothing went to SQLite
+    s2 = serve("r2")
+    try:
+        assert s2.plane.monitor.queries(cid) == 40      # the other replica restores the client
+    finally:
+        s2.stop(0.5)
