@@ -388,7 +388,7 @@ def section_churn(args, pool, workdir: Path, res: dict) -> None:
                extra=("--metrics-port", str(mport)))
     s.wait_ready()
     out = {"rss_start_mb": round(rss_mb(s.pid), 1), "max_state_mb": args.state_mb,
-           "small_keys": args.churn_keys, "big_keys": args.churn_big}
+           "small_keys": args.churn_keys, "big_keys": args.churn_big, "settle_s": args.settle}
     ch = grpc.insecure_channel(s.address, options=[("grpc.max_send_message_length", 8 << 20),
                                                     ("grpc.max_receive_message_length", 8 << 20)])
     call = ch.unary_unary(PREDICT, request_serializer=None, response_deserializer=None)
@@ -424,6 +424,8 @@ def section_churn(args, pool, workdir: Path, res: dict) -> None:
     for t in ts:
         t.join()
     out["rss_after_big_mb"] = round(rss_mb(s.pid), 1)
+    time.sleep(args.settle)     # idle: what the server keeps (it trims its heap every second)
+    out["rss_settled_mb"] = round(rss_mb(s.pid), 1)
     out["codes"] = dict(codes)
     out["resident_state_mb"] = round(scrape(mport, "modelguard_monitor_resident_state_bytes")
                                       / 2 ** 20, 1)
@@ -596,7 +598,8 @@ def table(res: dict) -> list[str]:
             f"{r['big_keys']:,} keys x 512 images (max_state_mb {r['max_state_mb']:g}; "
             f"resident state at the end)",
             f"{r['rss_start_mb']} -> {r['rss_after_small_mb']} -> {r['rss_after_big_mb']} MB "
-            f"(+{grow:.0f}); {r['resident_state_mb']} MB in {r['resident_clients']:.0f} clients",
+            f"(+{grow:.0f}; {r['rss_settled_mb']} MB after {r.get('settle_s', 8):g} s idle); "
+            f"{r['resident_state_mb']} MB in {r['resident_clients']:.0f} clients",
             f"growth <= max_state_mb + linking index ({LINKING_INDEX_MB}) + {SLACK_MB} MB",
             grow <= cap and r["resident_state_mb"] <= r["max_state_mb"])
     r = res.get("fuzz")
@@ -639,6 +642,8 @@ def parse_args(argv):
     ap.add_argument("--full-for", type=float, default=5.0, help="diskfull: seconds full (5)")
     ap.add_argument("--churn-keys", type=int, default=10_000)
     ap.add_argument("--churn-big", type=int, default=300)
+    ap.add_argument("--settle", type=float, default=8.0,
+                    help="churn: idle seconds before the settled RSS reading (8)")
     ap.add_argument("--state-mb", type=float, default=256.0,
                     help="churn: execution.max_state_mb of its server (256)")
     ap.add_argument("--fuzz", type=int, default=10_000, help="fuzzed requests (10,000)")

@@ -12,7 +12,7 @@ from service.config import ServerConfig, read_secret_file
 
 def _serve(args) -> int:
     from service.dataplane import build_dataplane
-    from service.server import Server
+    from service.server import Server, limit_heap_arenas
 
     overrides = {k: v for k, v in vars(args).items()
                  if k in ServerConfig.model_fields and v is not None}
@@ -41,6 +41,7 @@ def _serve(args) -> int:
         log.error("no target checkpoint at %s; run `make train` (or python -m service train)",
                   cfg.target)
         return 2
+    limit_heap_arenas()      # before the model, the monitor and the gRPC workers allocate
     server = Server(cfg, build_dataplane(cfg)).start()
     log.info("serving modelguard.v1.Inference and inference.GRPCInferenceService (Open "
              "Inference Protocol v2) on %s over %s, %s (max batch %d, %d workers, %d torch "
