@@ -389,6 +389,19 @@ class LogUnavailable(RuntimeError):
 RETRIABLE = (sqlite3.OperationalError,)
 
 
+def take_batch(q: queue.Queue, first, batch_size: int, seconds: float) -> list:
+    """``first`` and whatever else is queued, up to ``batch_size`` items and ``seconds``: one
+    transaction's worth (group commit: the requests that queued meanwhile share it)."""
+    items = [first]
+    deadline = time.monotonic() + seconds
+    while len(items) < batch_size and time.monotonic() < deadline:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            break
+    return items
+
+
 class Writer(threading.Thread):
     """Background writer: takes Batch / Transition / state items from a queue, commits in
     transactions of up to ``batch_size`` items or every ``flush_seconds`` (group commit: one
@@ -573,13 +586,7 @@ class Writer(threading.Thread):
                 except queue.Empty:
                     self._housekeeping()
                     continue
-                items = [item]
-                deadline = time.monotonic() + self.flush_seconds
-                while len(items) < self.batch_size and time.monotonic() < deadline:
-                    try:
-                        items.append(self.q.get_nowait())
-                    except queue.Empty:
-                        break
+                items = take_batch(self.q, item, self.batch_size, self.flush_seconds)
                 stop = self._write_retrying(items)
                 with self._cv:
                     self.committed = max(self.committed, items[-1][0])

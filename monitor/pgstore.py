@@ -45,7 +45,7 @@ from psycopg.rows import dict_row
 from common.types import Level
 from monitor.core import Monitor
 from monitor.engine import ClientEngine, det_view
-from monitor.log import (Batch, Decoded, LogUnavailable, SCHEMA_VERSION, series_of,
+from monitor.log import (Batch, Decoded, LogUnavailable, SCHEMA_VERSION, series_of, take_batch,
                          transition_row)
 from monitor.store import MonitorStore
 
@@ -258,13 +258,7 @@ class PgWriter(threading.Thread):
                             self._drop()
                         last_contact = time.monotonic()
                     continue
-                items = [item]
-                deadline = time.monotonic() + s.flush_seconds
-                while len(items) < s.batch_size and time.monotonic() < deadline:
-                    try:
-                        items.append(self.q.get_nowait())
-                    except queue.Empty:
-                        break
+                items = take_batch(self.q, item, s.batch_size, s.flush_seconds)
                 stop = any(it is _STOP for _, it in items)
                 delay = 0.05
                 while True:
@@ -452,25 +446,16 @@ class PgStore(MonitorStore):
 
     def _q(self, sql: str, args=(), many: bool = True):
         """Run a read; one reconnect on a broken connection, then StoreUnavailable."""
-        for attempt in (0, 1):
-            try:
-                cur = self._con().execute(sql, args)
-                out = cur.fetchall() if many else cur.fetchone()
-                self._up()
-                return out
-            except CONN_ERRORS as exc:
-                self._local.con = None      # a connection broken by a past restart: once more
-                if attempt:
-                    self._down(exc)
-                    raise StoreUnavailable(f"PostgreSQL unreachable: {exc}") from exc
-        raise AssertionError("unreachable")
+        return self._run(sql, args, lambda cur: cur.fetchall() if many else cur.fetchone())
 
     def execute(self, sql: str, args=()) -> list[dict]:
         """A statement on this thread's autocommit connection (rows, or [] when none)."""
+        return self._run(sql, args, lambda cur: cur.fetchall() if cur.description else [])
+
+    def _run(self, sql: str, args, fetch):
         for attempt in (0, 1):
             try:
-                cur = self._con().execute(sql, args)
-                out = cur.fetchall() if cur.description else []
+                out = fetch(self._con().execute(sql, args))
                 self._up()
                 return out
             except CONN_ERRORS as exc:
