@@ -647,6 +647,28 @@ def series_of(parts: list[Decoded]) -> dict[str, np.ndarray]:
     return out
 
 
+def recent_items_of(page, decode, limit: int) -> list[tuple]:
+    """Any store's ``recent_items``: walk its request rows newest first, ``page(last_seq)``
+    giving the next rows (all when ``last_seq`` is None) and ``decode(row)`` a Decoded, until
+    ``limit`` items are gathered (requests whose inputs were not kept are skipped); oldest
+    first: (client, qn0, x float32 (n, 28, 28))."""
+    out, n, last = [], 0, None
+    while n < limit:
+        rows = page(last)
+        if not rows:
+            break
+        for r in rows:
+            d = decode(r)
+            if d.kept.all():
+                x = d.x[-(limit - n):]
+                out.append((d.client, d.qn0 + d.n - len(x), x))
+                n += len(x)
+            if n >= limit:
+                break
+        last = rows[-1]["seq"]
+    return out[::-1]
+
+
 class QueryLog:
     """Read access to a monitor database (and the watermark verifier's entry point)."""
 
@@ -796,23 +818,11 @@ class QueryLog:
         """The last logged requests holding ``limit`` items in all (fewer if the log is
         shorter), oldest first: (client, qn0, x float32 (n, 28, 28)); requests whose inputs
         were not kept are skipped."""
-        out, n, last = [], 0, None
-        while n < limit:
+        def page(last):
             sql = "SELECT * FROM requests" + (" WHERE seq < ?" if last else "") + \
                 " ORDER BY seq DESC LIMIT 256"
-            rows = self.con.execute(sql, (last,) if last else ()).fetchall()
-            if not rows:
-                break
-            for r in rows:
-                d = Decoded(r, raw=True, layouts=self.layouts)
-                if d.kept.all():
-                    x = d.x[-(limit - n):]
-                    out.append((d.client, d.qn0 + d.n - len(x), x))
-                    n += len(x)
-                if n >= limit:
-                    break
-            last = rows[-1]["seq"]
-        return out[::-1]
+            return self.con.execute(sql, (last,) if last else ()).fetchall()
+        return recent_items_of(page, lambda r: Decoded(r, raw=True, layouts=self.layouts), limit)
 
     def load_state(self, client: str):
         r = self.con.execute("SELECT qn, level, config_hash, state FROM client_state WHERE "

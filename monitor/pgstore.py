@@ -45,8 +45,8 @@ from psycopg.rows import dict_row
 from common.types import Level
 from monitor.core import Monitor
 from monitor.engine import ClientEngine, det_view
-from monitor.log import (Batch, Decoded, LogUnavailable, SCHEMA_VERSION, series_of, take_batch,
-                         transition_row)
+from monitor.log import (Batch, Decoded, LogUnavailable, SCHEMA_VERSION, recent_items_of,
+                         series_of, take_batch, transition_row)
 from monitor.store import MonitorStore
 
 log = logging.getLogger("modelguard.pgstore")
@@ -504,22 +504,10 @@ class PgStore(MonitorStore):
                 self._q("SELECT client, other, t FROM pairs ORDER BY id")]
 
     def recent_items(self, limit):
-        out, n, last = [], 0, None
-        while n < limit:
-            rows = self._q("SELECT * FROM requests" + (" WHERE seq < %s" if last else "")
+        def page(last):
+            return self._q("SELECT * FROM requests" + (" WHERE seq < %s" if last else "")
                            + " ORDER BY seq DESC LIMIT 256", (last,) if last else ())
-            if not rows:
-                break
-            for r in rows:
-                d = Decoded(r, raw=True)
-                if d.kept.all():
-                    x = d.x[-(limit - n):]
-                    out.append((d.client, d.qn0 + d.n - len(x), x))
-                    n += len(x)
-                if n >= limit:
-                    break
-            last = rows[-1]["seq"]
-        return out[::-1]
+        return recent_items_of(page, lambda r: Decoded(r, raw=True), limit)
 
     def recent_clients(self, limit):
         return [r["client"] for r in self._q(
