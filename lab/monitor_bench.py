@@ -234,15 +234,116 @@ def linking_cost(cfg, totals=(1000, 100_000, 1_000_000), keys: int = 1000, batch
             x = pool[rng.integers(0, 5000, batch)].copy()
             h = batch // 2
             x[h:] = np.clip(x[h:] + 0.1 * rng.choice([-1.0, 1.0], (batch - h, 784)), 0, 1)
-            t0 = time.perf_counter()
+            t0 = time.thread_time()      # this thread's CPU time: the machine may be shared
             lk.step(f"m{r % 25}", (r // 25) * batch, x, None, float(r), 0, [])
-            dts.append(time.perf_counter() - t0)
+            dts.append(time.thread_time() - t0)
         us = float(np.median(dts)) / batch * 1e6
         res[str(total)] = {"us_per_query": round(us, 1), "index_mb": round(lk.index.nbytes() / 2**20, 1),
                            "indexed": int(min(total, cfg.linking.horizon)), "fill_s": round(fill, 1)}
         print(f"linking cost after {total:>9,d} queries of all keys: {us:.1f} us/query "
               f"(batch {batch}, median of {measure}); index {res[str(total)]['index_mb']} MB "
               f"holding {res[str(total)]['indexed']:,d} queries", flush=True)
+    return res
+
+
+# --- per-detector profile ---------------------------------------------------------------------
+PROFILE_STREAMS = ("pool", "pool-noise", "perturb", "noise")
+
+
+def profile_stream(kind: str, n: int, rng) -> np.ndarray:
+    """float32 (n, 28, 28) queries of one kind: ``pool`` attack-pool images with repeats (on the
+    0-255 grid, as the serving benchmark's clients send them); ``pool-noise`` the same plus
+    Gaussian noise 0.05 (off the grid: stored as float16); ``perturb`` sign steps (lambda 0.1)
+    of pool images, one to three steps deep (a JBDA-like stream); ``noise`` uniform noise."""
+    from common import data
+    pool = to_float(data.attack_pool().x)
+    if kind == "pool":
+        return pool[rng.integers(0, len(pool), n)]
+    if kind == "pool-noise":
+        x = pool[rng.integers(0, len(pool), n)] + rng.normal(0, 0.05, (n, 28, 28))
+        return np.clip(x, 0, 1).astype(np.float32)
+    if kind == "perturb":
+        x = pool[rng.integers(0, len(pool), n)].copy()
+        for depth in range(3):
+            m = rng.random(n) < (0.9 if depth == 0 else 0.5)
+            x[m] = np.clip(x[m] + 0.1 * rng.choice([-1.0, 1.0], x[m].shape), 0, 1)
+        return x.astype(np.float32)
+    if kind == "noise":
+        return rng.random((n, 28, 28)).astype(np.float32)
+    raise ValueError(f"unknown stream {kind!r}")
+
+
+def profile(cfg, target, kinds=PROFILE_STREAMS, batches=(1, 64, 256), history: int = 4000,
+            clients: int = 4, items: int = 2048, seed: int = 0) -> dict:
+    """Per-item cost of each part of the monitor's per-request work (no log): det_view, the
+    shared item preparation, every enabled detector's observe_batch, the ladder, and the
+    linker (pairs, groups). ``clients`` clients take turns; each first sends ``history``
+    queries of the stream (batch 256, untimed), then ``items`` queries per client are timed in
+    requests of each batch size. Probabilities: the target's. Per-item microseconds of this
+    thread's CPU time (the machine may be shared: wall time would count other processes),
+    summed over the timed requests of all clients."""
+    clock = time.thread_time
+    from monitor.engine import ClientEngine, det_view
+    from monitor.linking import Linker
+    res: dict = {}
+    for kind in kinds:
+        for b in batches:
+            rng = np.random.default_rng(seed)
+            engines = [ClientEngine(cfg, f"c{i}") for i in range(clients)]
+            lk = Linker(cfg.linking) if cfg.linking.enabled else None
+            parts: dict[str, float] = {}
+
+            def run(ci: int, x: np.ndarray, t: float, timed: bool) -> None:
+                eng = engines[ci]
+                p = proba(target, x)
+                t0 = clock()
+                xd, grid = det_view(x)
+                xd = xd.reshape(len(xd), -1)
+                t1 = clock()
+                from monitor.detectors import Items
+                it = Items.make(xd, p, grid)
+                marks = {}
+                for name, det in eng.dets.items():
+                    f = det.observe_batch
+
+                    def wrapped(items, tt, _f=f, _name=name):
+                        s = clock()
+                        out = _f(items, tt)
+                        marks[_name] = marks.get(_name, 0.0) + clock() - s
+                        return out
+                    det.observe_batch = wrapped
+                t2 = clock()
+                st = eng.step(xd, p, t, grid, 0 if lk is None else int(lk.floor(eng.client)))
+                t3 = clock()
+                for det in eng.dets.values():
+                    del det.observe_batch
+                if lk is not None:
+                    lk.apply(eng.client, eng, st, t)
+                t4 = clock()
+                if timed:
+                    parts["det_view"] = parts.get("det_view", 0.0) + t1 - t0
+                    for k_, v_ in marks.items():
+                        parts[k_] = parts.get(k_, 0.0) + v_
+                    parts["ladder"] = parts.get("ladder", 0.0) + (t3 - t2) - sum(marks.values())
+                    parts["linking"] = parts.get("linking", 0.0) + t4 - t3
+                    parts["total"] = parts.get("total", 0.0) + t4 - t0
+            t = 0.0
+            hist = [profile_stream(kind, history, rng) for _ in range(clients)]
+            for i in range(0, history, 256):
+                for ci in range(clients):
+                    t += 1.0
+                    run(ci, hist[ci][i:i + 256], t, False)
+            xs = [profile_stream(kind, items, rng) for _ in range(clients)]
+            for i in range(0, items, b):
+                for ci in range(clients):
+                    t += 1.0
+                    run(ci, xs[ci][i:i + b], t, True)
+            tot = items * clients
+            row = {k_: round(v_ / tot * 1e6, 1) for k_, v_ in parts.items()}
+            res[f"{kind}/b{b}"] = row
+            print(f"{kind:10s} batch {b:3d}: " + "  ".join(f"{k_} {v_:.1f}"
+                                                             for k_, v_ in row.items())
+                  + "  (us/item)", flush=True)
     return res
 
 
@@ -262,12 +363,29 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-linking", action="store_true")
     ap.add_argument("--linking-totals", default="1000,100000,1000000",
                     help="queries of all keys before the linking cost is measured")
+    ap.add_argument("--profile", action="store_true",
+                    help="only the per-detector profile (per-item us at batches 1, 64, 256)")
+    ap.add_argument("--profile-streams", default=",".join(PROFILE_STREAMS))
+    ap.add_argument("--profile-batches", default="1,64,256")
+    ap.add_argument("--profile-history", type=int, default=4000,
+                    help="queries per client before the profile is timed")
+    ap.add_argument("--profile-items", type=int, default=1024,
+                    help="timed queries per client and batch size")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--db", help="keep the calibration streams' log here (for python -m monitor)")
     a = ap.parse_args(argv)
     from monitor import load_config
     cfg = load_config(a.config)
     results: dict = {"config": a.config or "monitor/default.toml"}
+    if a.profile:
+        target, desc = get_target(a.target, a.seed)
+        results["profile"] = profile(cfg, target, tuple(a.profile_streams.split(",")),
+                                     tuple(int(b) for b in a.profile_batches.split(",")),
+                                     a.profile_history, items=a.profile_items, seed=a.seed)
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(results, indent=2))
+        return 0
     if not a.skip_calibration:
         target, desc = get_target(a.target, a.seed)
         results["target"] = desc

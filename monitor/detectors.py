@@ -35,8 +35,8 @@ from scipy import special
 from monitor.config import (DETECTOR_NAMES, NearDuplicateConfig, OODConfig, PradaConfig,
                             SimilarityConfig, VolumeConfig)
 from monitor.features import (DIM, Ring, approx_sq, encode, lower_bound_sq,
-                              attack_like_pairs, pixel_dist, residual_norms,
-                              sq_norms)
+                              attack_like_pairs, pair_dist, pixel_dist, residual_norms,
+                              sq_norms, to_u8, total_variation)
 
 PIX = 28 * 28
 
@@ -140,6 +140,16 @@ class Items:
         """bool (N,): the item is exactly k/255 for integers k in 0..255."""
         y = self.v * np.float32(255.0)
         return (np.rint(y) == y).all(1) & (self.v >= 0).all(1) & (self.v <= 1).all(1)
+
+    @cached_property
+    def u8(self) -> np.ndarray:
+        """uint8 (N, 784): the items rounded to grey levels (what perturbation tests compare)."""
+        return to_u8(self.v)
+
+    @cached_property
+    def tv(self) -> np.ndarray:
+        """int64 (N,): total variation of u8 (monitor.features.total_variation)."""
+        return total_variation(self.u8)
 
     def __len__(self) -> int:
         return len(self.v)
@@ -283,16 +293,15 @@ class Prada(Detector):
         if len(Gv) == 0:
             self._nearest = np.zeros(len(idx), dtype=np.int64)
             return np.full(len(idx), np.inf)
-        q = items.v[idx]
         lb = lower_bound_sq(items.enc[idx], items.norm[idx], items.res[idx], Ge, Gn, Gr)
         best = lb.argmin(1)
-        u = pixel_dist(q, Gv[best])
+        u = pair_dist(items.v, idx, Gv, best)
         cand = lb <= (u * u + SQ_TOL)[:, None].astype(np.float32)
-        if cand.sum() > PIXEL_PAIRS_MAX_SHARE * cand.size:
-            s = approx_sq(q, items.pnorm[idx], Gv, Gp)           # float32, pixel space
+        if np.count_nonzero(cand) > PIXEL_PAIRS_MAX_SHARE * cand.size:
+            s = approx_sq(items.v[idx], items.pnorm[idx], Gv, Gp)   # float32, pixel space
             cand = s <= (s.min(1) + PIXEL_SQ_TOL)[:, None]
         ri, cj = np.nonzero(cand)
-        d = pixel_dist(q[ri], Gv[cj])
+        d = pair_dist(items.v, idx[ri], Gv, cj)
         out = u.copy()
         arg = best.copy()
         if len(ri):
@@ -517,7 +526,7 @@ def _pairs_below(items: Items, idx: np.ndarray, bound: np.ndarray) -> np.ndarray
     ri, cj = np.nonzero(cand)
     out = np.full((k, k), np.inf)
     if len(ri):
-        out[ri, cj] = pixel_dist(items.v[idx[ri]], items.v[idx[cj]])
+        out[ri, cj] = pair_dist(items.v, idx[ri], items.v, idx[cj])
     return out
 
 
@@ -611,7 +620,7 @@ class NearDuplicate(Detector):
         if len(rows) == 0:
             return
         best = lb[rows].argmin(1)
-        d = pixel_dist(q[rows], h[best])
+        d = pair_dist(q, rows, h, best)
         hit = (d > cfg.duplicate) & (d < cfg.radius)
         hit[hit] = self._attack_like(q[rows[hit]], h[best[hit]])
         near[rows[hit]] = True
@@ -619,7 +628,7 @@ class NearDuplicate(Detector):
         cand[rows, best] = False
         ri, cj = np.nonzero(cand)
         if len(ri):
-            d = pixel_dist(q[ri], h[cj])
+            d = pair_dist(q, ri, h, cj)
             hit = (d > cfg.duplicate) & (d < cfg.radius)
             hit[hit] = self._attack_like(q[ri[hit]], h[cj[hit]])
             near[ri[hit]] = True

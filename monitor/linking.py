@@ -52,22 +52,71 @@ def attack_like(a: np.ndarray, b: np.ndarray, cfg: LinkingConfig
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(mask, l2, dense, peak) for pairs a[i] -> b[i] (uint8 (P, 784)); dense and peak are NaN
     where the distance alone rules a pair out (they are computed only inside the radius)."""
-    p = len(a)
-    l2 = np.zeros(p)
+    return _attack_like(a, None, b, None, None, cfg)
+
+
+def u8_dist(a: np.ndarray, ia: np.ndarray | None, b: np.ndarray, ib: np.ndarray | None
+            ) -> np.ndarray:
+    """Pixel L2 distances (in [0, 1] units, float64) between uint8 rows a[ia[k]] and b[ib[k]],
+    as attack_like measures them (float32 differences, one einsum per row), in blocks that
+    stay in the CPU cache instead of gathering every row first."""
+    n = len(ia) if ia is not None else len(a)
+    out = np.empty(n)
+    ka = np.arange(n) if ia is None else ia
+    kb = np.arange(n) if ib is None else ib
+    step = 256
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        d = b[kb[s:e]].astype(np.float32)
+        d -= a[ka[s:e]]
+        out[s:e] = np.sqrt(np.einsum("ij,ij->i", d, d))
+    out /= 255.0
+    return out
+
+
+def _attack_like(a, ia, b, ib, swap, cfg: LinkingConfig):
+    """attack_like for the pairs (a[ia[k]], b[ib[k]]) (ia/ib None: in order); where swap[k],
+    b's row is the source and a's the copy. Distances first (both orders give the same bits);
+    the rows are gathered only for the pairs inside the radius."""
+    p = len(ia) if ia is not None else len(a)
     dense = np.full(p, np.nan)
     peak = np.full(p, np.nan)
     if p == 0:
-        return np.zeros(0, bool), l2, dense, peak
-    d = b.astype(np.float32) - a.astype(np.float32)
-    l2 = np.sqrt(np.einsum("ij,ij->i", d, d)).astype(np.float64) / 255.0
+        return np.zeros(0, bool), np.zeros(0), dense, peak
+    l2 = u8_dist(a, ia, b, ib)
     near = np.flatnonzero((l2 > cfg.duplicate) & (l2 <= cfg.radius))
     mask = np.zeros(p, bool)
     if len(near):
-        _, r, pk, two = perturbation_stats(a[near], b[near])
-        dn = (r >= np.float32(cfg.step)).mean(1)
+        src = a[near if ia is None else ia[near]]
+        dst = b[near if ib is None else ib[near]]
+        if swap is not None:
+            sw = swap[near]
+            if sw.any():
+                src[sw], dst[sw] = dst[sw], src[sw].copy()
+        _, r, pk, two = perturbation_stats(src, dst)
+        dn = np.count_nonzero(r >= np.float32(cfg.step), axis=1) / r.shape[1]
         dense[near], peak[near] = dn, pk
         mask[near] = (dn >= cfg.dense) & (pk <= cfg.peak) & (two >= TWO_SIDED)
     return mask, l2, dense, peak
+
+
+def _lower_bounds(enc, res, henc, hres, ii, ss) -> np.ndarray:
+    """Lower bounds of the squared pixel distances between the request's items ii[k] and the
+    index's items ss[k] (float32; see monitor.features.lower_bound_sq), in cache-sized
+    blocks."""
+    n = len(ii)
+    out = np.empty(n, np.float32)
+    step = 2048
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        de = enc[ii[s:e]]
+        de -= henc[ss[s:e]]
+        r = np.einsum("ij,ij->i", de, de)
+        dr = res[ii[s:e]] - hres[ss[s:e]]
+        dr *= dr
+        r += dr
+        out[s:e] = r
+    return out
 
 
 @dataclass
@@ -167,17 +216,21 @@ class LinkIndex:
         self.qn[ring] = qn0 + np.arange(k)[keep]
         self.kid[ring] = kid
         cap = self.cfg.bucket
-        for t in range(self.cfg.tables):
-            sl = slots[:, t]
-            order = np.argsort(sl, kind="stable")
-            ss = sl[order]
-            start = np.r_[0, np.flatnonzero(ss[1:] != ss[:-1]) + 1]
-            counts = np.diff(np.r_[start, len(ss)])
-            rank = np.arange(len(ss)) - np.repeat(start, counts)
-            last = rank >= np.repeat(counts, counts) - cap      # only the newest `cap` per slot
-            pos = (self.ptr[t, ss] + rank) % cap
-            self.table[t, ss[last], pos[last]] = seq[order][last]
-            self.ptr[t, ss[start]] += counts
+        nt = self.cfg.tables
+        # every table at once: (table, slot) keys, stable-sorted, so items of one slot keep
+        # their request order (the newest `cap` per slot survive, as inserted one by one)
+        key = (np.arange(nt, dtype=np.int64)[None, :] * self.nslots + slots).T.ravel()
+        order = np.argsort(key, kind="stable")
+        ks = key[order]
+        start = np.r_[0, np.flatnonzero(ks[1:] != ks[:-1]) + 1]
+        counts = np.diff(np.r_[start, len(ks)])
+        rank = np.arange(len(ks)) - np.repeat(start, counts)
+        last = rank >= np.repeat(counts, counts) - cap          # only the newest `cap` per slot
+        tt, ss = ks // self.nslots, ks % self.nslots
+        pos = (self.ptr[tt, ss] + rank) % cap
+        item = order % k
+        self.table[tt[last], ss[last], pos[last]] = seq[item[last]]
+        self.ptr[tt[start], ss[start]] += counts
         self.n += k
 
     def nbytes(self) -> int:
@@ -324,6 +377,7 @@ class Linker:
         self._kid: dict[str, int] = {}      # key -> id in the index (keys in it only)
         self._key: dict[int, str] = {}
         self._kids = 0
+        self._items = None                  # the request's Items while step() runs
 
     # --- levels ---------------------------------------------------------------------------------
     def floor(self, client: str) -> Level:
@@ -363,7 +417,7 @@ class Linker:
 
     # --- one request ----------------------------------------------------------------------------
     def step(self, client: str, qn0: int, v: np.ndarray, enc: np.ndarray | None, t: float,
-             own_before: int, engine_trs: list) -> LinkOutcome:
+             own_before: int, engine_trs: list, items=None) -> LinkOutcome:
         """One request of ``client`` (items qn0+1..qn0+n, v float32 (n, 784) as stored, enc
         their DCT encodings when the caller has them), after the client's own engine ran
         (``own_before`` its level before, ``engine_trs`` its transitions). Returns the
@@ -376,7 +430,13 @@ class Linker:
                                       tr.evidence))
                 eff = int(tr.to_level)
         n = len(v)
-        pairs = self._pairs(client, qn0, v, enc, t) if n else []
+        # the request's prepared arrays reach _pairs through the instance (subclasses such as
+        # monitor.tune's simulated linker override _pairs with the five-argument signature)
+        self._items = items
+        try:
+            pairs = self._pairs(client, qn0, v, enc, t) if n else []
+        finally:
+            self._items = None
         for p in pairs:
             self.groups.add_pair(p.client, p.other, t)
         touched: dict[str, Group] = {}
@@ -413,7 +473,7 @@ class Linker:
         client's effective level, and the per-item levels in ``st.after`` to the floor the
         request started at (a group raise applies from the next request)."""
         out = self.step(client, st.qn0, st.items.v, st.items.enc, t, st.level_before,
-                        st.transitions)
+                        st.transitions, st.items)
         np.maximum(st.after, st.level_before, out=st.after)
         if out.level > eng.level:
             eng.level = out.level
@@ -516,27 +576,29 @@ class Linker:
         peak) of the attack-like ones; mine: the request's item is the perturbed copy."""
         idx = self.index
         if len(ii):
-            de = enc[ii] - idx.enc[ss]
-            lb = np.einsum("ij,ij->i", de, de) + (res[ii] - idx.res[ss]) ** 2
+            lb = _lower_bounds(enc, res, idx.enc, idx.res, ii, ss)
             keep = lb <= np.float32((self.cfg.radius + 0.01) ** 2)
             ii, ss = ii[keep], ss[keep]
         if len(ii) == 0:
             z = np.zeros(0)
             return ii, ss, z.astype(bool), z, z, z
         mine = tv[ii] >= idx.tv[ss]
-        src = np.where(mine[:, None], idx.pix[ss], pix[ii])
-        dst = np.where(mine[:, None], pix[ii], idx.pix[ss])
-        mask, l2, dense, peak = attack_like(src, dst, self.cfg)
+        # source: the index's item where this request's is the copy (mine), else this one
+        mask, l2, dense, peak = _attack_like(idx.pix, ss, pix, ii, ~mine, self.cfg)
         return ii[mask], ss[mask], mine[mask], l2[mask], dense[mask], peak[mask]
 
     def _pairs(self, client, qn0, v, enc, t) -> list[Pair]:
         idx = self.index
-        v = np.asarray(v, np.float32).reshape(len(v), -1)
-        if enc is None:
-            enc = encode(v)
-        pix = to_u8(v)
-        res = residual_norms(v, enc)
-        tv = total_variation(pix)
+        items = getattr(self, "_items", None)
+        if items is not None:       # the request's arrays as the detectors prepared them
+            enc, res, pix, tv = items.enc, items.res, items.u8, items.tv
+        else:
+            v = np.asarray(v, np.float32).reshape(len(v), -1)
+            if enc is None:
+                enc = encode(v)
+            pix = to_u8(v)
+            res = residual_norms(v, enc)
+            tv = total_variation(pix)
         slots = idx.slots(enc)
         kid = self._key_id(client)
         pairs: list[Pair] = []

@@ -375,3 +375,65 @@ def test_prada_ignores_benign_re_saves_of_an_honest_stream(fashion):
     assert f_off.any() and int(np.argmax(f_off)) < 1000
     W, f_on, _ = _run_prada(xs, cls)
     assert not f_on.any() and np.nanmin(W) > 0.92
+
+
+# --- the fast paths against plain reference implementations ----------------------------------
+def test_pair_dist_is_pixel_dist_bit_for_bit():
+    from monitor.features import pair_dist
+    rng = np.random.default_rng(4)
+    a = rng.random((300, 784), dtype=np.float32)
+    b = np.concatenate([a[:50], rng.random((400, 784), dtype=np.float32)])
+    for n in (0, 1, 7, 255, 256, 257, 1000):
+        ia, ib = rng.integers(0, len(a), n), rng.integers(0, len(b), n)
+        got = pair_dist(a, ia, b, ib)
+        assert got.dtype == np.float64
+        assert np.array_equal(got, pixel_dist(a[ia], b[ib]))
+    assert (pair_dist(a, np.arange(50), b, np.arange(50)) == 0).all()   # identical items
+
+
+def test_perturbation_stats_fast_path_matches_the_definition():
+    from monitor.features import _perturbation_stats_ref, perturbation_stats
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (200, 784)).astype(np.uint8)
+    a[:20] = 0                                                    # black images
+    moves = [rng.choice([-25, 25], a.shape), rng.integers(-40, 41, a.shape),
+             np.full(a.shape, 30), np.zeros(a.shape, int)]
+    for mv in moves:
+        b = np.clip(a.astype(int) + mv, 0, 255).astype(np.uint8)
+        for x, y in ((a, b), (b, a)):
+            got, want = perturbation_stats(x, y), _perturbation_stats_ref(x, y)
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype and np.array_equal(g, w, equal_nan=True)
+
+
+def _plain_nearest(G, q):
+    """The nearest element of G to q in pixels (pixel_dist of every element), ties by slot."""
+    d = pixel_dist(G, np.broadcast_to(q, G.shape))
+    return float(d.min()), int(np.flatnonzero(d == d.min())[0])
+
+
+@pytest.mark.parametrize("kind", ["natural", "perturbed", "noise"])
+def test_prada_nearest_element_matches_a_brute_force_search(fashion, kind):
+    x, _ = fashion
+    rng = np.random.default_rng(6)
+    det = Prada(PradaConfig(max_set=300))
+    if kind == "natural":
+        stream = x[rng.integers(0, 3000, 1500)]
+    elif kind == "perturbed":
+        base = x[rng.integers(0, 200, 1500)]
+        stream = np.clip(base + 0.1 * rng.choice([-1.0, 1.0], base.shape), 0, 1)
+    else:
+        stream = rng.random((1500, 28, 28))
+    stream = np.asarray(stream, np.float32).reshape(len(stream), -1)
+    probs = np.eye(10, dtype=np.float32)[rng.integers(0, 3, len(stream))]
+    for i in range(0, len(stream), 100):
+        items = Items.make(stream[i:i + 100], probs[i:i + 100])
+        c = 1
+        idx = np.flatnonzero(items.probs.argmax(1) == c)
+        Gv = det.G[c].get("v")[0].copy()
+        got = det._min_to_set(c, items, idx)
+        if len(Gv):
+            for j, a in enumerate(idx):
+                d, _ = _plain_nearest(Gv, items.v[a])
+                assert got[j] == d
+        det.observe_batch(items, 0.0)

@@ -285,3 +285,78 @@ def test_a_young_key_is_judged_on_its_first_request(pool):
     assert lk.probe("fresh-honest", variants) == Level.NORMAL
     lk.step("veteran", 0, pool[1000:1250], None, 1.0, 0, [])             # 250 queries
     assert lk.probe("veteran", _step(x[:5], 0.1, rng)) == Level.NORMAL
+
+
+# --- the fast paths against plain reference implementations ----------------------------------
+def _ref_add(index, kid, qn0, enc, res, tv, pix, slots):
+    """LinkIndex.add as defined: table by table, item by item (each slot a ring of ``bucket``)."""
+    k = len(enc)
+    for j in range(k):
+        seq = index.n + j
+        ring = seq % index.size
+        index.enc[ring], index.res[ring], index.tv[ring] = enc[j], res[j], tv[j]
+        index.pix[ring], index.qn[ring], index.kid[ring] = pix[j], qn0 + j, kid
+        for t in range(index.cfg.tables):
+            s = slots[j, t]
+            index.table[t, s, index.ptr[t, s] % index.cfg.bucket] = seq
+            index.ptr[t, s] += 1
+    index.n += k
+
+
+def test_index_insertion_matches_the_one_by_one_definition(pool):
+    from monitor.features import encode, residual_norms, to_u8, total_variation
+    from monitor.linking import LinkIndex
+    rng = np.random.default_rng(11)
+    cfg = LinkingConfig(horizon=3000, bucket=3, rules=[])
+    fast, ref = LinkIndex(cfg), LinkIndex(cfg)
+    for r in range(12):
+        n = int(rng.integers(1, 700))
+        x = pool[rng.integers(0, 300, n)]     # few distinct images: crowded slots
+        enc = encode(x)
+        pix = to_u8(x)
+        args = (r % 4, 100 * r, enc, residual_norms(x, enc), total_variation(pix), pix,
+                fast.slots(enc))
+        fast.add(*args)
+        ref._grow(min(ref.size, ref.n + n))
+        _ref_add(ref, *args)
+        for name in ("table", "ptr", "enc", "res", "tv", "pix", "qn", "kid"):
+            assert np.array_equal(getattr(fast, name), getattr(ref, name)), name
+
+
+def _ref_verify(lk, enc, res, pix, tv, ii, ss):
+    """Linker._verify as defined: every candidate's bound, then attack_like on whole rows."""
+    idx = lk.index
+    de = enc[ii] - idx.enc[ss]
+    lb = np.einsum("ij,ij->i", de, de) + (res[ii] - idx.res[ss]) ** 2
+    keep = lb <= np.float32((lk.cfg.radius + 0.01) ** 2)
+    ii, ss = ii[keep], ss[keep]
+    mine = tv[ii] >= idx.tv[ss]
+    src = np.where(mine[:, None], idx.pix[ss], pix[ii])
+    dst = np.where(mine[:, None], pix[ii], idx.pix[ss])
+    mask, l2, dense, peak = attack_like(src, dst, lk.cfg)
+    return ii[mask], ss[mask], mine[mask], l2[mask], dense[mask], peak[mask]
+
+
+def test_pair_verification_matches_the_plain_definition(pool):
+    from monitor.features import encode, residual_norms, to_u8, total_variation
+    rng = np.random.default_rng(12)
+    lk = Linker(LinkingConfig(rules=[]))
+    seeds = pool[rng.integers(0, 5000, 400)]
+    lk.step("a", 0, seeds, None, 0.0, 0, [])
+    for r in range(4):       # sign steps, benign variants, exact repeats and unrelated images
+        x = np.concatenate([_step(seeds[:60], 0.1, rng), seeds[60:90], pool[rng.integers(0, 5000, 60)],
+                            np.stack([benign_variant(s.reshape(28, 28),
+                                                     VARIANT_KINDS[i % len(VARIANT_KINDS)], rng)
+                                      .reshape(-1) for i, s in enumerate(seeds[100:140])])])
+        x = np.asarray(x, np.float32)
+        if x.max() > 1.5:
+            x = x / np.float32(255.0)
+        enc = encode(x)
+        pix = to_u8(x)
+        res, tv = residual_norms(x, enc), total_variation(pix)
+        ii, ss = lk.index.candidates(lk.index.slots(enc), kid=99)
+        got = lk._verify(enc, res, pix, tv, ii, ss)
+        want = _ref_verify(lk, enc, res, pix, tv, ii, ss)
+        assert len(want[0]) > 10
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and np.array_equal(g, w, equal_nan=True)
