@@ -18,7 +18,9 @@ secret, the shipped default monitor config unless said otherwise):
               status code, seconds until SERVING again, acknowledged vs logged.
 ``sigterm``   SIGTERM under load (8 clients x batch 64): exit code and time, acknowledged vs
               logged, clients with a checkpoint, tracebacks in the server log.
-``churn``     server RSS before and after 10,000 keys x 1 query, then 300 keys x 512 images.
+``churn``     10,000 keys x 1 query, then 300 keys x 512 images, against a server with
+              ``execution.max_rss_mb`` set: its RSS sampled every 0.1 s throughout (peak under
+              load, after each phase, after idling) against that cap.
 ``fuzz``      a matrix of malformed requests (status per case) and 10,000 fuzzed requests
               (random bytes and random field values): status codes, crashes, server RSS growth.
 
@@ -48,8 +50,6 @@ from lab.serving import HOST, REPO, ServerProcess, free_port, log
 
 SECRET = "chaos-" + "5e" * 29          # 64 bytes: a production-length secret, fixed for replay
 SECTIONS = ("kill9", "diskfull", "sigterm", "churn", "fuzz")
-LINKING_INDEX_MB = 70   # cross-client linking's index at its horizon (docs/monitor.md)
-SLACK_MB = 150          # allocator high-water marks, log queue, gRPC buffers
 
 
 def client_id(key: str) -> str:
@@ -378,17 +378,46 @@ def section_sigterm(args, pool, workdir: Path, res: dict) -> None:
         f"{res['sigterm']['tracebacks']}")
 
 
+class RssSampler:
+    """A process's RSS every ``every`` seconds in a thread: peak and samples per phase."""
+
+    def __init__(self, pid: int, every: float = 0.1):
+        self.pid, self.every = pid, every
+        self.phase = "start"
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                v = rss_mb(self.pid)
+            except OSError:
+                return
+            self.peak[self.phase] = max(self.peak.get(self.phase, 0.0), v)
+
+    def __enter__(self) -> "RssSampler":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
 def section_churn(args, pool, workdir: Path, res: dict) -> None:
     import grpc
     log(f"churn: {args.churn_keys:,} keys x 1 query, then {args.churn_big:,} keys x 512 images "
-        f"(execution.max_state_mb = {args.state_mb:g})")
+        f"(execution.max_rss_mb = {args.rss_mb:g}, max_state_mb = {args.state_mb:g})")
     mport = free_port()
-    cfg = write_config(workdir / "churn.toml", execution={"max_state_mb": args.state_mb})
+    cfg = write_config(workdir / "churn.toml", execution={"max_state_mb": args.state_mb,
+                                                          "max_rss_mb": args.rss_mb})
     s = server("churn", args, workdir / "churn.db", workdir, cfg,
                extra=("--metrics-port", str(mport)))
     s.wait_ready()
     out = {"rss_start_mb": round(rss_mb(s.pid), 1), "max_state_mb": args.state_mb,
-           "small_keys": args.churn_keys, "big_keys": args.churn_big, "settle_s": args.settle}
+           "max_rss_mb": args.rss_mb, "small_keys": args.churn_keys, "big_keys": args.churn_big,
+           "settle_s": args.settle}
     ch = grpc.insecure_channel(s.address, options=[("grpc.max_send_message_length", 8 << 20),
                                                     ("grpc.max_receive_message_length", 8 << 20)])
     call = ch.unary_unary(PREDICT, request_serializer=None, response_deserializer=None)
@@ -403,40 +432,50 @@ def section_churn(args, pool, workdir: Path, res: dict) -> None:
             except grpc.RpcError as exc:
                 codes[exc.code().name] += 1
 
-    keys = [f"churn-{i}" for i in range(args.churn_keys)]
-    ts = [threading.Thread(target=send, args=(keys[i::4], one)) for i in range(4)]
-    t0 = time.monotonic()
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    out["small_keys_s"] = round(time.monotonic() - t0, 1)
-    out["rss_after_small_mb"] = round(rss_mb(s.pid), 1)
-    rng = np.random.default_rng(7)
-    big = [encode_request(np.clip(pool[rng.integers(0, len(pool), 512)].astype(np.int16) +
-                                  rng.integers(-8, 9, (512, 28, 28)), 0, 255).astype(np.uint8),
-                          "packed") for _ in range(8)]
-    bkeys = [f"churn-big-{i}" for i in range(args.churn_big)]
-    ts = [threading.Thread(target=lambda j=j: [send([k], big[(i + j) % 8]) for i, k in
-                                              enumerate(bkeys[j::2])]) for j in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    out["rss_after_big_mb"] = round(rss_mb(s.pid), 1)
-    time.sleep(args.settle)     # idle: what the server keeps (it trims its heap every second)
-    out["rss_settled_mb"] = round(rss_mb(s.pid), 1)
+    with RssSampler(s.pid) as rs:
+        rs.phase = "small"
+        keys = [f"churn-{i}" for i in range(args.churn_keys)]
+        ts = [threading.Thread(target=send, args=(keys[i::4], one)) for i in range(4)]
+        t0 = time.monotonic()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        out["small_keys_s"] = round(time.monotonic() - t0, 1)
+        out["rss_after_small_mb"] = round(rss_mb(s.pid), 1)
+        rng = np.random.default_rng(7)
+        big = [encode_request(np.clip(pool[rng.integers(0, len(pool), 512)].astype(np.int16) +
+                                      rng.integers(-8, 9, (512, 28, 28)), 0, 255
+                                      ).astype(np.uint8), "packed") for _ in range(8)]
+        bkeys = [f"churn-big-{i}" for i in range(args.churn_big)]
+        rs.phase = "big"
+        t0 = time.monotonic()
+        ts = [threading.Thread(target=lambda j=j: [send([k], big[(i + j) % 8]) for i, k in
+                                                  enumerate(bkeys[j::2])]) for j in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        out["big_keys_s"] = round(time.monotonic() - t0, 1)
+        out["rss_after_big_mb"] = round(rss_mb(s.pid), 1)
+        rs.phase = "idle"
+        time.sleep(args.settle)     # idle: what the server keeps (it trims its heap every second)
+        out["rss_settled_mb"] = round(rss_mb(s.pid), 1)
+    out["rss_peak_mb"] = {k: round(v, 1) for k, v in rs.peak.items()}
     out["codes"] = dict(codes)
     out["resident_state_mb"] = round(scrape(mport, "modelguard_monitor_resident_state_bytes")
                                       / 2 ** 20, 1)
+    out["state_budget_mb"] = round(scrape(mport, "modelguard_monitor_state_budget_bytes")
+                                   / 2 ** 20, 1)
     out["resident_clients"] = scrape(mport, "modelguard_monitor_resident_clients")
     ch.close()
     s.stop()
     res["churn"] = out
     log(f"  RSS {out['rss_start_mb']} MB at start, {out['rss_after_small_mb']} after the small "
-        f"keys, {out['rss_after_big_mb']} after the big ones; resident detector state "
-        f"{out['resident_state_mb']} MB over {out['resident_clients']:.0f} clients; answers "
-        f"{dict(codes)}")
+        f"keys, {out['rss_after_big_mb']} after the big ones, {out['rss_settled_mb']} idle; "
+        f"peaks {out['rss_peak_mb']}; resident detector state {out['resident_state_mb']} MB "
+        f"over {out['resident_clients']:.0f} clients (budget {out['state_budget_mb']} MB); "
+        f"answers {dict(codes)}")
 
 
 def scrape(port: int, name: str) -> float:
@@ -592,16 +631,17 @@ def table(res: dict) -> list[str]:
             r["checkpointed_clients"] == r["clients"] and r["tracebacks"] == 0)
     r = res.get("churn")
     if r:
-        grow = r["rss_after_big_mb"] - r["rss_start_mb"]
-        cap = r["max_state_mb"] + LINKING_INDEX_MB + SLACK_MB
-        row(f"key churn: RSS start -> after {r['small_keys']:,} keys x 1 -> after "
-            f"{r['big_keys']:,} keys x 512 images (max_state_mb {r['max_state_mb']:g}; "
-            f"resident state at the end)",
-            f"{r['rss_start_mb']} -> {r['rss_after_small_mb']} -> {r['rss_after_big_mb']} MB "
-            f"(+{grow:.0f}; {r['rss_settled_mb']} MB after {r.get('settle_s', 8):g} s idle); "
-            f"{r['resident_state_mb']} MB in {r['resident_clients']:.0f} clients",
-            f"growth <= max_state_mb + linking index ({LINKING_INDEX_MB}) + {SLACK_MB} MB",
-            grow <= cap and r["resident_state_mb"] <= r["max_state_mb"])
+        peak = max(r["rss_peak_mb"].values()) if r.get("rss_peak_mb") else float("nan")
+        row(f"key churn: {r['small_keys']:,} keys x 1 query, then {r['big_keys']:,} keys x 512 "
+            f"images (max_rss_mb {r['max_rss_mb']:g}, max_state_mb {r['max_state_mb']:g}); RSS "
+            "sampled every 0.1 s",
+            f"RSS {r['rss_start_mb']} at start -> {r['rss_after_small_mb']} -> "
+            f"{r['rss_after_big_mb']} MB, {r['rss_settled_mb']} after {r.get('settle_s', 8):g} s "
+            f"idle; peak {peak:.1f} MB; resident state {r['resident_state_mb']} MB in "
+            f"{r['resident_clients']:.0f} clients (budget {r.get('state_budget_mb', '?')} MB); "
+            f"answers {r['codes']}",
+            f"RSS <= max_rss_mb ({r['max_rss_mb']:g}) at every sample; every query answered",
+            peak <= r["max_rss_mb"] and set(r["codes"]) == {"OK"})
     r = res.get("fuzz")
     if r:
         bad = [m["case"] for m in r["matrix"] if m["code"] in ("INTERNAL", "OK", "UNKNOWN",
@@ -644,8 +684,10 @@ def parse_args(argv):
     ap.add_argument("--churn-big", type=int, default=300)
     ap.add_argument("--settle", type=float, default=8.0,
                     help="churn: idle seconds before the settled RSS reading (8)")
-    ap.add_argument("--state-mb", type=float, default=256.0,
-                    help="churn: execution.max_state_mb of its server (256)")
+    ap.add_argument("--state-mb", type=float, default=2048.0,
+                    help="churn: execution.max_state_mb of its server (2048, the default)")
+    ap.add_argument("--rss-mb", type=float, default=1024.0,
+                    help="churn: execution.max_rss_mb of its server (1024)")
     ap.add_argument("--fuzz", type=int, default=10_000, help="fuzzed requests (10,000)")
     ap.add_argument("--artifacts", type=Path,
                     default=Path(os.environ.get("MODELGUARD_ARTIFACTS", REPO / "artifacts")))

@@ -331,6 +331,13 @@ class ExecutionConfig(_Strict):
     max_state_mb: float = Field(2048.0, gt=0.0, description="memory budget for the detector "
                                 "state of the clients held in memory; the least recently used "
                                 "are checkpointed and evicted beyond it")
+    max_rss_mb: float = Field(4096.0, ge=0.0, description="cap on the server process's "
+                              "resident memory (model, buffers, linking index and client state "
+                              "together; 0: no cap). The server reads its RSS ten times a "
+                              "second and lowers the client-state budget so that RSS stays "
+                              "below 90% of the cap, evicting the least recently used clients "
+                              "(checkpointed) and giving the freed heap back; the last 10% "
+                              "absorbs what requests allocate between two readings")
     queue_limit: int = Field(64, ge=1, description="async: requests waiting for the detectors "
                                                    "before observe() blocks (back-pressure)")
 

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ log = logging.getLogger("modelguard.monitor")
 
 _STOP = object()
 LOCK_STRIPES = 4096
+OTHER_WINDOW_S = 10.0     # fit_memory: how long a peak of the non-state memory is remembered
 
 
 class Monitor:
@@ -91,7 +92,10 @@ class Monitor:
         self._stripes = [threading.RLock() for _ in range(LOCK_STRIPES)]
         self._bytes: dict[str, int] = {}     # detector state bytes of each resident client
         self._resident_bytes = 0
-        self._budget = int(config.execution.max_state_mb * 2 ** 20)
+        self._state_budget = int(config.execution.max_state_mb * 2 ** 20)
+        self._budget = self._state_budget     # lowered by fit_memory under execution.max_rss_mb
+        self._rss_warned = -1e9
+        self._other_seen: deque = deque()     # (time, RSS besides client state) by fit_memory
         self._global = threading.Lock()   # guards the two dicts only, never held while working
         self._closed = False
         self._queue: queue.Queue | None = None
@@ -219,19 +223,22 @@ class Monitor:
             for c in [c for c, (tk, _) in self._evicted.items() if tk <= done]:
                 del self._evicted[c]
 
-    def _evict(self, keep: str) -> None:
+    def _evict(self, keep: str | None) -> int:
+        """Checkpoint and drop least recently used clients (never ``keep``, never one in use
+        right now) until within ``execution.max_clients`` and the state budget; returns how
+        many were dropped."""
         self._forget_committed()
-        while True:
+        dropped = 0
+        with self._global:
+            order = [c for c in self._engines if c != keep]
+        for victim in order:
             with self._global:
                 if len(self._engines) <= self._exec.max_clients and \
                         self._resident_bytes <= self._budget:
-                    return
-                victim = next((c for c in self._engines if c != keep), None)
-            if victim is None:
-                return
+                    break
             lk = self._lock(victim)
             if not lk.acquire(blocking=False):
-                return  # in use right now (so not idle): try again on a later request
+                continue  # in use right now (so not idle): the next one
             try:
                 eng = self._engines.get(victim)
                 if eng is not None:
@@ -242,8 +249,45 @@ class Monitor:
                         if ticket is not None:
                             self._evicted[victim] = (ticket, eng)
                     self._saved_qn.pop(victim, None)
+                    dropped += 1
             finally:
                 lk.release()
+        return dropped
+
+    def fit_memory(self, rss: int | None, now: float | None = None) -> int:
+        """Keep the process under ``execution.max_rss_mb`` given its resident size ``rss`` now
+        (bytes; the server calls this a few times a second): what is not client state (model,
+        buffers, the linking index, requests in flight, heap not yet given back) is
+        ``rss - resident state``; the state budget becomes what is left of 90% of the cap (at
+        most ``max_state_mb``), and least recently used clients are evicted to fit it. The
+        budget drops at once and rises by at most 5% of the cap per call, so memory freed but
+        not yet returned to the system does not make it swing; "the rest" is the largest seen
+        over the last ``OTHER_WINDOW_S`` seconds (requests in flight come and go between two
+        readings; ``now``: monotonic seconds, for tests). Returns the clients evicted."""
+        cap = int(self._exec.max_rss_mb * 2 ** 20)
+        if cap <= 0 or rss is None or self._closed:
+            return 0
+        now = time.monotonic() if now is None else now
+        with self._global:
+            other = max(0, int(rss) - self._resident_bytes)
+            # the most the rest of the process took over the last seconds: requests in flight
+            # come and go between two readings, the budget must leave room for them
+            seen = self._other_seen
+            seen.append((now, other))
+            while seen and seen[0][0] < now - OTHER_WINDOW_S:
+                seen.popleft()
+            other = max(o for _, o in seen)
+            room = max(0, int(0.9 * cap) - other)
+            budget = min(self._state_budget, room, self._budget + cap // 20)
+            self._budget = budget
+            over = self._resident_bytes > budget
+        if other >= int(0.9 * cap):
+            if now - self._rss_warned > 60:
+                self._rss_warned = now
+                log.warning("the server uses %.0f MB besides client state, more than 90%% of "
+                            "execution.max_rss_mb = %.0f: client state is evicted after every "
+                            "request; raise the cap", other / 2 ** 20, self._exec.max_rss_mb)
+        return self._evict(None) if over else 0
 
     def _warm(self) -> None:
         """Restore the most recently active clients in the background after a start, so their
@@ -291,7 +335,8 @@ class Monitor:
                "log_failing": int(self.store.failure() is not None),
                "log_dropped": self.store.dropped(),
                "resident_clients": self.resident_clients(),
-               "resident_state_bytes": self.resident_bytes()}
+               "resident_state_bytes": self.resident_bytes(),
+               "state_budget_bytes": self._budget}
         if self._queue is not None:
             out["detector_queue_depth"] = self._queue.qsize()
         return out

@@ -12,7 +12,8 @@ from service.config import ServerConfig, read_secret_file
 
 def _serve(args) -> int:
     from service.dataplane import build_dataplane
-    from service.server import Server, limit_heap_arenas
+    from common.memory import limit_heap_arenas
+    from service.server import Server
 
     overrides = {k: v for k, v in vars(args).items()
                  if k in ServerConfig.model_fields and v is not None}

@@ -71,6 +71,11 @@ class _MonitorCollector:
                 "modelguard_monitor_resident_state_bytes",
                 "Detector state of the clients held in memory, in bytes (bounded by "
                 "execution.max_state_mb)", value=st["resident_state_bytes"])
+        if "state_budget_bytes" in st:
+            yield GaugeMetricFamily(
+                "modelguard_monitor_state_budget_bytes",
+                "The client-state budget in force: execution.max_state_mb, lowered to keep the "
+                "process under execution.max_rss_mb", value=st["state_budget_bytes"])
         if "log_failing" in st:
             yield GaugeMetricFamily(
                 "modelguard_monitor_log_failing",

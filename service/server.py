@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import grpc_predict_v2_pb2 as oip_pb
 from protos import inference_pb2 as pb
+from common.memory import rss_bytes, trim_heap
 from service import oip
 from service.auth import KeyRing
 from service.config import ServerConfig
@@ -55,33 +56,6 @@ def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     ca = None if cfg.tls_client_ca is None else _read_pem(cfg.tls_client_ca, "client CA")
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca,
                                        require_client_auth=ca is not None)
-
-
-def _libc():
-    try:
-        import ctypes
-        import ctypes.util
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def limit_heap_arenas(n: int = 2) -> None:
-    """glibc gives threads that allocate concurrently their own heap arenas (up to 8 per
-    core); with a pool of gRPC workers the memory of evicted clients is then spread over many
-    arenas and stays in RSS. A few arenas (mallopt M_ARENA_MAX) keep it where
-    :func:`trim_heap` returns it. No-op outside glibc."""
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(-8, n)     # M_ARENA_MAX
-
-
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc malloc_trim; no-op elsewhere)."""
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
 
 
 class Server:
@@ -170,15 +144,27 @@ class Server:
         for name in ("", SERVICE_NAME, oip.SERVICE_NAME):
             self.health.set(name, status)
 
-    def _watch_health(self, every: float = 0.1, trim_every: float = 1.0) -> None:
+    def _watch_health(self, every: float = 0.1, trim_every: float = 1.0,
+                      memory_every: float = 0.1) -> None:
         """Health follows the data plane's readiness: NOT_SERVING while the monitor restores
         client state after a restart, or while its log cannot be written (fail-closed), and
-        SERVING again by itself when that ends. Every ``trim_every`` seconds the C heap's free
-        pages go back to the system (evicted clients' state would otherwise stay in RSS)."""
-        last_trim = time.monotonic()
+        SERVING again by itself when that ends. Every ``memory_every`` seconds the monitor fits
+        its client state to the process's RSS (``execution.max_rss_mb``), and every
+        ``trim_every`` seconds, or at once after an eviction, the C heap's free pages go back to
+        the system (evicted clients' state would otherwise stay in RSS)."""
+        last_trim = last_fit = time.monotonic()
+        fit = getattr(self.plane.monitor, "fit_memory", None)
         while not self._stopped.wait(every):
-            if time.monotonic() - last_trim >= trim_every:
-                last_trim = time.monotonic()
+            now = time.monotonic()
+            evicted = 0
+            if fit is not None and now - last_fit >= memory_every:
+                last_fit = now
+                try:
+                    evicted = fit(rss_bytes())
+                except Exception as exc:  # noqa: BLE001 - never let the watcher die
+                    log.warning("fitting client state to the memory cap failed: %r", exc)
+            if evicted or now - last_trim >= trim_every:
+                last_trim = now
                 trim_heap()
             ready = self.plane.ready()
             if ready == self._serving or self._stopped.is_set():

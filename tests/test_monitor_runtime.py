@@ -106,6 +106,48 @@ def test_memory_budget_evicts_by_state_size_and_restores_exactly(streams, refere
     _same(_decisions(db), reference)
 
 
+def test_rss_cap_lowers_the_state_budget_evicts_and_restores_exactly(streams, reference,
+                                                                      tmp_path, caplog):
+    """execution.max_rss_mb: the server reports its RSS; what is not client state counts
+    against the cap, and the state budget is what is left of 90% of it."""
+    mb = 2 ** 20
+    other = 88 * mb     # model, buffers...: leaves 90 - 88 = 2 MB of a 100 MB cap for state
+    db = tmp_path / "m.db"
+    with Monitor(_cfg(max_clients=100, max_state_mb=2048, max_rss_mb=100,
+                      checkpoint_every=100000), db, clock=FakeClock()) as mon:
+        evicted, now, spike = 0, 0.0, None
+        for i in range(0, 900, 30):
+            for c, (x, p) in streams.items():
+                lvl = mon.level(c)
+                mon.observe(c, f"{c}-{i}", x[i:i + 30], p[i:i + 30], _answer(p[i:i + 30]), lvl)
+                now += 0.1
+                # a request in flight once took 1 MB more: the budget remembers it for 10 s
+                extra = 0
+                if (i, c) == (600, "jbda"):
+                    extra, spike = mb, now
+                evicted += mon.fit_memory(other + extra + mon.resident_bytes(), now)
+                limit = mb if spike is not None and now - spike < 9.95 else 2 * mb
+                assert mon.resident_bytes() <= limit, (i, c, mon.resident_bytes())
+                assert mon.stats()["state_budget_bytes"] <= limit
+        assert evicted > 0
+        mon.flush()
+        # the rest of the process shrinks: the budget comes back, 5% of the cap per reading
+        budgets = []
+        now += 10.0      # the peaks seen are forgotten after 10 s
+        for _ in range(4):
+            now += 0.1
+            mon.fit_memory(10 * mb + mon.resident_bytes(), now)
+            budgets.append(mon.stats()["state_budget_bytes"])
+        assert budgets == sorted(budgets) and budgets[0] <= 7 * mb + 1
+        assert budgets[-1] > 2 * mb
+        # more than 90% of the cap outside client state: every idle client goes, with a warning
+        caplog.set_level(logging.WARNING, logger="modelguard.monitor")
+        mon.fit_memory(95 * mb + mon.resident_bytes(), now + 0.1)
+        assert mon.resident_bytes() == 0
+        assert any("max_rss_mb" in r.getMessage() for r in caplog.records)
+    _same(_decisions(db), reference)
+
+
 def test_restart_after_a_crash_replays_only_since_the_last_checkpoint(streams, reference,
                                                                       tmp_path, caplog):
     db = tmp_path / "m.db"
