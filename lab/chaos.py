@@ -405,6 +405,16 @@ class RssSampler:
         self._t.join()
 
 
+def _run_all(threads: list[threading.Thread]) -> float:
+    """Start the threads, wait for all; the seconds it took (one decimal)."""
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return round(time.monotonic() - t0, 1)
+
+
 def section_churn(args, pool, workdir: Path, res: dict) -> None:
     import grpc
     log(f"churn: {args.churn_keys:,} keys x 1 query, then {args.churn_big:,} keys x 512 images "
@@ -435,13 +445,8 @@ def section_churn(args, pool, workdir: Path, res: dict) -> None:
     with RssSampler(s.pid) as rs:
         rs.phase = "small"
         keys = [f"churn-{i}" for i in range(args.churn_keys)]
-        ts = [threading.Thread(target=send, args=(keys[i::4], one)) for i in range(4)]
-        t0 = time.monotonic()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        out["small_keys_s"] = round(time.monotonic() - t0, 1)
+        out["small_keys_s"] = _run_all([threading.Thread(target=send, args=(keys[i::4], one))
+                                        for i in range(4)])
         out["rss_after_small_mb"] = round(rss_mb(s.pid), 1)
         rng = np.random.default_rng(7)
         big = [encode_request(np.clip(pool[rng.integers(0, len(pool), 512)].astype(np.int16) +
@@ -449,14 +454,9 @@ def section_churn(args, pool, workdir: Path, res: dict) -> None:
                                       ).astype(np.uint8), "packed") for _ in range(8)]
         bkeys = [f"churn-big-{i}" for i in range(args.churn_big)]
         rs.phase = "big"
-        t0 = time.monotonic()
-        ts = [threading.Thread(target=lambda j=j: [send([k], big[(i + j) % 8]) for i, k in
-                                                  enumerate(bkeys[j::2])]) for j in range(2)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        out["big_keys_s"] = round(time.monotonic() - t0, 1)
+        out["big_keys_s"] = _run_all([threading.Thread(
+            target=lambda j=j: [send([k], big[(i + j) % 8]) for i, k in enumerate(bkeys[j::2])])
+            for j in range(2)])
         out["rss_after_big_mb"] = round(rss_mb(s.pid), 1)
         rs.phase = "idle"
         time.sleep(args.settle)     # idle: what the server keeps (it trims its heap every second)
