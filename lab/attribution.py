@@ -56,13 +56,25 @@ def add_arguments(ap) -> None:
     ap.add_argument("--light-rate", type=float, default=0.0)
     ap.add_argument("--min-confidence", type=float, default=0.99,
                     help="only answers the target gives at least this top probability are marked")
+    ap.add_argument("--max-confidence", type=float, default=1.0,
+                    help="... and below this one (1: no upper bound)")
     ap.add_argument("--epochs", type=int, default=30, help="MLP copies' epochs (the attack's)")
     ap.add_argument("--cnn-epochs", type=int, default=15)
     ap.add_argument("--clean-epochs", type=int, default=3, help="clean models on the train split")
     ap.add_argument("--skip-cnn", action="store_true", help="no CNN copy / clean CNN (faster)")
+    ap.add_argument("--tta", default="none",
+                    help="verification's test-time augmentation (watermark.TTA_SETS), fixed for "
+                         "every model")
+    ap.add_argument("--tta-probe", default="shift1,shift1-flip,shift2,shift2-flip",
+                    help="also attribute the augmentation copies with each of these sets "
+                         "(exploratory: reported apart, not used for the verdicts)")
     ap.add_argument("--alpha", type=float, default=ALPHA)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--screen", type=int, default=0, metavar="N",
+                    help="no training: the records per key and the honest cost this schedule "
+                         "gives the same traffic under N other secrets (their mean and spread; "
+                         "the full run measures one secret)")
 
 
 def _log(t0: float, msg: str) -> None:
@@ -184,6 +196,62 @@ def fine_tune(model, x, y, epochs, seed):
 # the run
 # --------------------------------------------------------------------------------------------
 
+def screen(args) -> dict:
+    """Records per key and honest cost of the lab's traffic under ``args.screen`` secrets, from
+    the selection alone (which answers are marked and with which wrong label depends on the
+    secret, the key, the image, its query number and the target's confidence; no copy is
+    trained). The full run draws one secret; this gives the spread of what it measures."""
+    from common import data, training
+    from service.defences import Watermark
+
+    pool = data.attack_pool()
+    target, _ = training.load_checkpoint(args.artifacts / "target.pt")
+    probs = training.predict_proba(target, pool.x)
+    conf, label = probs.max(1), probs.argmax(1)
+    plan = traffic_plan(len(pool), args.seed)
+    spec = {"enabled": True, "rate": args.rate, "knee": args.knee, "light_rate": args.light_rate,
+            "min_confidence": args.min_confidence, "max_confidence": args.max_confidence}
+    cost, cost3k, rec2k, both14 = [], [], [], []
+    honest_q = sum(len(v) for k, v in plan.items() if k.startswith(HONEST_PREFIXES))
+    for i in range(args.screen):
+        wm = Watermark.from_spec(spec, f"screen-secret-{i}".encode())
+        lost, q3k, recs = 0, 0, {}
+        for key, idx in plan.items():
+            honest = key.startswith(HONEST_PREFIXES)
+            if not honest and key not in ("thief-2k", "other-thief"):
+                continue
+            if len(idx) <= wm.knee and not wm.light_rate:
+                recs[key] = 0
+                continue
+            sel, off = wm.select(pool.x[idx], client_id=key, qn=1 + np.arange(len(idx)),
+                                 confidence=conf[idx])
+            recs[key] = int(sel.sum())
+            if honest:
+                sent = np.where(sel, (label[idx] + off) % 10, label[idx])
+                lost += int(np.sum(label[idx] == pool.y[idx]) - np.sum(sent == pool.y[idx]))
+                q3k += len(idx) if len(idx) == 3000 else 0
+        cost.append(100 * lost / honest_q)
+        cost3k.append(100 * lost / q3k if q3k else 0.0)
+        rec2k += [recs["thief-2k"], recs["other-thief"]]
+        both14.append(min(recs["thief-2k"], recs["other-thief"]) >= 14)
+    out = {"watermark": spec, "secrets": args.screen,
+           "in_band_share": float(np.mean(Watermark.from_spec(spec, KEY).in_band(conf))),
+           "band_accuracy": float(np.mean((label == pool.y)[
+               Watermark.from_spec(spec, KEY).in_band(conf)])),
+           "cost_overall_mean": float(np.mean(cost)), "cost_overall_sd": float(np.std(cost)),
+           "cost_overall_share_le_0.3": float(np.mean(np.asarray(cost) <= 0.3)),
+           "cost_3k_mean": float(np.mean(cost3k)),
+           "records_2k_mean": float(np.mean(rec2k)),
+           "records_2k_both_ge_14": float(np.mean(both14))}
+    print(f"{spec}: {out['in_band_share']:.1%} of the pool in the band (target accuracy there "
+          f"{out['band_accuracy']:.1%}); over {args.screen} secrets: honest cost overall "
+          f"{out['cost_overall_mean']:.2f} +- {out['cost_overall_sd']:.2f} points (<= 0.3 for "
+          f"{out['cost_overall_share_le_0.3']:.0%}), 3,000-query keys {out['cost_3k_mean']:.2f}; "
+          f"2k keys hold {out['records_2k_mean']:.1f} records on average, both 2k thieves >= 14 "
+          f"for {out['records_2k_both_ge_14']:.0%} of the secrets", flush=True)
+    return out
+
+
 def run(args) -> int:
     import torch
 
@@ -198,9 +266,15 @@ def run(args) -> int:
     target, target_meta = training.load_checkpoint(args.artifacts / "target.pt")
     target_pool = training.predict_proba(target, pool.x).argmax(1)
     spec = {"enabled": True, "rate": args.rate, "knee": args.knee, "light_rate": args.light_rate,
-            "min_confidence": args.min_confidence}
-    eligible = float(np.mean(training.predict_proba(target, pool.x).max(1) >= args.min_confidence))
-    _log(t0, f"watermark {spec}; {eligible:.1%} of the pool images are confident enough to mark")
+            "min_confidence": args.min_confidence, "max_confidence": args.max_confidence}
+    from service.defences import Watermark
+
+    try:
+        wm_check = Watermark.from_spec(spec, KEY)
+    except ValueError as exc:
+        raise SystemExit(f"lab.attribution: {exc}") from None
+    eligible = float(np.mean(wm_check.in_band(training.predict_proba(target, pool.x).max(1))))
+    _log(t0, f"watermark {spec}; {eligible:.1%} of the pool images are in the confidence band")
 
     # 1. traffic through the data plane, logged by the monitor
     db = args.out / "monitor.db"
@@ -250,16 +324,12 @@ def run(args) -> int:
     per_key = {k: int(sum(c == k for c in rec.cids)) for k in plan}
     _log(t0, f"{len(rec.labels)} watermark records in the log; linked groups: {len(groups)}; "
              "records per key: " + ", ".join(f"{k} {v}" for k, v in per_key.items() if v))
-    from service.defences import Watermark
-
-    wm_check = Watermark.from_spec(spec, KEY)
-
     def judge(name, model, fed: list[str], meta: dict) -> dict:
         tj = time.perf_counter()
         att = attribute(rec.images, rec.labels, rec.cids,
                         predict=lambda x: training.predict_proba(model, x), key=KEY,
                         alpha=args.alpha, pools=pools, groups=groups, watermark=wm_check,
-                        qns=rec.qns, confidences=rec.conf)
+                        qns=rec.qns, confidences=rec.conf, tta=args.tta)
         p_eval = training.predict_proba(model, ev.x).argmax(1)
         acc = float(np.mean(p_eval == ev.y))
         fid = float(np.mean(p_eval == training.predict_proba(target, ev.x).argmax(1)))
@@ -283,10 +353,11 @@ def run(args) -> int:
                "tests": att.tests, "not_selected_dropped": att.not_selected_dropped,
                "rows": [r.as_dict() for r in att.rows[:8]]}
         if best is not None:
-            desc = (f"{best.name}: {best.matches}/{best.departures} departures, "
-                    f"{best.second_choice} second choices of {best.records} records, p "
-                    f"{best.p_value:.2g} (departures {best.p_departures:.2g}, second choice "
-                    f"{best.p_second:.2g}), Holm {best.p_adjusted:.2g}")
+            desc = (f"{best.name}: {best.matches}/{best.departures} departures, W first on "
+                    f"{best.second_choice} and mean rank {best.mean_rank:.2f} of "
+                    f"{best.records} records, p {best.p_value:.2g} (departures "
+                    f"{best.p_departures:.2g}, rank sum {best.p_rank:.2g}), Holm "
+                    f"{best.p_adjusted:.2g}")
         else:
             desc = "-"
         _log(t0, f"{name}: acc {acc:.2%}, proven {row['proven']}, attributed "
@@ -298,16 +369,43 @@ def run(args) -> int:
     x5, (l5, p5) = pool.x[plan["thief-5k"]], got["thief-5k"]
     ep, seed = args.epochs, args.seed
 
-    def copy_of(name, fed, meta, fn):
+    probes: list[dict] = []
+    probe_sets = ["none"] + [t for t in args.tta_probe.split(",") if t and t != "none"]
+
+    def probe(name, model, fed):
+        """The same attribution under every test-time augmentation set (exploratory)."""
+        fedset = set(fed)
+        for t in probe_sets:
+            att = attribute(rec.images, rec.labels, rec.cids,
+                            predict=lambda x: training.predict_proba(model, x), key=KEY,
+                            alpha=args.alpha, pools=pools, groups=groups, watermark=wm_check,
+                            qns=rec.qns, confidences=rec.conf, tta=t)
+            own = ([r for r in att.rows if r.kind in ("key", "pool", "group")
+                    and set(r.members) <= fedset and r.testable] if fed
+                   else [r for r in att.rows if r.testable])       # clean: the closest test
+            best = min(own, key=lambda r: r.p_adjusted) if own else None
+            false = [r.name for r in att.attributed() if not (set(r.members) & fedset)]
+            probes.append({"model": name, "tta": t, "best": None if best is None else
+                           {"name": best.name, "mean_rank": best.mean_rank,
+                            "second_choice": best.second_choice, "records": best.records,
+                            "p_rank": best.p_rank, "p_adjusted": best.p_adjusted},
+                           "false_attributions": false})
+            _log(t0, f"  tta {t}: {name}: " + ("-" if best is None else
+                 f"{best.name} mean rank {best.mean_rank:.2f}, rank-sum p {best.p_rank:.2g}, "
+                 f"Holm {best.p_adjusted:.2g}") + f"; false {false or '-'}")
+
+    def copy_of(name, fed, meta, fn, tta_probe=False):
         tt = time.perf_counter()
         m = fn()
         meta = {**meta, "train_s": round(time.perf_counter() - tt, 1)}
         results.append(judge(name, m, fed, meta))
+        if tta_probe:
+            probe(name, m, fed)
         return m
 
     # 2. copies
     mlp5 = copy_of("MLP copy, 5k answers", ["thief-5k"], {"answers": 5000, "kind": "copy"},
-                   lambda: _train("mlp", x5, p5, ep, seed))
+                   lambda: _train("mlp", x5, p5, ep, seed), tta_probe=True)
     training.save_checkpoint(args.out / "thief5k_mlp.pt", mlp5, "mlp", {}, {"note": "bench"})
     if not args.skip_cnn:
         copy_of("CNN copy, 5k answers", ["thief-5k"], {"answers": 5000, "kind": "copy"},
@@ -320,10 +418,11 @@ def run(args) -> int:
     copy_of("MLP copy, label smoothing 0.1, 5k", ["thief-5k"], {"answers": 5000, "kind": "copy"},
             lambda: _train("mlp", x5, smooth, ep, seed))
     copy_of("MLP copy, augmentation (2 px shifts + flips), 5k", ["thief-5k"],
-            {"answers": 5000, "kind": "copy"}, lambda: train_augmented(x5, p5, ep, seed))
+            {"answers": 5000, "kind": "copy"}, lambda: train_augmented(x5, p5, ep, seed),
+            tta_probe=True)
     copy_of("MLP copy, augmentation (1 px shifts), 5k", ["thief-5k"],
             {"answers": 5000, "kind": "copy"},
-            lambda: train_augmented(x5, p5, ep, seed, shift=1, flips=False))
+            lambda: train_augmented(x5, p5, ep, seed, shift=1, flips=False), tta_probe=True)
     ft_idx = np.random.default_rng(seed + 3).permutation(len(x5))[:len(x5) // 10]
     copy_of("MLP copy fine-tuned on 10% true labels, 5k", ["thief-5k"],
             {"answers": 5000, "kind": "copy"},
@@ -375,10 +474,13 @@ def run(args) -> int:
                       lambda p=probs_o: _train("mlp", x5, p, ep, seed)))
         clean.append((f"clean: wide MLP copy through {label}, 5k",
                       lambda p=probs_o: _train("mlp", x5, p, ep, seed, hidden=512)))
+        if wspec is None:
+            clean.append((f"clean: MLP copy with augmentation (2 px shifts + flips) through "
+                          f"{label}, 5k", lambda p=probs_o: train_augmented(x5, p, ep, seed)))
         for suffix in ("", "-wal", "-shm"):       # only its answers were needed
             Path(str(args.out / "other.db") + suffix).unlink(missing_ok=True)
     for name, fn in clean:
-        copy_of(name, [], {"kind": "clean"}, fn)
+        copy_of(name, [], {"kind": "clean"}, fn, tta_probe="augmentation" in name)
 
     # the CLI itself, on the first copy
     from service.defences.__main__ import main as cli
@@ -389,6 +491,8 @@ def run(args) -> int:
     try:
         cmd = ["verify", "--suspect", str(args.out / "thief5k_mlp.pt"), "--db", str(db),
                "--pool", "sybil-1,sybil-2,sybil-3", "--recheck", "--top", "12"]
+        if args.tta != "none":
+            cmd += ["--tta", args.tta]
         with contextlib.redirect_stdout(buf):
             cli(cmd)
     finally:
@@ -407,6 +511,7 @@ def run(args) -> int:
            "watermark": spec, "eligible_share": eligible, "records_per_key": per_key,
            "groups": groups, "honest_cost": cost, "honest_keys": cost_rows,
            "models": results, "summary": summary, "target": target_meta,
+           "tta_probe": probes,
            "wall_time_s": round(time.perf_counter() - t0, 1)}
     (args.out / "attribution.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
     md = markdown(out, cli_text)
@@ -430,14 +535,23 @@ def summarise(results, cost, args) -> dict:
     }
 
 
+def _band_text(w: dict) -> str:
+    lo, hi = w.get("min_confidence", 0.0), w.get("max_confidence", 1.0)
+    if hi >= 1.0:
+        return f">= {lo}" if lo > 0 else "of any value (no band)"
+    return f"in [{lo}, {hi})"
+
+
 def markdown(out: dict, cli_text: str) -> str:
     s, w = out["summary"], out["watermark"]
     lines = [
         "# Attribution: watermark proof per key (issue #12)", "",
         f"Watermark: rate {w['rate']} after query {w['knee']} of a key (light rate "
-        f"{w['light_rate']} before), only answers with target top probability >= "
-        f"{w['min_confidence']} ({out['eligible_share']:.1%} of the pool); marks keyed on "
-        f"(client, image). alpha {out['config']['alpha']:g} after Holm over every key, linked "
+        f"{w['light_rate']} before), only answers with target top probability "
+        f"{_band_text(w)} ({out['eligible_share']:.1%} of the pool); marks keyed on "
+        f"(client, image). Per test: the departures test and the rank sum of the wrong label "
+        f"(both exact; the smaller p x 2); test-time augmentation: {out['config']['tta']}. "
+        f"alpha {out['config']['alpha']:g} after Holm over every key, linked "
         f"group, the Sybil pool and all keys. In process through the real DataPlane and monitor "
         f"log; {out['wall_time_s']:.0f} s.", "",
         f"Copies reaching >= 80% from >= 2,000 answers proven and attributed: "
@@ -447,7 +561,8 @@ def markdown(out: dict, cli_text: str) -> str:
         f"**{s['honest_cost_overall_points']:.2f}** points overall, "
         f"**{s['honest_cost_under_1000_points']:.2f}** for keys under 1,000 queries.", "",
         "| model | trained through | answers | accuracy | strongest test of its own keys: "
-        "matches / departures, second choices (records) | p | Holm p | attributed | "
+        "matches / departures, W ranked first, mean rank of W (records) | p | Holm p | "
+        "attributed | "
         "closest test of a key it did not use (Holm p) | false |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["models"]:
@@ -455,8 +570,8 @@ def markdown(out: dict, cli_text: str) -> str:
         if b is None:
             cell, p, ph = "-", "-", "-"
         else:
-            cell = (f"{b['name']}: {b['matches']} / {b['departures']}, {b['second_choice']} "
-                    f"({b['records']})")
+            cell = (f"{b['name']}: {b['matches']} / {b['departures']}, {b['second_choice']}, "
+                    f"{b['mean_rank']:.2f} ({b['records']})")
             p, ph = f"{b['p_value']:.2g}", (f"{b['p_adjusted']:.2g}" if b["testable"] else "-")
         c = r["closest_wrong"]
         cw = "-" if c is None else f"{c['name']} ({c['p_adjusted']:.2g})"
@@ -471,6 +586,22 @@ def markdown(out: dict, cli_text: str) -> str:
         lines.append(f"| {k} ({v['keys']} keys) | {v['queries']} | {v['flipped']} | "
                      f"{100 * v['target_acc']:.2f}% | {100 * v['received_acc']:.2f}% | "
                      f"{v['cost_points']:.2f} |")
+    if out.get("tta_probe"):
+        sets = list(dict.fromkeys(p["tta"] for p in out["tta_probe"]))
+        lines += ["", "Test-time augmentation, exploratory (each set alone on the same records; "
+                  "the verdicts above use one pre-declared set): mean rank of W / Holm p of the "
+                  "model's own key, or the closest key for a clean model:", "",
+                  "| model | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+        for name in dict.fromkeys(p["model"] for p in out["tta_probe"]):
+            cells = []
+            for t in sets:
+                p = next(q for q in out["tta_probe"] if q["model"] == name and q["tta"] == t)
+                b = p["best"]
+                cells.append(("-" if b is None else f"{b['mean_rank']:.2f} / "
+                              f"{b['p_adjusted']:.2g}")
+                             + (f" (false: {', '.join(p['false_attributions'])})"
+                                if p["false_attributions"] else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Records per key: " + ", ".join(
         f"{k} {v}" for k, v in out["records_per_key"].items() if v), "",
               "The CLI on the 5k MLP copy:", "", "```", cli_text.rstrip(), "```"]
@@ -481,7 +612,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab.attribution", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
-    return run(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    if args.screen:
+        try:
+            screen(args)
+        except ValueError as exc:
+            raise SystemExit(f"lab.attribution: {exc}") from None
+        return 0
+    return run(args)
 
 
 if __name__ == "__main__":

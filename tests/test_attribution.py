@@ -196,9 +196,10 @@ def test_second_choice_counts_a_copy_that_still_answers_the_honest_label():
     att = attribute(x, sent, ["k"] * n, predict=lambda z: np.array([table[r.tobytes()]
                                                                      for r in z]), key=KEY)
     r = att.row("k")
-    assert att.test == "keyed+second-choice"
+    assert att.test == "keyed+rank"               # the rank sum replaced the rank-1 count
     assert r.departures == 0 and r.p_departures == 1.0
     assert r.second_choice >= 30 and r.attributed, att.table()
+    assert r.p_value == pytest.approx(2 * r.p_rank)
     # null: probabilities drawn without the key; the wrong label is their second choice 1 in 9
     m = 9000
     xs = (rng.integers(0, 256, (m, 28, 28)) / 255).astype(np.float32)
@@ -262,6 +263,61 @@ def test_min_confidence_marks_only_confident_answers(owner):
     assert 0.2 < a.watermarked[top >= 0.9].mean() < 0.4
 
 
+def _answers_with_tops(wm, tops, client="c", seed=0):
+    """``wm`` applied to random images whose target top probability is ``tops`` (label 0)."""
+    rng = np.random.default_rng(seed)
+    n = len(tops)
+    images = (rng.integers(0, 256, (n, 28, 28)) / 255).astype(np.float32)
+    probs = np.zeros((n, 10), np.float32)
+    probs[:, 0] = tops
+    probs[:, 1:] = ((1 - np.asarray(tops)) / 9)[:, None]
+    return images, probs, wm.apply(images, Answer(np.zeros(n, np.int64), probs,
+                                                  AnswerKind.PROBABILITIES, ["target"] * n),
+                                   PolicyContext(client, KEY), probs)
+
+
+def test_confidence_band_is_respected_by_selection_and_recheck():
+    """Only answers with min_confidence <= top < max_confidence are marked, and the verifier's
+    re-check (from the logged confidences) drops a record whose confidence is outside the band."""
+    from service.defences.watermark import recheck
+    # (bounds exact in float32, the probabilities' type: 0.5 and 0.875)
+    wm = Watermark(KEY, rate=0.3, min_confidence=0.5, max_confidence=0.875)
+    n = 3000
+    tops = np.random.default_rng(1).choice([0.3, 0.5, 0.7, 0.875, 0.995], n)
+    images, probs, a = _answers_with_tops(wm, tops)
+    w = a.watermarked
+    assert not w[(tops < 0.5) | (tops >= 0.875)].any()       # the bounds: [0.5, 0.875)
+    assert 0.2 < w[tops == 0.5].mean() < 0.4 and 0.2 < w[tops == 0.7].mean() < 0.4
+    # the same images without a band: marked at every confidence, a superset of the band's
+    _, _, a_all = _answers_with_tops(Watermark(KEY, rate=0.3), tops)
+    assert a_all.watermarked[tops >= 0.875].any() and (a_all.watermarked | ~w).all()
+    # the re-check accepts the marked records at their logged confidences...
+    conf = probs.max(1)
+    cids = ["c"] * int(w.sum())
+    assert recheck(wm, images[w], cids, None, conf[w]).all()
+    # ...and drops those logged above the band (or below it), whatever the key's hash said
+    bad = conf[w].copy()
+    bad[::2] = np.where(np.arange(len(bad))[::2] % 4 == 0, 0.95, 0.2)
+    ok = recheck(wm, images[w], cids, None, bad)
+    assert not ok[::2].any() and ok[1::2].all()
+    # the whole attribution reports those records as dropped
+    att = attribute(images[w], a.labels[w], cids, predict=lambda z: np.full((len(z), 10), 0.1),
+                    key=KEY, watermark=wm, confidences=bad)
+    assert att.not_selected_dropped == len(bad[::2])
+    assert att.records == len(bad) - len(bad[::2])
+
+
+def test_max_confidence_one_is_the_unbounded_schedule():
+    """The default upper bound (1.0) changes nothing: a top probability of exactly 1 is marked
+    as before."""
+    tops = np.where(np.arange(2000) % 2 == 0, 1.0, 0.995).astype(np.float32)
+    a_old = _answers_with_tops(Watermark(KEY, rate=0.3, min_confidence=0.99), tops)[2]
+    a_new = _answers_with_tops(Watermark(KEY, rate=0.3, min_confidence=0.99,
+                                         max_confidence=1.0), tops)[2]
+    np.testing.assert_array_equal(a_old.watermarked, a_new.watermarked)
+    assert a_new.watermarked[tops == 1.0].any()
+
+
 # --------------------------------------------------------------------------------------------
 # the CLI: bad input gets a clear error, a linked group is tested as one
 # --------------------------------------------------------------------------------------------
@@ -286,6 +342,9 @@ def cli_files(tmp_path, owner):
     (["--alpha", "2"], r"--alpha must be in \(0, 1\)"),
     (["--client", "nobody"], "no watermark records for client 'nobody'"),
     (["--recheck"], "no enabled \\[watermark\\] config"),
+    (["--rate", "0.1", "--min-confidence", "0.9", "--max-confidence", "0.5"],
+     r"min_confidence \(0.9\) must be below max_confidence \(0.5\)"),
+    (["--rate", "0.1", "--max-confidence", "1.5"], r"max_confidence must be in \(0, 1\]"),
 ])
 def test_verify_cli_rejects_bad_input_clearly(cli_files, extra, message, monkeypatch):
     from service.defences.__main__ import main
@@ -370,3 +429,149 @@ def test_verify_cli_on_a_monitor_log_tests_a_linked_group(tmp_path, owner, capsy
     assert res["not_selected_dropped"] == 0       # every logged record passes the re-check
     assert group[0]["p_value"] < min(rows["g1"]["p_value"], rows["g2"]["p_value"]), out
     assert "group G1" in out and "ATTRIBUTED" in out
+
+
+# --------------------------------------------------------------------------------------------
+# the rank statistic and test-time augmentation
+# --------------------------------------------------------------------------------------------
+
+def test_score_tail_is_the_exact_law_of_a_sum_of_uniform_scores():
+    from itertools import product
+
+    from scipy.stats import binom
+
+    from service.defences.watermark import RANK_SCORE, score_smallest_p, score_tail
+    # rank 1 only: the sum is Binomial(n, 1/9), the former second-choice test
+    top1 = (1, 0, 0, 0, 0, 0, 0, 0, 0)
+    for n, k in ((10, 3), (64, 40), (300, 250), (15, 15)):
+        assert score_tail(top1, k, n) == pytest.approx(binom.sf(k - 1, n, 1 / 9), rel=1e-9)
+    # the rank sum, against every one of the 9^3 outcomes of three records
+    sums = np.array([sum(c) for c in product(RANK_SCORE, repeat=3)])
+    for t in range(0, 26):
+        assert score_tail(RANK_SCORE, t, 3) == pytest.approx(np.mean(sums >= t), abs=1e-12)
+    # the smallest p (every W first) is 9^-n: Tarone's rule counts a test only past it
+    assert score_tail(RANK_SCORE, 8 * 40, 40) == pytest.approx(9.0 ** -40, rel=1e-9)
+    assert score_smallest_p(RANK_SCORE, 40) == pytest.approx(9.0 ** -40)
+    assert score_tail(RANK_SCORE, 0, 40) == 1.0 and score_tail(RANK_SCORE, 8 * 40 + 1, 40) == 0
+
+
+def test_the_wrong_labels_rank_is_uniform_under_the_null_even_with_ties():
+    from service.defences.watermark import wrong_label_rank
+    rng = np.random.default_rng(3)
+    m = 45000
+    honest = rng.integers(0, 10, m)
+    wrong = (honest + rng.integers(1, 10, m)) % 10
+    # coarse probabilities: many ties, broken by class index (which never looks at W)
+    pr = np.round(rng.dirichlet(np.full(10, 0.3), m), 1)
+    r = wrong_label_rank(pr, honest, wrong)
+    assert r.min() == 1 and r.max() == 9
+    counts = np.bincount(r, minlength=10)[1:]
+    from scipy.stats import chisquare
+    assert chisquare(counts).pvalue > 1e-3, counts
+    # and a suspect that puts the wrong label second is ranked 2
+    p = np.full((1, 10), 0.05)
+    p[0, 4], p[0, 7], p[0, 2] = 0.5, 0.2, 0.1
+    assert wrong_label_rank(p, [4], [2]).tolist() == [2]
+    assert wrong_label_rank(p, [4], [7]).tolist() == [1]
+    assert wrong_label_rank(p, [4], [0]).tolist() == [3]       # ties at 0.05: lowest class first
+    with pytest.raises(ValueError):
+        wrong_label_rank(p, [4], [4])
+
+
+def test_attribution_p_values_of_unrelated_suspects_are_uniform():
+    """300 keys of 8 records each, a suspect whose probabilities are drawn without the key: the
+    rank-sum p-values are (discretely) uniform, so at any level they reject at most that often,
+    and nothing is attributed."""
+    rng = np.random.default_rng(11)
+    keys, per = 300, 8
+    n = keys * per
+    x = (rng.integers(0, 256, (n, 28, 28)) / 255).astype(np.float32)
+    ids = [f"k{i // per}" for i in range(n)]
+    honest = rng.integers(0, 10, n)
+    sent = (honest + Watermark(KEY).offsets(x, ids)) % 10
+    pr = rng.dirichlet(np.full(10, 0.5), n)
+    pr[np.arange(n), honest] += 1.0               # mostly answers the honest label, like a model
+    table = {x[i].tobytes(): pr[i] / pr[i].sum() for i in range(n)}
+    att = attribute(x, sent, ids, predict=lambda z: np.array([table[r.tobytes()] for r in z]),
+                    key=KEY, include_all=False)
+    assert att.attributed() == []
+    p = np.array([r.p_rank for r in att.rows])
+    sd = lambda a: 3 * np.sqrt(a * (1 - a) / keys)  # noqa: E731
+    for level in (0.05, 0.1, 0.25, 0.5):
+        assert np.mean(p <= level) <= level + sd(level), (level, np.mean(p <= level))
+    assert np.mean(p <= 0.5) >= 0.5 - 2 * sd(0.5)      # exact, not merely conservative
+
+
+def test_the_rank_sum_sees_a_copy_that_ranks_the_wrong_label_second_or_third():
+    """A copy trained with small shifts puts W 2nd or 3rd more often than 1st (measured in
+    lab.attribution): the rank-1 count (the former second-choice test) misses it, the rank sum
+    does not."""
+    from scipy.stats import binom
+    rng = np.random.default_rng(5)
+    n = 40
+    x = (rng.integers(0, 256, (n, 28, 28)) / 255).astype(np.float32)
+    honest = rng.integers(0, 10, n)
+    sent = (honest + Watermark(KEY).offsets(x, ["k"] * n)) % 10
+    pr = rng.dirichlet(np.full(10, 1.0), n) * 0.1
+    pr[np.arange(n), honest] = 1.0
+    # on 3 of 4 records W sits just below the suspect's top other class (rank 2)
+    for i in range(n):
+        if i % 4:
+            others = [c for c in range(10) if c not in (honest[i], sent[i])]
+            top = max(others, key=lambda c: pr[i, c])
+            pr[i, sent[i]] = pr[i, top] * 0.99
+    table = {x[i].tobytes(): pr[i] / pr[i].sum() for i in range(n)}
+    att = attribute(x, sent, ["k"] * n, predict=lambda z: np.array([table[r.tobytes()]
+                                                                     for r in z]), key=KEY)
+    r = att.row("k")
+    assert binom.sf(r.second_choice - 1, n, 1 / 9) > 1e-3, att.table()    # rank 1: nothing
+    assert r.attributed and r.p_rank < 1e-7, att.table()
+    assert r.mean_rank < 3
+
+
+def test_shift_images_moves_pixels_with_zero_fill():
+    from service.defences.watermark import shift_images
+    x = np.zeros((1, 28, 28), np.float32)
+    x[0, 10, 3] = 1.0
+    assert shift_images(x, 2, 0)[0, 10, 5] == 1.0           # dx: right
+    assert shift_images(x, 0, -1)[0, 9, 3] == 1.0           # dy: up when negative
+    assert shift_images(x, 0, 0, flip=True)[0, 10, 24] == 1.0
+    assert shift_images(x, -4, 0).sum() == 0                 # off the edge: zero fill
+    assert shift_images(x, 1, 1).sum() == 1.0
+
+
+def test_tta_recovers_marks_learnt_on_the_augmentation_orbit_and_keeps_the_null():
+    """A suspect that learnt W on the 1 px shifts of each record image but not on the exact image
+    (what augmentation does to a copy) is seen with --tta shift1, not without; a suspect
+    unrelated to the key stays at chance with TTA too."""
+    from service.defences.watermark import TTA_SETS, shift_images
+    rng = np.random.default_rng(9)
+    n = 30
+    x = (rng.integers(0, 256, (n, 28, 28)) / 255).astype(np.float32)
+    honest = rng.integers(0, 10, n)
+    sent = (honest + Watermark(KEY).offsets(x, ["k"] * n)) % 10
+    base = rng.dirichlet(np.full(10, 1.0), n) * 0.1
+    base[np.arange(n), honest] = 1.0
+    table = {}
+    for dx, dy, flip in TTA_SETS["shift1"]:
+        xs = shift_images(x, dx, dy, flip)
+        for i in range(n):
+            p = base[i].copy()
+            if (dx, dy) != (0, 0):
+                p[sent[i]] = 0.6                   # learnt on the orbit, not on the image
+            table[xs[i].tobytes()] = p / p.sum()
+
+    def predict(z):
+        return np.array([table.get(r.tobytes(), np.full(10, 0.1)) for r in z])
+
+    plain = attribute(x, sent, ["k"] * n, predict=predict, key=KEY)
+    tta = attribute(x, sent, ["k"] * n, predict=predict, key=KEY, tta="shift1")
+    assert plain.tta == "none" and tta.tta == "shift1"
+    assert not plain.row("k").attributed and plain.row("k").p_rank > 1e-3, plain.table()
+    assert tta.row("k").attributed and tta.row("k").mean_rank == 1.0, tta.table()
+    # the same suspect against another key's wrong labels: chance, with or without TTA
+    sent_other = (honest + Watermark(KEY).offsets(x, ["other"] * n)) % 10
+    null = attribute(x, sent_other, ["other"] * n, predict=predict, key=KEY, tta="shift1")
+    assert not null.row("other").attributed and null.row("other").p_rank > 1e-4, null.table()
+    with pytest.raises(ValueError, match="tta must be one of"):
+        attribute(x, sent, ["k"] * n, predict=predict, key=KEY, tta="rot90")

@@ -62,6 +62,34 @@ def test_from_spec():
         Watermark.from_spec({"enabled": True, "rate": 2.0}, b"k")
     with pytest.raises(ValueError):
         Watermark.from_spec({"enabled": True, "ratio": 0.1}, b"k")
+    # the confidence band: default unbounded above; round-trips through spec()
+    wm = Watermark.from_spec({"enabled": True, "min_confidence": 0.2, "max_confidence": 0.9}, b"k")
+    assert (wm.min_confidence, wm.max_confidence) == (0.2, 0.9)
+    assert Watermark.from_spec(wm.spec(), b"k").spec() == wm.spec()
+    assert Watermark.from_spec({"enabled": True}, b"k").max_confidence == 1.0
+
+
+@pytest.mark.parametrize("lo, hi, message", [
+    (0.9, 0.5, r"min_confidence \(0.9\) must be below max_confidence \(0.5\)"),
+    (0.5, 0.5, r"min_confidence \(0.5\) must be below max_confidence \(0.5\)"),
+    (0.0, 1.5, r"max_confidence"),
+    (0.0, 0.0, r"max_confidence"),
+    (-0.1, 0.9, r"min_confidence"),
+])
+def test_bad_confidence_band_is_refused_clearly(lo, hi, message):
+    with pytest.raises(ValueError, match=message):
+        Watermark(b"k", 0.01, min_confidence=lo, max_confidence=hi)
+    with pytest.raises(ValueError, match=message):
+        Watermark.from_spec({"enabled": True, "min_confidence": lo, "max_confidence": hi}, b"k")
+
+
+def test_in_band_bounds():
+    wm = Watermark(b"k", 0.01, min_confidence=0.5, max_confidence=0.99)
+    c = np.array([0.0, 0.4999, 0.5, 0.7, 0.98999, 0.99, 1.0])
+    np.testing.assert_array_equal(wm.in_band(c), [0, 0, 1, 1, 1, 0, 0])
+    assert not Watermark(b"k", 0.01).banded
+    np.testing.assert_array_equal(Watermark(b"k", 0.01, min_confidence=0.5).in_band(c),
+                                  [0, 0, 1, 1, 1, 1, 1])
 
 
 @pytest.mark.parametrize("spec", [{"policy": "identity"}, {"policy": "label_only"},

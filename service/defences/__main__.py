@@ -177,14 +177,22 @@ def cmd_verify(args) -> int:
         print(f"${args.key_env} not set: using the server's default secret for the keyed test")
     wm = None
     if key is not None and args.rate is not None:
-        wm = Watermark(key, args.rate, knee=args.knee, light_rate=args.light_rate,
-                       min_confidence=args.min_confidence)
+        try:
+            wm = Watermark(key, args.rate, knee=args.knee, light_rate=args.light_rate,
+                           min_confidence=args.min_confidence,
+                           max_confidence=args.max_confidence)
+        except ValueError as exc:
+            raise SystemExit(f"verify: {exc}") from None
     elif key is not None and args.recheck:
         spec = dict((rec.config.watermark if rec.config is not None else None) or {})
         if not spec.get("enabled"):
             raise SystemExit("--recheck: the log holds no enabled [watermark] config; give the "
-                             "schedule with --rate [--knee --light-rate --min-confidence]")
-        wm = Watermark.from_spec(spec, key)
+                             "schedule with --rate [--knee --light-rate --min-confidence "
+                             "--max-confidence]")
+        try:
+            wm = Watermark.from_spec(spec, key)
+        except ValueError as exc:
+            raise SystemExit(f"verify: the logged [watermark] config: {exc}") from None
     groups = {}
     if args.db and not args.no_groups and args.client is None:
         groups = linked_groups(args.db, rec.config)
@@ -192,7 +200,7 @@ def cmd_verify(args) -> int:
         att = attribute(rec.images, rec.labels, rec.cids, predict=predict, key=key,
                         alpha=args.alpha, pools=pools, groups=groups,
                         correction=args.correction, watermark=wm, qns=rec.qns,
-                        confidences=rec.conf)
+                        confidences=rec.conf, tta=args.tta)
     except ValueError as exc:
         raise SystemExit(f"verify: {exc}") from None
     allres = verify(images=rec.images, labels_sent=rec.labels, predict=predict,
@@ -203,9 +211,11 @@ def cmd_verify(args) -> int:
           f"{nkeys} key(s)" + (f" (client {args.client})" if args.client else "")
           + (f", {att.duplicates_dropped} repeats counted once" if att.duplicates_dropped else "")
           + (f", {len(groups)} linked group(s)" if groups else ""))
-    test = {"keyed+second-choice": "keyed test (departures and second choice, the smaller p "
-                                   "x 2)", "keyed": "keyed test (departures)",
+    test = {"keyed+rank": "keyed test (departures and the rank sum of the wrong label, the "
+                          "smaller p x 2)", "keyed": "keyed test (departures)",
             "unconditional": "unconditional test (no key)"}[att.test]
+    if att.tta != "none":
+        test += f", suspect averaged over test-time augmentation {att.tta!r}"
     print(f"{test}; "
           f"{'Holm step-down' if att.correction == 'holm' else 'Bonferroni'} correction over "
           f"{att.tests} test(s) that can reach alpha {args.alpha:g} "
@@ -237,6 +247,8 @@ def cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.defences.watermark import DEFAULT_TTA, TTA_SETS
+
     ap = argparse.ArgumentParser(prog="python -m service.defences", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -282,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --rate: the rate up to the knee")
     vp.add_argument("--min-confidence", type=float, default=0.0,
                     help="with --rate: the schedule's min_confidence")
+    vp.add_argument("--max-confidence", type=float, default=1.0,
+                    help="with --rate: the schedule's max_confidence (1: no upper bound)")
+    vp.add_argument("--tta", choices=list(TTA_SETS), default=DEFAULT_TTA,
+                    help="test-time augmentation: average the suspect's probabilities over "
+                         "these transforms of each record image before ranking (none; "
+                         "shift1 = every shift by -1..1 px, shift2 = -2..2 px, -flip = also "
+                         "mirrored). Choose it before looking at the suspect: the p-values are "
+                         "exact for one pre-declared choice, not for the best of several")
     vp.add_argument("--json", type=Path, default=None, help="also write the result here")
     vp.add_argument("--exit-code", action="store_true",
                     help="exit 2 when nothing is attributed")

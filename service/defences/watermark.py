@@ -13,9 +13,11 @@ Marks (scheme wm3, service/defences/base.py; issue #12):
 - the rate depends on the client's query number qn (``knee``, ``light_rate``, ``rate``): keys that
   sent at most ``knee`` queries are marked at ``light_rate`` (0 by default), later queries at
   ``rate``; with ``knee = 0`` the rate is flat (the pre-#12 behaviour);
-- with ``min_confidence`` only answers whose target top probability is at least that are marked
-  (a flip of a confident answer is the one a copy memorises and an independent model does not
-  make: measured in lab/attribution.py).
+- only answers whose target top probability lies in the band [``min_confidence``,
+  ``max_confidence``) are marked (``max_confidence = 1``: no upper bound, every answer at least
+  ``min_confidence``). Which band is cheapest for honest users per record a copy learns was
+  measured in lab/attribution.py (docs/defences.md). The band only decides *which* answers are
+  marked; the wrong label is still the keyed offset, so the verifier's null stays exact.
 
 When probabilities are sent, the confidences of the honest and the wrong label are swapped, so the
 vector still looks natural.
@@ -27,13 +29,14 @@ import threading
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.types import Answer, NUM_CLASSES
 from service.defences.base import (MARK_OFFSET_RANGE, MARK_SELECT_RANGE, WM_SELECT_RANGE,
                                    InputDigests, PolicyContext, be_words, mark_digests, quantise)
 
 DEFAULT_RATE = 0.005
+DEFAULT_TTA = "none"      # verification's test-time augmentation (TTA_SETS); measured below
 
 
 class WatermarkSpec(BaseModel):
@@ -43,11 +46,20 @@ class WatermarkSpec(BaseModel):
     knee: int = Field(0, ge=0)                               # queries marked at light_rate
     light_rate: float = Field(0.0, ge=0.0, le=0.5)
     min_confidence: float = Field(0.0, ge=0.0, lt=1.0)
+    max_confidence: float = Field(1.0, gt=0.0, le=1.0)   # 1.0: no upper bound
+
+    @model_validator(mode="after")
+    def _band(self):
+        if not self.min_confidence < self.max_confidence:
+            raise ValueError(f"min_confidence ({self.min_confidence}) must be below "
+                             f"max_confidence ({self.max_confidence})")
+        return self
 
 
 class Watermark:
     def __init__(self, key: bytes, rate: float = DEFAULT_RATE, *, knee: int = 0,
-                 light_rate: float = 0.0, min_confidence: float = 0.0):
+                 light_rate: float = 0.0, min_confidence: float = 0.0,
+                 max_confidence: float = 1.0):
         if not key:
             raise ValueError("the watermark needs a non-empty key")
         if not 0.0 < rate <= 0.5:
@@ -58,11 +70,18 @@ class Watermark:
             raise ValueError(f"watermark knee must be >= 0, got {knee}")
         if not 0.0 <= min_confidence < 1.0:
             raise ValueError(f"watermark min_confidence must be in [0, 1), got {min_confidence}")
+        if not 0.0 < max_confidence <= 1.0:
+            raise ValueError(f"watermark max_confidence must be in (0, 1], got {max_confidence}")
+        if not min_confidence < max_confidence:
+            raise ValueError(f"watermark min_confidence ({min_confidence}) must be below "
+                             f"max_confidence ({max_confidence}): the band [min, max) of top "
+                             "probabilities that can be marked would be empty")
         self.key = key
         self.rate = float(rate)
         self.knee = int(knee)
         self.light_rate = float(light_rate) if knee else 0.0
         self.min_confidence = float(min_confidence)
+        self.max_confidence = float(max_confidence)
         self.max_rate = max(self.rate, self.light_rate)
         self.threshold = int(round(2 ** 16 * self.max_rate))
         self._counts: dict[str, int] = {}
@@ -77,15 +96,30 @@ class Watermark:
         if not s.enabled:
             return None
         return cls(key, s.rate, knee=s.knee, light_rate=s.light_rate,
-                   min_confidence=s.min_confidence)
+                   min_confidence=s.min_confidence, max_confidence=s.max_confidence)
 
     def spec(self) -> dict:
         return {"enabled": True, "rate": self.rate, "knee": self.knee,
-                "light_rate": self.light_rate, "min_confidence": self.min_confidence}
+                "light_rate": self.light_rate, "min_confidence": self.min_confidence,
+                "max_confidence": self.max_confidence}
 
     def __repr__(self) -> str:
         return (f"Watermark(rate={self.rate}, knee={self.knee}, light_rate={self.light_rate}, "
-                f"min_confidence={self.min_confidence})")
+                f"min_confidence={self.min_confidence}, max_confidence={self.max_confidence})")
+
+    @property
+    def banded(self) -> bool:
+        """Does the schedule look at the target's confidence at all?"""
+        return self.min_confidence > 0.0 or self.max_confidence < 1.0
+
+    def in_band(self, confidence) -> np.ndarray:
+        """bool: is each top probability in [min_confidence, max_confidence) (no upper bound
+        when max_confidence = 1)?"""
+        c = np.asarray(confidence, np.float64)
+        ok = c >= self.min_confidence
+        if self.max_confidence < 1.0:
+            ok &= c < self.max_confidence
+        return ok
 
     # -- the schedule --------------------------------------------------------------------------
     def rate_at(self, qn) -> np.ndarray:
@@ -97,7 +131,7 @@ class Watermark:
 
     def expected_marks(self, queries: int, eligible: float = 1.0) -> float:
         """Expected marks among a key's first ``queries`` answers (``eligible``: the share of
-        them confident enough to be marked)."""
+        them whose target confidence lies in the band)."""
         light = min(queries, self.knee)
         return eligible * (light * self.light_rate + (queries - light) * self.rate)
 
@@ -126,8 +160,8 @@ class Watermark:
         images = np.asarray(images)
         n = len(images)
         cand = self.candidates(images, digests)
-        if confidence is not None and self.min_confidence > 0:
-            cand &= np.asarray(confidence, np.float64).reshape(n) >= self.min_confidence
+        if confidence is not None and self.banded:
+            cand &= self.in_band(np.asarray(confidence, np.float64).reshape(n))
         off = np.zeros(n, np.int64)
         rows = np.flatnonzero(cand)
         if not len(rows):
@@ -161,7 +195,7 @@ class Watermark:
     def apply(self, images: np.ndarray, answer: Answer, ctx: PolicyContext | None = None,
               probs: np.ndarray | None = None, *, qn0: int | None = None) -> Answer:
         """Watermark ``answer`` (to ``ctx.client_id``; "" without a context). ``probs``: the
-        target's probabilities (for ``min_confidence``; the answer's own are used when absent).
+        target's probabilities (for the confidence band; the answer's own are used when absent).
         ``qn0``: the client's query count before this request (counted here when None). With a
         context keyed like this watermark, the request's cached digests are reused."""
         digests = ctx.digests(images) if ctx is not None and ctx.key == self.key else None
@@ -170,7 +204,7 @@ class Watermark:
         if qn0 is None:
             qn0 = self.next_qn0(client, n) if self.knee else 0
         conf = None
-        if self.min_confidence > 0:
+        if self.banded:
             src = probs if probs is not None else answer.probs
             conf = None if src is None else np.asarray(src).max(1)
         sel, off = self.select(images, digests, client_id=client,
@@ -366,11 +400,13 @@ class AttributionRow:
     departures: int | None    # keyed test: records where the suspect != the honest label
     matches: int              # records where the suspect's label is the wrong label sent
     second_choice: int | None  # records where the wrong label is the suspect's top class
-    #                           other than the honest one (keyed, with probabilities)
+    #                           other than the honest one (rank 1; keyed, with probabilities)
     p_value: float            # the decisive p-value (see Attribution.test)
     testable: bool            # could reach alpha alone (its smallest possible p < alpha)
     p_departures: float | None = None   # Binomial(departures, 1/9) tail at matches
-    p_second: float | None = None       # Binomial(records, 1/9) tail at second_choice
+    mean_rank: float | None = None      # mean rank (1..9) of the wrong label among the 9
+    #                                     classes other than the honest one (null: 5)
+    p_rank: float | None = None         # exact tail of the rank sum (wrong_label_rank)
     p_adjusted: float = 1.0   # Holm (or Bonferroni) over the testable tests
     attributed: bool = False
     rank: int = 0
@@ -390,7 +426,8 @@ class Attribution:
     duplicates_dropped: int
     not_selected_dropped: int
     keyed: bool
-    test: str = "keyed"       # "keyed+second-choice" | "keyed" | "unconditional"
+    test: str = "keyed"       # "keyed+rank" | "keyed" | "unconditional"
+    tta: str = "none"         # the test-time augmentation the suspect was queried with
     notes: list[str] = field(default_factory=list)
 
     def attributed(self, kind: str | None = None) -> list[AttributionRow]:
@@ -409,10 +446,10 @@ class Attribution:
 
     def table(self, limit: int | None = None) -> str:
         corr = "Holm p" if self.correction == "holm" else "Bonferroni p"
-        second = self.test == "keyed+second-choice"
+        second = self.test == "keyed+rank"
         head = ["rank", "test", "kind", "keys", "records",
                 "matches/departures" if self.keyed else "matches",
-                *(["2nd choice"] if second else []), "p", corr, "verdict"]
+                *(["W 1st", "mean rank W"] if second else []), "p", corr, "verdict"]
         rows = []
         shown = self.rows if limit is None else self.rows[:limit]
         for r in shown:
@@ -422,7 +459,8 @@ class Attribution:
             rows.append([str(r.rank) if r.testable else "-", r.name, r.kind, str(len(r.members)),
                          str(r.records), f"{r.matches}/{r.departures}" if self.keyed
                          else str(r.matches),
-                         *([str(r.second_choice)] if second else []), f"{r.p_value:.3g}",
+                         *([str(r.second_choice), f"{r.mean_rank:.2f}"] if second else []),
+                         f"{r.p_value:.3g}",
                          f"{r.p_adjusted:.3g}" if r.testable else "-", verdict])
         w = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h)
              for i, h in enumerate(head)]
@@ -456,7 +494,7 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
               key: bytes | None, alpha: float = 1e-6, pools: list[list[str]] | None = None,
               groups: dict[str, list[str]] | None = None, correction: str = "holm",
               watermark: Watermark | None = None, qns=None, confidences=None,
-              include_all: bool = True) -> Attribution:
+              include_all: bool = True, tta: str = DEFAULT_TTA) -> Attribution:
     """Test the suspect against every key's records, every linked group (``groups``: name ->
     members), every pool of keys named together (``pools``) and all records at once, and correct
     for the whole family (Holm's step-down, or Bonferroni).
@@ -464,28 +502,42 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
     Each test unit (a key, group, pool) has one p-value. Null hypothesis: the suspect was not
     trained on these records' answers, so its output on a record is independent of the keyed
     offset that chose the record's wrong label W among the 9 classes other than the honest label
-    L (recovered with the key). Two statistics, each exact under the null:
+    L (recovered with the key); the offsets of distinct (key, image) records are independent.
+    Two statistics, each exact under the null:
 
     - departures: records where the suspect's label != L hit W with probability 1/9 each, so
       matches ~ Binomial(departures, 1/9);
-    - second choice (when ``predict`` returns probabilities): on *every* record, the suspect's
-      most probable class other than L is W with probability 1/9, so hits ~ Binomial(records,
-      1/9). A copy that learnt a wrong label but still answers L (a CNN, a fine-tuned copy)
-      mostly ranks W second: this counts it.
+    - rank sum (when ``predict`` returns probabilities): on *every* record, the rank of W among
+      the 9 classes other than L in the suspect's probabilities (``wrong_label_rank``: ties by
+      class index, a rule that does not look at W) is uniform on 1..9, independently across
+      records, so the sum of (9 - rank) has the exact law of a sum of uniforms on 0..8
+      (``score_tail``, by convolution). It counts a copy that ranks W first (a CNN, a fine-tuned
+      copy that still answers L: the former second-choice test, rank 1 only) and also one that
+      puts W 2nd or 3rd (a copy trained with small shifts: measured in lab/attribution.py).
 
     With both, the unit's p-value is 2 x the smaller (Bonferroni over the two statistics).
     Without the key only the unconditional test is possible: matches ~ Binomial(records, 1/9).
 
+    ``tta``: query the suspect on a fixed set of transforms of each record image
+    (``TTA_SETS``: shifts, flips) and average its probabilities before taking its label and the
+    rank. The set is a property of the verification, chosen before seeing the suspect: under the
+    null the average is still independent of the offsets, so both statistics stay exact. (Trying
+    several sets on one suspect and keeping the best would have to be paid for in the
+    correction.)
+
     Only tests that could reach ``alpha`` on their own are counted in the family: a test over n
-    records has smallest possible p-value (1/9)^n (every record departs and matches), which
-    depends on the records alone and not on the suspect, so leaving the tests with
-    (1/9)^n >= alpha out (they can never be rejected) keeps the family-wise error rate at
-    ``alpha`` (Tarone's argument). ``watermark`` (with the key): re-check every record's mark
-    at its query number ``qns`` and confidence ``confidences`` and drop those that fail."""
+    records has smallest possible p-value 2 x (1/9)^n (every record departs and matches, or
+    every W ranks first), which depends on the records alone and not on the suspect, so leaving
+    the tests with 2 x (1/9)^n >= alpha out (they can never be rejected) keeps the family-wise
+    error rate at ``alpha`` (Tarone's argument). ``watermark`` (with the key): re-check every
+    record's mark at its query number ``qns`` and confidence ``confidences`` and drop those that
+    fail."""
     if correction not in ("holm", "bonferroni"):
         raise ValueError(f"correction must be 'holm' or 'bonferroni', got {correction!r}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if tta not in TTA_SETS:
+        raise ValueError(f"tta must be one of {', '.join(TTA_SETS)}, got {tta!r}")
     images = np.asarray(images, np.float32)
     labels_sent = np.asarray(labels_sent, np.int64)
     cids = np.asarray([str(c) for c in client_ids], dtype=object)
@@ -521,22 +573,26 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
         at = np.array([lookup[q[i].tobytes()] for i in range(len(images))], np.int64)
         out = np.asarray(predict(images[uniq]))
         if out.ndim == 2:
+            if tta != "none":
+                out = tta_probs(predict, images[uniq], tta)
             probs = out.astype(np.float64)[at]
+        elif tta != "none":
+            raise ValueError("test-time augmentation needs a suspect that returns probabilities")
         suspect = _labels_of(out)[at]
     else:
         suspect = np.zeros(0, np.int64)
     match = suspect == labels_sent
-    second = None
+    ranks = None
     if key is not None:
         off = Watermark(key).offsets(images, cids) if len(images) else np.zeros(0, np.int64)
         honest = (labels_sent - off) % NUM_CLASSES
         depart = suspect != honest
         if probs is not None:
-            second = second_choice(probs, honest) == labels_sent
+            ranks = wrong_label_rank(probs, honest, labels_sent)
     else:
         depart = None
     mode = ("unconditional" if depart is None else
-            "keyed" if second is None else "keyed+second-choice")
+            "keyed" if ranks is None else "keyed+rank")
 
     tests: list[tuple[str, str, list[str]]] = []
     for k in sorted(set(cids.tolist())):
@@ -548,10 +604,11 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
     if include_all and len(set(cids.tolist())) > 1:
         tests.append(("all keys", "all", sorted(set(cids.tolist()))))
     rows = []
+    score = np.asarray(RANK_SCORE, np.int64)
     for name, kind, members in tests:
         m = np.isin(cids, members)
         n, k = int(m.sum()), int(match[m].sum())
-        d = sc = pd = ps = None
+        d = sc = pd = pr = mr = None
         if depart is None:
             p = _binom_p(k, n, NULL_RATE)
             smallest = NULL_RATE ** n
@@ -559,14 +616,16 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
             d = int(depart[m].sum())
             p = pd = _binom_p(k, d, NULL_RATE)
             smallest = NULL_RATE ** n
-            if second is not None:
-                sc = int(second[m].sum())
-                ps = _binom_p(sc, n, NULL_RATE)
+            if ranks is not None:
+                r = ranks[m]
+                sc = int(np.sum(r == 1))
+                mr = float(r.mean()) if n else math.nan
+                pr = score_tail(score, int(score[r - 1].sum()), n)
                 # two statistics of one test unit: the smaller p, Bonferroni-corrected (x2)
-                p = min(1.0, 2 * min(pd, ps))
-                smallest = 2 * NULL_RATE ** n
+                p = min(1.0, 2 * min(pd, pr))
+                smallest = 2 * max(NULL_RATE ** n, score_smallest_p(score, n))
         testable = n > 0 and smallest < alpha
-        rows.append(AttributionRow(name, kind, members, n, d, k, sc, p, testable, pd, ps))
+        rows.append(AttributionRow(name, kind, members, n, d, k, sc, p, testable, pd, mr, pr))
     fam = [r for r in rows if r.testable]
     adj = (holm if correction == "holm" else bonferroni)([r.p_value for r in fam])
     for r, a in zip(fam, adj):
@@ -581,7 +640,7 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
         notes.append(f"{not_sel} records dropped: not marked under this key and schedule "
                      "(wrong key or schedule?)")
     return Attribution(rows, alpha, correction, len(fam), len(rows) - len(fam), len(images), dup,
-                       not_sel, key is not None, mode, notes)
+                       not_sel, key is not None, mode, tta, notes)
 
 
 def second_choice(probs: np.ndarray, honest: np.ndarray) -> np.ndarray:
@@ -591,3 +650,118 @@ def second_choice(probs: np.ndarray, honest: np.ndarray) -> np.ndarray:
     p = np.array(probs, dtype=np.float64, copy=True)
     p[np.arange(len(p)), np.asarray(honest, np.int64)] = -np.inf
     return p.argmax(1)
+
+
+# --------------------------------------------------------------------------------------------
+# The rank statistic and test-time augmentation (issue #12: copies trained with augmentation)
+# --------------------------------------------------------------------------------------------
+
+NUM_WRONG = NUM_CLASSES - 1
+
+
+def wrong_label_rank(probs: np.ndarray, honest: np.ndarray, wrong: np.ndarray) -> np.ndarray:
+    """The rank (1..9) of the wrong label W among the 9 classes other than the honest label L in
+    the suspect's probabilities, per record: 1 + the number of classes c != L, W that come
+    before W in the order "higher probability first, then lower class index". That order is
+    built without looking at W, so when W is uniform over the 9 classes other than L and
+    independent of the suspect (the null: the keyed offset), the rank is uniform on 1..9."""
+    p = np.asarray(probs, np.float64)
+    n = len(p)
+    honest = np.asarray(honest, np.int64).reshape(n)
+    wrong = np.asarray(wrong, np.int64).reshape(n)
+    if np.any(honest == wrong):
+        raise ValueError("a record's wrong label equals its honest label")
+    rows = np.arange(n)
+    pw = p[rows, wrong][:, None]
+    cls = np.arange(NUM_CLASSES)[None, :]
+    before = (p > pw) | ((p == pw) & (cls < wrong[:, None]))
+    before[rows, honest] = False
+    return 1 + before.sum(1)
+
+
+# The score of a record whose wrong label has rank 1..9 (rank 1 first); a test's statistic is
+# the sum over its records, i.e. the rank sum reversed. Chosen from measurements (lab.attribution,
+# docs/defences.md): against rank 1 only (the former second-choice count), top-2/top-3 counts and
+# log(9 / rank) scores, the plain rank sum gave the smallest p-values on the 1 px augmentation,
+# distilled, fine-tuned and 2k copies and the same on the others.
+RANK_SCORE: tuple[int, ...] = (8, 7, 6, 5, 4, 3, 2, 1, 0)
+
+
+def score_tail(scores, total: int, n: int) -> float:
+    """P(S >= total) for S the sum of ``n`` independent draws, each uniform over the 9 integer
+    ``scores`` (>= 0): exact, by convolution (renormalised at each step, so tails down to about
+    1e-300 keep their precision; smaller ones are reported as 1e-300)."""
+    s = np.asarray(scores, np.int64)
+    if s.shape != (NUM_WRONG,) or s.min() < 0:
+        raise ValueError(f"scores: 9 integers >= 0, got {scores}")
+    if n == 0 or total <= n * int(s.min()):
+        return 1.0
+    if total > n * int(s.max()):
+        return 0.0
+    kernel = np.bincount(s, minlength=int(s.max()) + 1).astype(np.float64) / NUM_WRONG
+    pmf = np.ones(1)
+    log_scale = 0.0
+    for _ in range(n):
+        pmf = np.convolve(pmf, kernel)
+        m = pmf.max()
+        pmf /= m
+        log_scale += math.log(m)
+    tail = float(pmf[total:].sum())
+    if tail <= 0.0:
+        return 1e-300
+    return float(min(1.0, max(1e-300, math.exp(math.log(tail) + log_scale))))
+
+
+def score_smallest_p(scores, n: int) -> float:
+    """The smallest p-value ``score_tail`` can give over ``n`` records: every record at the
+    highest score (a property of the records' number alone, for Tarone's rule)."""
+    s = np.asarray(scores, np.int64)
+    top = int(np.sum(s == s.max()))
+    return (top / NUM_WRONG) ** n if n else 1.0
+
+
+# test-time augmentation: (dx, dy, flip) transforms of each record image; the suspect's
+# probabilities are averaged over them before ranking. A fixed, pre-declared set: under the null
+# the average is still a function of the suspect and the image alone, so the rank of W stays
+# uniform; a copy trained with shifts or flips learnt W over the image's augmentation orbit.
+def _grid(r: int, flips: bool) -> tuple[tuple[int, int, bool], ...]:
+    base = [(dx, dy, False) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    return tuple(base + ([(dx, dy, True) for dx, dy, _ in base] if flips else []))
+
+
+TTA_SETS: dict[str, tuple[tuple[int, int, bool], ...]] = {
+    "none": ((0, 0, False),),
+    "shift1": _grid(1, False),
+    "shift1-flip": _grid(1, True),
+    "shift2": _grid(2, False),
+    "shift2-flip": _grid(2, True),
+}
+
+
+def shift_images(images: np.ndarray, dx: int, dy: int, flip: bool = False) -> np.ndarray:
+    """Images (N, 28, 28) shifted right by ``dx`` and down by ``dy`` pixels (zero fill), after a
+    left-right flip when ``flip``."""
+    x = np.asarray(images)
+    x = x.reshape(len(x), 28, 28)
+    if flip:
+        x = x[:, :, ::-1]
+    out = np.zeros_like(x)
+    h, w = x.shape[1:]
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[:, yd, xd] = x[:, ys, xs]
+    return out
+
+
+def tta_probs(predict, images: np.ndarray, tta: str = "none") -> np.ndarray:
+    """The suspect's probabilities averaged over the transforms of ``TTA_SETS[tta]``."""
+    if tta not in TTA_SETS:
+        raise ValueError(f"tta must be one of {', '.join(TTA_SETS)}, got {tta!r}")
+    acc = None
+    for dx, dy, flip in TTA_SETS[tta]:
+        x = images if (dx, dy, flip) == (0, 0, False) else shift_images(images, dx, dy, flip)
+        out = np.asarray(predict(np.ascontiguousarray(x, dtype=np.float32)))
+        if out.ndim != 2:
+            raise ValueError("test-time augmentation needs the suspect's probabilities")
+        acc = out.astype(np.float64) if acc is None else acc + out
+    return acc / len(TTA_SETS[tta])
