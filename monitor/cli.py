@@ -289,6 +289,27 @@ def cmd_migrate(a) -> int:
     return 0
 
 
+def cmd_snapshot(a) -> int:
+    try:
+        from monitor.pgstore import snapshot
+    except ImportError as exc:
+        raise CliError(f"snapshot needs psycopg (pip install 'psycopg[binary]'): {exc}") from None
+    import psycopg
+
+    try:
+        res = snapshot(a.store, a.output, a.pg_schema,
+                       progress=lambda n: print(f"  {n:,} requests so far", file=sys.stderr)
+                       if n % 20000 == 0 else None)
+    except FileExistsError as exc:
+        raise CliError(str(exc)) from None
+    except psycopg.Error as exc:
+        raise CliError(f"cannot read the store {a.store}: {str(exc).strip()}") from None
+    print(f"wrote {a.output}: " + ", ".join(f"{n:,} {t}" for t, n in res.items())
+          + f" (from {a.store}); read it with `python -m monitor --db {a.output} ...` or "
+          f"`python -m service.defences verify --db {a.output} ...`")
+    return 0
+
+
 def cmd_id(a) -> int:
     from common.keys import client_id_for_key, key_problem
     secret = _secret(a)
@@ -352,6 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(one row per item) into the current layout")
     p.add_argument("output", help="the new database file (must not exist)")
     p.set_defaults(fn=cmd_migrate)
+    p = sub.add_parser("snapshot", help="copy a PostgreSQL store (replicas, --store) into a "
+                                        "new SQLite log that every command here and `verify` "
+                                        "read (one consistent view)")
+    p.add_argument("--store", required=True, metavar="DSN",
+                   help="the replicas' PostgreSQL, e.g. postgresql://user@host/modelguard")
+    p.add_argument("--pg-schema", default=None, help="the PostgreSQL schema the replicas use "
+                                                     "(default: the search path)")
+    p.add_argument("output", help="the new SQLite file (must not exist)")
+    p.set_defaults(fn=cmd_snapshot)
     p = sub.add_parser("tune", help="search thresholds, windows and min_hits on logs of "
                                     "labelled honest and attacker clients (docs/tune.md)")
     from monitor.tune import add_arguments as tune_arguments

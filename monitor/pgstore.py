@@ -40,7 +40,7 @@ from typing import Iterator
 
 import numpy as np
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from common.types import Level
 from monitor.core import Monitor
@@ -762,3 +762,82 @@ class SharedMonitor(Monitor):
             self._follow_thread.join(5.0)
         super().close()
 
+
+
+# --------------------------------------------------------------------------------------------
+# a consistent copy of a shared store as a SQLite log, for the tools that read SQLite
+# --------------------------------------------------------------------------------------------
+
+REQUEST_COLUMNS = ("client, qn0, n, t, request_id, level, kind, target_probs, sent_labels, "
+                   "sent_top, models, n_wm, watermarked, scores, fired, level_after, grid, "
+                   "raw_u8, raw_f16, raw_f32")
+
+
+def snapshot(dsn: str, out, schema: str | None = None, *, chunk: int = 2000,
+             progress=None) -> dict:
+    """Copy the monitor's tables from PostgreSQL (one REPEATABLE READ transaction: a consistent
+    view while the replicas keep writing) into a new SQLite log at ``out`` (schema of
+    monitor.log), so that ``python -m monitor --db OUT ...`` and ``python -m service.defences
+    verify --db OUT`` read a replicated deployment's log. The rows' scores were written by this
+    version's detectors (the replicas run it), so they take its score layout. Refuses an ``out``
+    that exists. Returns the rows copied per table."""
+    from pathlib import Path
+
+    from monitor.log import connect as sqlite_connect
+    from monitor.log import layout_id
+
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists: snapshot writes a new SQLite log; remove it or "
+                              "choose another path")
+    counts = {}
+    dst = sqlite_connect(out)
+    try:
+        layout = layout_id(dst)
+        with connect(dsn, schema, autocommit=True) as src:
+            with src.transaction():
+                src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                cur = src.cursor(name="snapshot_requests", row_factory=tuple_row)
+                cur.itersize = chunk
+                cur.execute(f"SELECT {REQUEST_COLUMNS} FROM requests ORDER BY seq")
+                n = 0
+                ins = (f"INSERT INTO requests ({REQUEST_COLUMNS}, layout) VALUES "
+                       f"({','.join('?' * 21)})")
+                while rows := cur.fetchmany(chunk):
+                    with dst:
+                        dst.executemany(ins, [tuple(bytes(v) if isinstance(v, memoryview)
+                                                    else v for v in r) + (layout,)
+                                              for r in rows])
+                    n += len(rows)
+                    if progress is not None:
+                        progress(n)
+                cur.close()
+                counts["requests"] = n
+                simple = {
+                    "transitions": "client, t, qn, from_level, to_level, rule, evidence",
+                    "pairs": "t, client, qn, other, other_qn, dist, dense, peak",
+                    "client_state": "client, qn, level, config_hash, state, updated",
+                }
+                order = {"transitions": "id", "pairs": "id", "client_state": "client"}
+                for table, cols in simple.items():
+                    rows = src.cursor(row_factory=tuple_row).execute(
+                        f"SELECT {cols} FROM {table} ORDER BY {order[table]}").fetchall()
+                    with dst:
+                        dst.executemany(f"INSERT INTO {table} ({cols}) VALUES "
+                                        f"({','.join('?' * len(cols.split(',')))})",
+                                        [tuple(bytes(v) if isinstance(v, memoryview) else v
+                                               for v in r) for r in rows])
+                    counts[table] = len(rows)
+                meta = src.cursor(row_factory=tuple_row).execute(
+                    "SELECT key, value FROM meta WHERE key <> 'schema'").fetchall()
+                with dst:
+                    dst.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta)
+                counts["meta"] = len(meta)
+    except BaseException:
+        dst.close()
+        for f in (out, Path(f"{out}-wal"), Path(f"{out}-shm")):
+            f.unlink(missing_ok=True)
+        raise
+    dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    dst.close()
+    return counts

@@ -719,3 +719,46 @@ def test_serve_with_store_keeps_the_monitor_state_in_postgresql(pg, small_target
         assert s2.plane.monitor.queries(cid) == 40      # the other replica restores the client
     finally:
         s2.stop(0.5)
+
+
+def test_snapshot_copies_a_shared_store_into_a_sqlite_log_the_tools_read(
+        pg_server, pg_schema, streams, reference, tmp_path, capsys):
+    """`python -m monitor snapshot`: what replicas wrote to PostgreSQL becomes a SQLite log with
+    the same decisions, transitions, checkpoints and watermark records; an existing output and
+    an unreachable store are refused with a message."""
+    from monitor.cli import main as cli
+    dec, _ = reference
+    x, p = streams["natural"]
+    wm = np.zeros(30, bool)
+    wm[[2, 11]] = True
+    with SharedMonitor(_cfg(), PgStore(pg_server.dsn, "r1", schema=pg_schema),
+                       clock=FakeClock()) as mon:
+        _run(mon, streams)
+        sent = _answer(p[:30], wm)
+        mon.observe("marked", "m-0", x[:30], p[:30], sent, mon.level("marked"))
+    out = tmp_path / "snap.db"
+    assert cli(["snapshot", "--store", pg_server.dsn, "--pg-schema", pg_schema, str(out)]) == 0
+    assert "61 requests" in capsys.readouterr().out     # 3 clients x 20 requests + 1
+    with QueryLog(out) as q:
+        assert sorted(q.client_ids()) == ["jbda", "marked", "mnist", "natural"]
+        for c in dec:
+            s = q.series(c)
+            got = np.column_stack([s[k] for k in SCORE_COLUMNS] + [s["fired"],
+                                                                   s["level_after"]])
+            np.testing.assert_array_equal(got, dec[c][0], err_msg=c)
+            assert [(t["qn"], t["from_level"], t["to_level"], t["rule"])
+                    for t in q.transitions(c)] == dec[c][1]
+        imgs, labels, cids = q.watermark_records()
+        assert cids == ["marked", "marked"]
+        np.testing.assert_array_equal(imgs, x[:30][wm])
+        np.testing.assert_array_equal(labels, sent.labels[wm])
+        assert q.load_state("jbda")["qn"] == 600              # checkpoints came along
+    assert cli(["--db", str(out), "clients"]) == 0
+    assert "jbda" in capsys.readouterr().out
+    # refused: an existing output (left untouched), an unreachable store (nothing written)
+    before = out.stat().st_size
+    assert cli(["snapshot", "--store", pg_server.dsn, "--pg-schema", pg_schema, str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.stat().st_size == before
+    bad = tmp_path / "bad.db"
+    assert cli(["snapshot", "--store", "postgresql://nobody@127.0.0.1:1/none", str(bad)]) == 2
+    assert "cannot read the store" in capsys.readouterr().err and not bad.exists()
