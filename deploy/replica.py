@@ -29,8 +29,7 @@ def build(cfg, dsn: str, replica: str, follow_seconds: float = 0.25, schema: str
     mc = plane.monitor.config
     plane.monitor.close()
     lc = mc.log
-    store = PgStore(dsn, replica, schema=schema, batch_size=lc.batch_size,
-                    flush_seconds=lc.flush_seconds, max_pending=lc.max_queue)
+    store = PgStore.for_log(dsn, replica, lc, schema=schema)
     plane.monitor = SharedMonitor(mc, store, warm=True, follow_seconds=follow_seconds)
     logging.getLogger("modelguard.replica").info(
         "replica %s: monitor state in PostgreSQL %s (fail %s, durability %s)", replica,

@@ -186,6 +186,7 @@ class PgWriter(threading.Thread):
         self._plock = threading.Lock()
         self.con: psycopg.Connection | None = None
         self._cv = threading.Condition()
+        self._last_retention = time.monotonic()
         self.start()
 
     def put(self, item) -> int:
@@ -225,6 +226,32 @@ class PgWriter(threading.Thread):
             else:  # Transition
                 cur.execute(INSERT_TRANSITION, transition_row(it) + (s.replica,))
         flush_rows()
+
+    def _housekeeping(self) -> None:
+        """``log.retention_days``: every ``retention_every`` seconds delete request rows that
+        much older than the newest logged one, keeping rows with watermarked answers (the
+        proof), as the SQLite writer does. One replica at a time (a transaction-level advisory
+        lock; the others skip this round)."""
+        s = self.s
+        if s.retention_days <= 0 or time.monotonic() - self._last_retention < s.retention_every:
+            return
+        self._last_retention = time.monotonic()
+        try:
+            con = self._connect()
+            n = 0
+            with con.transaction():
+                if con.execute("SELECT pg_try_advisory_xact_lock(4243) AS ok").fetchone()["ok"]:
+                    newest = con.execute("SELECT max(t) AS t FROM requests").fetchone()["t"]
+                    if newest is not None:
+                        n = con.execute("DELETE FROM requests WHERE t < %s AND n_wm = 0",
+                                        (newest - s.retention_days * 86400,)).rowcount
+            if n:
+                s.pruned += n
+                log.info("monitor store: %d request rows older than %g days deleted", n,
+                         s.retention_days)
+        except CONN_ERRORS as exc:   # the writer's own retry loop reports the outage
+            self._drop()
+            log.debug("monitor store retention postponed: %r", exc)
 
     def _connect(self):
         if self.con is None or self.con.closed:
@@ -279,6 +306,7 @@ class PgWriter(threading.Thread):
                         time.sleep(delay)
                         delay = min(2.0, delay * 2)
                 last_contact = time.monotonic()
+                self._housekeeping()
                 nb = sum(1 for _, it in items if isinstance(it, Batch))
                 if nb:
                     with self._plock:
@@ -304,7 +332,8 @@ class PgStore(MonitorStore):
 
     def __init__(self, dsn: str, replica: str | None = None, *, schema: str | None = None,
                  batch_size: int = 512, flush_seconds: float = 0.2, max_pending: int = 20000,
-                 heartbeat: float = 1.0, close_timeout: float = 10.0):
+                 heartbeat: float = 1.0, close_timeout: float = 10.0,
+                 retention_days: float = 0.0, retention_every: float = 600.0):
         self.dsn = dsn
         self.schema = schema
         self.replica = replica or f"{os.uname().nodename}-{os.getpid()}"
@@ -313,6 +342,9 @@ class PgStore(MonitorStore):
         self.max_pending = max_pending
         self.heartbeat = heartbeat
         self.close_timeout = close_timeout
+        self.retention_days = retention_days    # log.retention_days (0: keep everything)
+        self.retention_every = retention_every
+        self.pruned = 0         # request rows deleted by retention (by this replica)
         self.conflicts = 0      # request rows another replica had logged first
         self._dropped = 0       # request rows/checkpoints dropped by the max_pending bound
         self.abandoned = 0      # items not written because PostgreSQL stayed down at close
@@ -324,6 +356,15 @@ class PgStore(MonitorStore):
         self._conns: list[psycopg.Connection] = []
         self._conns_lock = threading.Lock()
         self._writer = PgWriter(self)
+
+    @classmethod
+    def for_log(cls, dsn: str, replica: str | None, lc, schema: str | None = None
+                ) -> "PgStore":
+        """The store a server runs with its monitor config's ``[log]`` section ``lc``: writer
+        batching, the bound on what waits for PostgreSQL, retention."""
+        return cls(dsn, replica, schema=schema, batch_size=lc.batch_size,
+                   flush_seconds=lc.flush_seconds, max_pending=lc.max_queue,
+                   retention_days=lc.retention_days)
 
     # --- health ---------------------------------------------------------------------------------
     def _down(self, exc: BaseException) -> None:

@@ -182,9 +182,8 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
         from monitor.pgstore import PgStore, SharedMonitor
 
         lc = monitor_config.log
-        mon = SharedMonitor(monitor_config, PgStore(
-            cfg.store, cfg.replica, batch_size=lc.batch_size, flush_seconds=lc.flush_seconds,
-            max_pending=lc.max_queue), warm=True)
+        mon = SharedMonitor(monitor_config, PgStore.for_log(cfg.store, cfg.replica, lc),
+                            warm=True)
     elif cfg.monitor:
         from monitor import Monitor
 

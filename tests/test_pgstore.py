@@ -762,3 +762,25 @@ def test_snapshot_copies_a_shared_store_into_a_sqlite_log_the_tools_read(
     bad = tmp_path / "bad.db"
     assert cli(["snapshot", "--store", "postgresql://nobody@127.0.0.1:1/none", str(bad)]) == 2
     assert "cannot read the store" in capsys.readouterr().err and not bad.exists()
+
+
+def test_retention_deletes_old_rows_but_keeps_watermark_records(pg_server, pg_schema):
+    """log.retention_days on PostgreSQL, as on SQLite: rows older than the newest by more than
+    the retention go, rows holding watermarked answers (the proof) stay."""
+    from tests.test_monitor_durability import _batch
+    day = 86400.0
+    st = PgStore(pg_server.dsn, "r1", schema=pg_schema, retention_days=2.0,
+                 retention_every=3600.0)
+    for b in (_batch("a", 0, 1e9),                        # 10 days before the newest: deleted
+              _batch("a", 4, 1e9, watermarked=True),      # as old, but holds the proof: kept
+              _batch("a", 8, 1e9 + 9 * day),              # within 2 days of the newest: kept
+              _batch("a", 12, 1e9 + 10 * day)):
+        st.put_batch(b)
+    st.flush()
+    kept = lambda: [r["qn0"] for r in st.execute("SELECT qn0 FROM requests ORDER BY qn0")]  # noqa: E731
+    assert kept() == [0, 4, 8, 12]          # not before the period has passed
+    st._writer._last_retention = 0.0         # the period is over: the next commit prunes
+    st.put_batch(_batch("a", 16, 1e9 + 10 * day))
+    st.flush()
+    assert kept() == [4, 8, 12, 16] and st.pruned == 1
+    st.close()
