@@ -32,9 +32,10 @@ from functools import cached_property, lru_cache
 import numpy as np
 from scipy import special
 
+from monitor import features as _features
 from monitor.config import (DETECTOR_NAMES, NearDuplicateConfig, OODConfig, PradaConfig,
                             SimilarityConfig, VolumeConfig)
-from monitor.features import (DIM, Ring, approx_sq, encode, lower_bound_sq,
+from monitor.features import (BASIS, DIM, Ring, approx_sq, encode, lower_bound_sq,
                               attack_like_pairs, pair_dist, pixel_dist, residual_norms,
                               sq_norms, to_u8, total_variation)
 
@@ -104,6 +105,7 @@ class Items:
         self.probs = probs      # float16); float32 (N, 10): the target's probabilities
         self._intra = None
         self._intra_lb = None
+        self.slots = None       # the linking index's LSH slots, when computed before (seed)
 
     @classmethod
     def make(cls, x: np.ndarray, probs: np.ndarray, grid: np.ndarray | None = None
@@ -115,10 +117,28 @@ class Items:
             items.__dict__["grid"] = np.asarray(grid, dtype=bool)  # the cached_property's slot
         return items
 
+    SEEDED = ("enc", "res", "u8", "tv")
+
+    def seed(self, prep: dict) -> "Items":
+        """Take arrays computed for these same items before (Linker.probe's ``prep``: the same
+        functions of the same stored items, so the same values): ``enc``, ``res``, ``u8``,
+        ``tv`` fill their cached properties, ``slots`` the linking index's LSH slots."""
+        for name in self.SEEDED:
+            a = prep.get(name)
+            if a is not None:
+                self.__dict__[name] = a       # the cached_property's slot
+        if prep.get("slots") is not None:
+            self.slots = prep["slots"]
+        return self
+
     @cached_property
     def enc(self) -> np.ndarray:
-        """float32 (N, 64): DCT encodings of v."""
-        return encode(self.v)
+        """float32 (N, 64): DCT encodings of v (monitor.features.encode); the squared pixel
+        norms (pnorm) come from the same float64 copy of v."""
+        v64 = self.v.astype(np.float64)
+        if "pnorm" not in self.__dict__:
+            self.__dict__["pnorm"] = np.einsum("ij,ij->i", v64, v64)
+        return (v64 @ BASIS).astype(np.float32)
 
     @cached_property
     def norm(self) -> np.ndarray:
@@ -127,12 +147,13 @@ class Items:
 
     @cached_property
     def res(self) -> np.ndarray:
-        """float32 (N,): norms of the residuals (v minus its 64 frequencies)."""
-        return residual_norms(self.v, self.enc)
+        """float32 (N,): norms of the residuals (v minus its 64 frequencies):
+        monitor.features.residual_norms from the two squared norms it computes."""
+        return np.sqrt(np.maximum(self.pnorm - self.norm, 0.0)).astype(np.float32)
 
     @cached_property
     def pnorm(self) -> np.ndarray:
-        """float64 (N,): squared pixel norms of v."""
+        """float64 (N,): squared pixel norms of v (monitor.features.sq_norms)."""
         return sq_norms(self.v)
 
     @cached_property
@@ -159,6 +180,9 @@ class Items:
         """Approximate squared DCT distances between the request's items, +inf where j >= i
         (item i sees only earlier items of its request)."""
         if self._intra is None:
+            if len(self.v) == 1 and _features.FAST_PATHS:   # the only pair, (0, 0), is +inf
+                self._intra = np.full((1, 1), np.inf, np.float32)
+                return self._intra
             s = approx_sq(self.enc, self.norm, self.enc, self.norm)
             s[np.triu_indices(len(s))] = np.inf
             self._intra = s
@@ -304,10 +328,21 @@ class Prada(Detector):
         d = pair_dist(items.v, idx[ri], Gv, cj)
         out = u.copy()
         arg = best.copy()
+        if len(ri) and len(idx) == 1 and _features.FAST_PATHS:
+            # one item (a batch-1 request): the first minimum is the nearest candidate with the
+            # lowest slot (cj ascends), as the lexsort below orders them; NaN (sorted last
+            # there, first by argmin) takes the general path
+            j = int(d.argmin())
+            if d[j] == d[j]:
+                if d[j] < out[0]:
+                    out[0] = d[j]
+                    arg[0] = cj[j]
+                self._nearest = arg
+                return out
         if len(ri):
             order = np.lexsort((cj, d, ri))           # per item: nearest first, ties by slot
             ro = ri[order]
-            first = order[np.r_[True, ro[1:] != ro[:-1]]]
+            first = order[np.concatenate(([True], ro[1:] != ro[:-1]))]
             closer = d[first] < out[ri[first]]
             out[ri[first[closer]]] = d[first[closer]]
             arg[ri[first[closer]]] = cj[first[closer]]
@@ -322,6 +357,8 @@ class Prada(Detector):
         out = np.zeros(len(idx), dtype=bool)
         if not cfg.ignore_benign_copies:
             return out
+        if len(d) == 1 and not (0 < d[0] <= cfg.benign_radius) and _features.FAST_PATHS:
+            return out
         near = np.flatnonzero((d > 0) & (d <= cfg.benign_radius))
         if len(near):
             Gv = self.G[c].get("v")[0]
@@ -330,6 +367,8 @@ class Prada(Detector):
         return out
 
     def observe_batch(self, items, t):
+        if len(items) == 1 and _features.FAST_PATHS:
+            return self._observe_one(items)
         cfg = self.cfg
         n = len(items)
         cls = items.probs.argmax(1)
@@ -393,6 +432,82 @@ class Prada(Detector):
         fires[start:] = self.fires
         self.n += n
         return W, fires
+
+    def _observe_one(self, items):
+        """observe_batch for a request of one item: the same steps with Python scalars (no
+        per-class grouping, no B x B term, no test schedule to search)."""
+        cfg = self.cfg
+        c = int(items.probs.argmax(1)[0])
+        idx = np.zeros(1, np.intp)
+        dh_a = self._min_to_set(c, items, idx)
+        benign = self._benign(c, items, idx, dh_a)
+        dh0 = float(dh_a[0])
+        d = min(dh0, math.inf)            # (no earlier item of the request joined G_c)
+        T = float(self.T[c])
+        gn, gs, gq = int(self.grow_n[c]), float(self.grow_sum[c]), float(self.grow_sq[c])
+        rec = None
+        if d == math.inf:                 # G_c is empty: x starts it (distance 0, not recorded)
+            grow = True
+            gn += 1
+        else:
+            if not ((d == 0.0 and cfg.ignore_duplicates) or (benign[0] and d == dh0)):
+                rec = d
+            grow = d > T
+            if grow:
+                gn += 1
+                gs += d
+                gq += d * d
+                mean = gs / gn
+                T = max(T, mean - math.sqrt(max(gq / gn - mean * mean, 0.0)))
+        self.T[c] = T
+        self.grow_n[c], self.grow_sum[c], self.grow_sq[c] = gn, gs, gq
+        if grow:
+            self.G[c].add_items(items, idx)
+        if rec is not None and rec == rec:   # (a NaN distance is not recorded)
+            self._record1(rec, c)
+        if (self.n + 1) % cfg.check_every == 0:
+            self._test()
+        self.n += 1
+        return np.array([self.W], np.float64), np.array([self.fires], bool)
+
+    def _record1(self, d: float, c: int) -> None:
+        """_record for one distance d of class c (the same arrays, without the vectorised
+        bookkeeping: only class c's count moves, so only it can become included)."""
+        cfg = self.cfg
+        mcd = cfg.min_class_distances
+        before = int(self.Dcount[c])
+        self.Dcount[c] += 1
+        keep = cfg.window + len(self.Dcount) * mcd
+        self.D = np.concatenate([self.D, np.array([d], np.float64)])[-keep:]
+        self.Dcls = np.concatenate([self.Dcls, np.array([c], np.int8)])[-keep:]
+        if before + 1 < mcd:
+            return
+        if before < mcd:                                    # class c became included
+            ok = self.Dcount >= mcd
+            inc = self.D[ok[self.Dcls.astype(np.int64)]][-cfg.window:]
+            self.inc = inc.copy()
+            self.S = np.sort(inc)
+            return
+        self.inc = np.concatenate([self.inc, np.array([d], np.float64)])
+        S = self.S
+        p = int(np.searchsorted(S, d))
+        S1 = np.empty(len(S) + 1)
+        S1[:p] = S[:p]
+        S1[p] = d
+        S1[p + 1:] = S[p:]
+        drop = len(self.inc) - cfg.window
+        if drop == 1:
+            old = self.inc[0]
+            self.inc = self.inc[1:]
+            f = int(np.searchsorted(S1, old, side="left"))
+            S1 = np.concatenate([S1[:f], S1[f + 1:]])
+        elif drop > 1:
+            old = np.sort(self.inc[:drop])
+            self.inc = self.inc[drop:]
+            first = np.searchsorted(S1, old, side="left")
+            rank = np.arange(len(old)) - np.searchsorted(old, old, side="left")
+            S1 = np.delete(S1, first + rank)
+        self.S = S1
 
     # The test's window: the most recent ``window`` distances of the classes that hold at least
     # ``min_class_distances`` ("included"), kept both in arrival order (inc) and sorted (S), so a
@@ -504,10 +619,13 @@ class OODRate(Detector):
         self.share = _RollingShare(cfg.window)
 
     def observe_batch(self, items, t):
+        cfg = self.cfg
         n0 = self.share.n
-        rate = self.share.push(items.probs.max(1) < self.cfg.tau)
+        rate = self.share.push(items.probs.max(1) < cfg.tau)
+        if len(rate) == 1 and _features.FAST_PATHS:
+            return rate, np.array([n0 + 1 >= cfg.min_queries and float(rate[0]) > cfg.threshold])
         ns = n0 + 1 + np.arange(len(rate))
-        return rate, (ns >= self.cfg.min_queries) & (rate > self.cfg.threshold)
+        return rate, (ns >= cfg.min_queries) & (rate > cfg.threshold)
 
 
 def _pairs_below(items: Items, idx: np.ndarray, bound: np.ndarray) -> np.ndarray:
@@ -562,6 +680,8 @@ class Similarity(Detector):
         k = self.cfg.k
         n = len(items)
         m = self.hist.m
+        if n == 1 and _features.FAST_PATHS:
+            return self._observe_one(items, torch, k, m)
         score = np.full(n, np.nan)
         rows = np.flatnonzero(m + np.arange(n) >= k)
         if len(rows):
@@ -586,6 +706,35 @@ class Similarity(Detector):
         self.hist.add(e=items.enc, n=items.norm)
         with np.errstate(invalid="ignore"):
             return score, score < self.cfg.threshold
+
+    def _observe_one(self, items, torch, k: int, m: int):
+        """observe_batch for one item: the same products and top-k selections (so the same
+        neighbours in the same order, and the same mean), without the request's B x B term
+        (its only entry, the item against itself, is +inf) or the row bookkeeping."""
+        score = math.nan
+        if m >= k:
+            rows = np.zeros(1, np.intp)
+            He, Hn = self.hist.get("e", "n")
+            q, qn = items.enc[rows], items.norm[rows]
+            own = np.full((1, 1), np.inf, np.float32)
+            own_idx = np.full((1, 1), m, np.int64)
+            if m > k:
+                top = torch.topk(torch.from_numpy(approx_sq(q, qn, He, Hn)), k, dim=1,
+                                 largest=False, sorted=False)
+                hv, hi = top.values.numpy(), top.indices.numpy()
+            else:
+                hv = approx_sq(q, qn, He, Hn)
+                hi = np.broadcast_to(np.arange(m), hv.shape)
+            vals = np.concatenate([hv, own], axis=1)
+            cols = np.concatenate([hi, own_idx], axis=1)
+            pick = torch.topk(torch.from_numpy(vals), k, dim=1, largest=False, sorted=False
+                              ).indices.numpy()
+            idx = cols[:, pick[0]]                    # np.take_along_axis for one row
+            g = He[idx] if int(idx.max()) < m else _gather(He, items.enc, idx)
+            d = pixel_dist(g, q[:, None, :])
+            score = float(np.add.reduce(d, axis=1)[0]) / k    # d.mean(1): sum / count
+        self.hist.add(e=items.enc, n=items.norm)
+        return np.array([score]), np.array([score < self.cfg.threshold])
 
 
 class NearDuplicate(Detector):
@@ -649,10 +798,14 @@ class NearDuplicate(Detector):
         if len(Hv):
             self._search(near, lower_bound_sq(items.enc, items.norm, items.res, He, Hn, Hr),
                          hi, items.v, Hv)
-        self._search(near, items.intra_lb, hi, items.v, items.v)  # earlier items of the request
+        if n > 1 or not _features.FAST_PATHS:   # earlier items of the request (one item has
+            # none: its only pair, with itself, is +inf)
+            self._search(near, items.intra_lb, hi, items.v, items.v)
         self.hist.add_items(items)
         n0 = self.share.n
         rate = self.share.push(near)
+        if n == 1 and _features.FAST_PATHS:
+            return rate, np.array([n0 + 1 >= cfg.min_queries and float(rate[0]) > cfg.threshold])
         ns = n0 + 1 + np.arange(n)
         return rate, (ns >= cfg.min_queries) & (rate > cfg.threshold)
 
@@ -677,6 +830,10 @@ class Volume(Detector):
             self.batches[-1][1] += n
         else:
             self.batches.append([t, n])
+        if n == 1 and _features.FAST_PATHS:
+            c = float(self.count + 1)
+            self.count += 1
+            return np.array([c]), np.array([c > self.cfg.threshold])
         counts = (self.count + 1 + np.arange(n)).astype(np.float64)
         self.count += n
         return counts, counts > self.cfg.threshold

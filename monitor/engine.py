@@ -16,6 +16,9 @@ from monitor.config import DETECTOR_NAMES, MonitorConfig
 from monitor.detectors import Items, build_detectors
 
 DET_INDEX = {n: i for i, n in enumerate(DETECTOR_NAMES)}
+# requests up to this many items take the per-item Python ladder (ClientEngine._observe_small;
+# 0: never)
+SMALL_REQUEST = 16
 
 
 @dataclass
@@ -84,6 +87,8 @@ class ClientEngine:
         st = dict(self.__dict__)
         st.pop("cfg", None)
         st.pop("rules", None)
+        st.pop("_specs", None)
+        st.pop("_specs_of", None)
         return st
 
     def restore(self, cfg: MonitorConfig) -> "ClientEngine":
@@ -135,15 +140,18 @@ class ClientEngine:
         return [tr]
 
     def step(self, x: np.ndarray, probs: np.ndarray, t: float, on_grid: np.ndarray | None = None,
-             floor: int = 0) -> "Step":
+             floor: int = 0, prepared: dict | None = None) -> "Step":
         """One request as the live monitor and replay both run it: the optional cool-down, then
         the detectors and the ladder. ``floor``: the level a linked group imposes (the engine's
-        level is raised to it first, so its own rules only report what goes higher)."""
+        level is raised to it first, so its own rules only report what goes higher).
+        ``prepared``: arrays Linker.probe computed for these same items (Items.seed)."""
         trs = self.begin_batch(t)
         if floor > self.level:
             self.level = Level(floor)
         qn0, before = self.qn, int(self.level)
         items = Items.make(x, probs, on_grid)
+        if prepared:                  # arrays Linker.probe computed for these items
+            items.seed(prepared)
         scores, fired, after, trs2 = self.observe_batch(items.v, items.probs, t, items=items)
         return Step(qn0, before, items, scores, fired, after, trs + trs2)
 
@@ -158,6 +166,8 @@ class ClientEngine:
         if items is None:
             items = Items.make(x, probs, on_grid)
         n = len(items)
+        if 0 < n <= SMALL_REQUEST:
+            return self._observe_small(items, t)
         scores = np.full((n, len(DETECTOR_NAMES)), np.nan)
         firing = {}
         for name, det in self.dets.items():
@@ -206,6 +216,74 @@ class ClientEngine:
             self.level = Level(prev)
             self.last_change_t = t
         return scores, fired, after, trs
+
+    def _rule_specs(self) -> list[tuple]:
+        """(detectors, level, min_hits, rule) per rule, derived once per rules list."""
+        d = self.__dict__
+        if d.get("_specs_of") is not self.rules:
+            d["_specs"] = [(tuple(r.detectors), int(r.level), r.min_hits, r) for r in self.rules]
+            d["_specs_of"] = self.rules
+        return d["_specs"]
+
+    def _observe_small(self, items: Items, t: float):
+        """observe_batch for a small request, item by item in Python (the numpy ladder's
+        cumulative sums and per-rule arrays cost more than the loop here): the same hit
+        counts, levels after each item, transitions and evidence."""
+        n = len(items)
+        scores = np.full((n, len(DETECTOR_NAMES)), np.nan)
+        firing = {}
+        fired = [0] * n
+        for name, det in self.dets.items():
+            s, f = det.observe_batch(items, t)
+            col = DET_INDEX[name]
+            scores[:, col] = s
+            fl = np.asarray(f, dtype=bool).tolist()
+            firing[name] = fl
+            for j in range(n):
+                if fl[j]:
+                    fired[j] |= 1 << col
+        start_qn = self.qn
+        self.qn += n
+        specs = self._rule_specs()
+        hits = self.hits
+        prev = int(self.level)
+        top = prev                       # the level after the items so far
+        after = [0] * n
+        trs: list[Transition] = []
+        hold = False
+        for j in range(n):
+            reach = []
+            target = 0
+            for i, (dets, lvl, min_hits, _) in enumerate(specs):
+                cond = all([firing[d][j] for d in dets])
+                if cond:
+                    hits[i] += 1
+                    hold = True
+                r = lvl if cond and hits[i] >= min_hits else 0
+                reach.append((r, hits[i]))
+                if r > target:
+                    target = r
+            if target > top:
+                top = target
+                ev, why = [], []
+                for i, (dets, lvl, min_hits, rule) in enumerate(specs):
+                    if reach[i][0] == top:
+                        why.append(rule.label)
+                        for d in dets:
+                            ev.append({"detector": d, "value": _num(scores[j, DET_INDEX[d]]),
+                                       "threshold": self.dets[d].threshold,
+                                       "hits": reach[i][1], "min_hits": min_hits,
+                                       "rule": rule.label})
+                trs.append(Transition(self.client, t, start_qn + j + 1, Level(prev), Level(top),
+                                      "; ".join(why), ev))
+                prev = top
+            after[j] = top
+        if hold:
+            self.last_hold_t = t
+        if trs:
+            self.level = Level(prev)
+            self.last_change_t = t
+        return scores, np.array(fired, dtype=np.int64), np.array(after, dtype=np.int64), trs
 
     def nbytes(self) -> int:
         return sum(d.nbytes() for d in self.dets.values())

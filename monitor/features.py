@@ -20,6 +20,10 @@ import math
 import numpy as np
 
 SIDE = 28
+# The shortcuts for one-item (batch-1) and few-item requests in this module, monitor.detectors and
+# monitor.linking compute the same values bit for bit as the general code; tests switch them off
+# to compare the two.
+FAST_PATHS = True
 FREQS = 8                      # 8 x 8 lowest frequencies
 DIM = FREQS * FREQS            # 64
 
@@ -68,7 +72,7 @@ def lower_bound_sq(q: np.ndarray, qn: np.ndarray, qr: np.ndarray, h: np.ndarray,
     an item the 64 frequencies do not hold). Valid because the basis is orthonormal:
     ||x - y||^2 = ||e_x - e_y||^2 + ||res_x - res_y||^2 >= ||e_x - e_y||^2 + (r_x - r_y)^2."""
     s = approx_sq(q, qn, h, hn)
-    d = qr.astype(np.float32)[:, None] - hr.astype(np.float32)[None, :]
+    d = qr.astype(np.float32, copy=False)[:, None] - hr.astype(np.float32, copy=False)[None, :]
     d *= d
     s += d
     return s
@@ -89,6 +93,7 @@ def pixel_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 _CHUNK = 256    # rows per block of pair_dist (a block's scratch stays in the CPU cache)
+_SMALL_PAIRS = 16   # up to this many pairs, pair_dist gathers them directly
 
 
 def pair_dist(a: np.ndarray, ia: np.ndarray | None, b: np.ndarray, ib: np.ndarray | None
@@ -97,12 +102,20 @@ def pair_dist(a: np.ndarray, ia: np.ndarray | None, b: np.ndarray, ib: np.ndarra
     per-row einsum), without materialising the gathered rows: blocks of ``_CHUNK`` pairs are
     gathered into one reused scratch buffer. ``ia``/``ib`` None: the rows in order."""
     n = len(ia) if ia is not None else len(ib) if ib is not None else len(a)
-    out = np.empty(n, np.float64)
     if n == 0:
-        return out
-    width = a.shape[1]
+        return np.empty(0, np.float64)
     ka = np.arange(n) if ia is None else np.asarray(ia, np.intp)
     kb = np.arange(n) if ib is None else np.asarray(ib, np.intp)
+    if n <= _SMALL_PAIRS and a.dtype == np.float32 and b.dtype == np.float32 and FAST_PATHS:
+        # a few pairs: the gathered rows are small, so no scratch buffers (the same float32
+        # difference, the same per-row einsum and square root)
+        x = a[ka]
+        x -= b[kb]
+        r = np.einsum("ij,ij->i", x, x)
+        np.sqrt(r, out=r)
+        return r.astype(np.float64)
+    out = np.empty(n, np.float64)
+    width = a.shape[1]
     buf = np.empty((min(n, _CHUNK), width), np.float32)
     tmp = np.empty((min(n, _CHUNK), width), np.float32)
     for s in range(0, n, _CHUNK):
@@ -205,8 +218,11 @@ def to_u8(v: np.ndarray) -> np.ndarray:
 def total_variation(pix: np.ndarray) -> np.ndarray:
     """Anisotropic total variation of uint8 items (N, 784), in grey levels (int64 (N,))."""
     u = pix.reshape(len(pix), 28, 28).astype(np.int16)
-    return (np.abs(np.diff(u, axis=1)).sum((1, 2), dtype=np.int64)
-            + np.abs(np.diff(u, axis=2)).sum((1, 2), dtype=np.int64))
+    dy = u[:, 1:, :] - u[:, :-1, :]         # np.diff along each axis (exact integers)
+    dx = u[:, :, 1:] - u[:, :, :-1]
+    np.abs(dy, out=dy)
+    np.abs(dx, out=dx)
+    return dy.sum((1, 2), dtype=np.int64) + dx.sum((1, 2), dtype=np.int64)
 
 
 
@@ -240,6 +256,7 @@ class Ring:
         self.cols = {k: np.zeros((0,) + tuple(shape), dtype) for k, (shape, dtype) in
                      columns.items()}
         self.n = 0          # rows ever added
+        self._nb = None     # nbytes() while the columns are not regrown (None: recount)
 
     @property
     def m(self) -> int:
@@ -261,9 +278,16 @@ class Ring:
                 b = np.zeros((cap,) + a.shape[1:], a.dtype)
                 b[:m] = a[:m]
                 self.cols[c] = b
-        slots = (self.n + np.arange(k)) % self.size
-        for c, v in rows.items():
-            self.cols[c][slots] = v
+            self._nb = None
+        cols = self.cols
+        if k == 1 and FAST_PATHS:   # one row (a batch-1 request): a plain index, no slot array
+            slot = self.n % self.size
+            for c, v in rows.items():
+                cols[c][slot] = v[0]
+        else:
+            slots = (self.n + np.arange(k)) % self.size
+            for c, v in rows.items():
+                cols[c][slots] = v
         self.n += k
 
     def get(self, *names: str) -> tuple[np.ndarray, ...]:
@@ -272,7 +296,10 @@ class Ring:
         return tuple(self.cols[c][:m] for c in names)
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.cols.values())
+        nb = getattr(self, "_nb", None)     # (rings pickled before the cache have none)
+        if nb is None:
+            nb = self._nb = sum(a.nbytes for a in self.cols.values())
+        return nb
 
     def __getstate__(self):  # the used part, in storage order (slot arithmetic stays valid)
         m = self.m
@@ -281,3 +308,4 @@ class Ring:
 
     def __setstate__(self, st):
         self.size, self.n, self.cols = st["size"], st["n"], st["cols"]
+        self._nb = None

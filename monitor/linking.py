@@ -41,6 +41,7 @@ import numpy as np
 
 from common.types import Level
 from monitor.config import LinkingConfig
+from monitor import features as _features
 from monitor.engine import Transition
 from monitor.features import (DIM, TWO_SIDED, encode, perturbation_stats, residual_norms,
                               to_u8, total_variation)
@@ -189,9 +190,19 @@ class LinkIndex:
         n = len(slots)
         if self.n == 0 or n == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        lo = self.n - min(self.n, self.size)
+        if n == 1 and _features.FAST_PATHS:   # one item: its entries, each once, sorted
+            s = self.table[np.arange(self.cfg.tables), slots[0]].ravel()
+            s = s[s >= lo]
+            if len(s) > 1:
+                s.sort()
+                s = s[np.concatenate(([True], s[1:] != s[:-1]))]    # np.unique
+            ring = s % self.size
+            other = self.kid[ring] != kid
+            ring = ring[other]
+            return np.zeros(len(ring), np.int64), ring
         t = np.arange(self.cfg.tables)[None, :]
         seq = self.table[t, slots].reshape(n, -1)              # (n, tables * bucket)
-        lo = self.n - min(self.n, self.size)
         ii, jj = np.nonzero(seq >= lo)
         s = seq[ii, jj]
         u = np.unique(ii * self.n + s)                          # each (item, entry) once
@@ -217,6 +228,13 @@ class LinkIndex:
         self.kid[ring] = kid
         cap = self.cfg.bucket
         nt = self.cfg.tables
+        if k == 1 and cap >= 1 and _features.FAST_PATHS:
+            # one item: one entry per table, in distinct (table, slot) cells, each the newest
+            tt, ss = np.arange(nt), slots[0]
+            self.table[tt, ss, self.ptr[tt, ss] % cap] = self.n
+            self.ptr[tt, ss] += 1
+            self.n += 1
+            return
         # every table at once: (table, slot) keys, stable-sorted, so items of one slot keep
         # their request order (the newest `cap` per slot survive, as inserted one by one)
         key = (np.arange(nt, dtype=np.int64)[None, :] * self.nslots + slots).T.ravel()
@@ -479,7 +497,7 @@ class Linker:
             eng.level = out.level
         return out
 
-    def probe(self, client: str, v: np.ndarray) -> Level:
+    def probe(self, client: str, v: np.ndarray, prep: dict | None = None) -> Level:
         """Before a request is answered (reads the index only; the pairs are counted when the
         request is observed). The level to answer it at:
 
@@ -492,7 +510,11 @@ class Linker:
           (or its group's) plus the attack-like copies of any key's queries in this request.
 
         Only items holding the perturbed copy (the rougher side) count: an honest user who
-        sends an original that an attacker perturbed is never raised by it."""
+        sends an original that an attacker perturbed is never raised by it.
+
+        ``prep``: a dict that receives the item arrays computed here (``enc``, ``slots`` and,
+        when the pixels were looked at, ``u8``, ``res``, ``tv``), so the request's observe can
+        reuse them (monitor.detectors.Items.seed)."""
         idx = self.index
         cur = self.eff.get(client, 0)
         if len(v) == 0 or not self.wants_probe(client):
@@ -501,18 +523,23 @@ class Linker:
         full = self._young(client)
         v = np.asarray(v, np.float32).reshape(len(v), -1)
         enc = encode(v)
-        ii, ss = idx.candidates(idx.slots(enc), self._kid.get(client, -1))
+        slots = idx.slots(enc)
+        if prep is not None:
+            prep["enc"], prep["slots"] = enc, slots
+        ii, ss = idx.candidates(slots, self._kid.get(client, -1))
         if len(ii) == 0:
             return Level.NORMAL
-        lvl = np.array([tops.get(int(k), 0) for k in idx.kid[ss]], dtype=np.int64)
+        lvl = np.array([tops.get(k, 0) for k in idx.kid[ss].tolist()], dtype=np.int64)
         if not full:
             keep = lvl > cur
             ii, ss = ii[keep], ss[keep]
             if len(ii) == 0:
                 return Level.NORMAL
         pix = to_u8(v)
-        ii, ss, mine, *_ = self._verify(enc, residual_norms(v, enc), pix, total_variation(pix),
-                                        ii, ss)
+        res, tv = residual_norms(v, enc), total_variation(pix)
+        if prep is not None:
+            prep["u8"], prep["res"], prep["tv"] = pix, res, tv
+        ii, ss, mine, *_ = self._verify(enc, res, pix, tv, ii, ss)
         # only where this request holds the perturbed copy: an honest user who sends an
         # original that an attacker perturbed is the source, never raised by it
         ii, ss = ii[mine], ss[mine]
@@ -590,8 +617,10 @@ class Linker:
     def _pairs(self, client, qn0, v, enc, t) -> list[Pair]:
         idx = self.index
         items = getattr(self, "_items", None)
+        slots = None
         if items is not None:       # the request's arrays as the detectors prepared them
             enc, res, pix, tv = items.enc, items.res, items.u8, items.tv
+            slots = getattr(items, "slots", None)   # (probe's, when it computed them)
         else:
             v = np.asarray(v, np.float32).reshape(len(v), -1)
             if enc is None:
@@ -599,7 +628,8 @@ class Linker:
             pix = to_u8(v)
             res = residual_norms(v, enc)
             tv = total_variation(pix)
-        slots = idx.slots(enc)
+        if slots is None:
+            slots = idx.slots(enc)
         kid = self._key_id(client)
         pairs: list[Pair] = []
         ii, ss = idx.candidates(slots, kid)
@@ -609,7 +639,7 @@ class Linker:
             # the nearest entry per (item, other key); ties by ring slot (deterministic)
             order = np.lexsort((ss, l2, other, ii))
             io, oo = ii[order], other[order]
-            first = np.r_[True, (io[1:] != io[:-1]) | (oo[1:] != oo[:-1])]
+            first = np.concatenate(([True], (io[1:] != io[:-1]) | (oo[1:] != oo[:-1])))
             for j in order[first]:
                 i, s_ = int(ii[j]), int(ss[j])
                 a = (client, qn0 + i + 1)

@@ -437,3 +437,209 @@ def test_prada_nearest_element_matches_a_brute_force_search(fashion, kind):
                 d, _ = _plain_nearest(Gv, items.v[a])
                 assert got[j] == d
         det.observe_batch(items, 0.0)
+
+
+# --- batch-1 fast paths against the general path ----------------------------------------------
+def _bits(a) -> bytes:
+    a = np.asarray(a)
+    return a.dtype.str.encode() + repr(a.shape).encode() + a.tobytes()
+
+
+def _mixed_stream(fashion, n=700, seed=21):
+    """Natural images with repeats, sign steps of earlier items, benign re-lit copies, noisy
+    (off-grid) items and uniform noise, with labels that mostly follow the images."""
+    x, y = fashion
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, 400, n)
+    xs, cls = x[idx].copy(), y[idx].copy()
+    kind = rng.integers(0, 6, n)
+    for i in range(1, n):
+        j = int(rng.integers(0, i))
+        if kind[i] == 1:                                  # sign step of an earlier query
+            xs[i] = np.clip(xs[j] + 0.1 * rng.choice([-1.0, 1.0], xs[j].shape), 0, 1)
+            cls[i] = cls[j]
+        elif kind[i] == 2:                                # exact repeat
+            xs[i], cls[i] = xs[j], cls[j]
+        elif kind[i] == 3:                                # benign: re-lit copy
+            xs[i], cls[i] = np.clip(xs[j] * 0.92 + 0.03, 0, 1), cls[j]
+        elif kind[i] == 4:                                # off the 0-255 grid
+            xs[i] = np.clip(xs[i] + rng.normal(0, 0.03, xs[i].shape), 0, 1)
+    xs[rng.random(n) < 0.05] = rng.random((28, 28)).astype(np.float32)
+    probs = np.full((n, 10), 0.02, np.float32)
+    probs[np.arange(n), cls] = np.where(rng.random(n) < 0.3, 0.5, 0.82).astype(np.float32)
+    return xs.astype(np.float32), probs
+
+
+def _detector_factories():
+    return {
+        "prada": lambda: Prada(PradaConfig(window=150, check_every=3, min_class_distances=4,
+                                           min_pooled=20, max_set=40)),
+        "ood": lambda: OODRate(OODConfig(window=30, min_queries=20, threshold=0.2)),
+        "similarity": lambda: Similarity(SimilarityConfig(k=5, history=60, threshold=1.5)),
+        "near_duplicate": lambda: NearDuplicate(NearDuplicateConfig(history=80, window=30,
+                                                                    min_queries=20,
+                                                                    threshold=0.05)),
+        "volume": lambda: Volume(VolumeConfig(window_seconds=3.0, threshold=8)),
+    }
+
+
+def _state_bits(det) -> list[bytes]:
+    """Every array of a detector's state (what a checkpoint holds), as bytes."""
+    import pickle
+    st = pickle.loads(pickle.dumps(det))
+    out, stack = [], [vars(st)]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, np.ndarray):
+            out.append(_bits(o))
+        elif isinstance(o, dict):
+            stack.extend(o[k] for k in sorted(o, key=str) if k != "cfg")
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif hasattr(o, "__getstate__") and hasattr(o, "__dict__") and not isinstance(o, type):
+            stack.append(o.__getstate__() if type(o).__getstate__ is not object.__getstate__
+                         else vars(o))
+        elif isinstance(o, (int, float, bool, str)) or o is None:
+            out.append(repr(o).encode())
+    return out
+
+
+@pytest.mark.parametrize("name", ["prada", "ood", "similarity", "near_duplicate", "volume"])
+def test_batch1_fast_paths_match_the_general_path(fashion, name, monkeypatch):
+    """Each detector fed one item per request with the one-item shortcuts on (the default) and
+    off (the general batched code): the same scores and fires bit for bit, and the same state
+    after (a checkpoint's arrays), on a stream that exercises every branch."""
+    import monitor.features as F
+    xs, probs = _mixed_stream(fashion)
+    ts = np.floor(np.arange(len(xs)) / 3.0) * 0.5        # several requests per timestamp
+    runs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(F, "FAST_PATHS", fast)
+        det = _detector_factories()[name]()
+        s_all, f_all = [], []
+        for i in range(len(xs)):
+            s, f = det.observe_batch(Items.make(xs[i:i + 1], probs[i:i + 1]), float(ts[i]))
+            s_all.append(_bits(np.asarray(s, np.float64)))
+            f_all.append(_bits(np.asarray(f, bool)))
+        runs[fast] = (s_all, f_all, _state_bits(det), det)
+    (s1, f1, st1, det1), (s0, f0, st0, _) = runs[True], runs[False]
+    assert s1 == s0
+    assert f1 == f0
+    assert st1 == st0
+    if name == "prada":      # the stream reaches every part of the one-item path
+        assert np.isfinite(det1.W) and det1.grow_n.sum() > 40 and len(det1.S) == 150
+
+
+def test_prada_one_item_path_really_runs_and_records(fashion, monkeypatch):
+    """The comparison above is not vacuous: the one-item path is taken at batch 1 (and not at
+    batch 2), and its window bookkeeping (insert, slide, a class joining) is exercised."""
+    calls = {"one": 0, "rec1": 0}
+    real_one, real_rec1 = Prada._observe_one, Prada._record1
+
+    def one_(self, items):
+        calls["one"] += 1
+        return real_one(self, items)
+
+    def rec1(self, d, c):
+        calls["rec1"] += 1
+        return real_rec1(self, d, c)
+
+    monkeypatch.setattr(Prada, "_observe_one", one_)
+    monkeypatch.setattr(Prada, "_record1", rec1)
+    xs, probs = _mixed_stream(fashion, n=300)
+    det = _detector_factories()["prada"]()
+    feed(det, xs[:200], probs[:200], batch=1)
+    assert calls["one"] == 200 and calls["rec1"] > 100
+    feed(det, xs[200:], probs[200:], batch=2)
+    assert calls["one"] == 200
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_small_request_ladder_matches_the_numpy_ladder(batch, monkeypatch):
+    """ClientEngine's per-item Python ladder (small requests) against the vectorised one:
+    random firing patterns, rules over one or two detectors with min_hits, from a raised
+    level; the same scores, fired bits, levels after each item, transitions with evidence,
+    hit counts and hold times."""
+    import monitor.engine as E
+    from monitor.config import config_from_dict, load_config
+    d = load_config().model_dump(mode="python")
+    d["policies"] = {k.name.lower(): v for k, v in d["policies"].items()}
+    d["rules"] = [{"detectors": ["prada"], "level": "label_only", "min_hits": 3},
+                  {"detectors": ["ood", "similarity"], "level": "noise", "min_hits": 2},
+                  {"detectors": ["near_duplicate"], "level": "switch", "min_hits": 7},
+                  {"detectors": ["volume"], "level": "noise"},
+                  {"detectors": ["ood"], "level": "switch", "min_hits": 40}]
+    cfg = config_from_dict(d)
+    rng = np.random.default_rng(batch)
+    n = 400
+    names = list(_detector_factories())
+    scores = {k: np.where(rng.random(n) < 0.1, np.nan, rng.random(n)) for k in names}
+    fires = {k: rng.random(n) < p for k, p in zip(names, (0.04, 0.3, 0.3, 0.02, 0.01))}
+
+    class Stub:
+        def __init__(self, name):
+            self.name, self.threshold, self.pos = name, 0.5, 0
+
+        def observe_batch(self, items, t):
+            a, self.pos = self.pos, self.pos + len(items)
+            return scores[self.name][a:self.pos], fires[self.name][a:self.pos]
+
+        def nbytes(self):
+            return 0
+
+    runs = {}
+    assert E.SMALL_REQUEST >= batch
+    for small in (True, False):
+        monkeypatch.setattr(E, "SMALL_REQUEST", 16 if small else 0)
+        eng = E.ClientEngine(cfg, "c")
+        eng.dets = {k: Stub(k) for k in names}
+        eng.level = E.Level.NOISE if batch == 3 else E.Level.NORMAL
+        out = []
+        for i in range(0, n, batch):
+            m = min(batch, n - i)
+            items = Items(np.zeros((m, 784), np.float32), np.full((m, 10), 0.1, np.float32))
+            s, f, after, trs = eng.observe_batch(None, None, float(i), items=items)
+            out.append((_bits(s), _bits(f), _bits(after),
+                        [(tr.key(), tr.t, repr(tr.evidence)) for tr in trs]))
+        runs[small] = (out, list(eng.hits), int(eng.level), eng.qn, eng.last_hold_t,
+                       eng.last_change_t)
+    assert runs[True] == runs[False]
+    assert sum(len(o[3]) for o in runs[False][0]) >= 2      # it did escalate
+
+
+def test_items_norms_and_total_variation_match_their_definitions(fashion, monkeypatch):
+    """Items' encodings and norms (sharing one float64 copy), total_variation (slices instead
+    of np.diff), pair_dist's few-pairs path and Ring's one-row insert: bit for bit what the
+    plain definitions give."""
+    import monitor.features as F
+    from monitor.detectors import PixelRing
+    xs, probs = _mixed_stream(fashion, n=200)
+    v = xs.reshape(len(xs), -1)
+    for n in (1, 2, 57):
+        it = Items.make(v[:n], probs[:n])
+        enc = F.encode(v[:n])
+        assert _bits(it.enc) == _bits(enc)
+        assert _bits(it.norm) == _bits(F.sq_norms(enc))
+        assert _bits(it.pnorm) == _bits(F.sq_norms(v[:n]))
+        assert _bits(it.res) == _bits(F.residual_norms(v[:n], enc))
+    u8 = F.to_u8(v)
+    u = u8.reshape(-1, 28, 28).astype(np.int16)
+    want = (np.abs(np.diff(u, axis=1)).sum((1, 2), dtype=np.int64)
+            + np.abs(np.diff(u, axis=2)).sum((1, 2), dtype=np.int64))
+    assert _bits(F.total_variation(u8)) == _bits(want)
+    rng = np.random.default_rng(3)
+    for k in (1, 2, 16, 17):
+        ia, ib = rng.integers(0, 200, k), rng.integers(0, 200, k)
+        fast = F.pair_dist(v, ia, v[::-1].copy(), ib)
+        monkeypatch.setattr(F, "FAST_PATHS", False)
+        slow = F.pair_dist(v, ia, v[::-1].copy(), ib)
+        monkeypatch.setattr(F, "FAST_PATHS", True)
+        assert _bits(fast) == _bits(slow)
+    rings = {}
+    for fast in (True, False):
+        monkeypatch.setattr(F, "FAST_PATHS", fast)
+        ring = PixelRing(50)
+        for i in range(130):          # grows, then wraps around
+            ring.add_items(Items.make(v[i:i + 1], probs[i:i + 1]))
+        rings[fast] = [_bits(a) for a in ring.cols.values()] + [ring.n, ring.nbytes()]
+    assert rings[True] == rings[False]

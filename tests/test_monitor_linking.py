@@ -360,3 +360,109 @@ def test_pair_verification_matches_the_plain_definition(pool):
         assert len(want[0]) > 10
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and np.array_equal(g, w, equal_nan=True)
+
+
+# --- batch-1 fast paths against the general path ----------------------------------------------
+def test_batch1_candidates_and_insertion_match_the_general_path(pool, monkeypatch):
+    """LinkIndex fed one item per request, with the one-item shortcuts on and off: the same
+    tables, ring pointers and stored items, and the same candidates (empty index, own key,
+    crowded slots beyond the bucket, items of other keys) for every request."""
+    import monitor.features as F
+    from monitor.features import encode, residual_norms, to_u8, total_variation
+    from monitor.linking import LinkIndex
+    rng = np.random.default_rng(13)
+    cfg = LinkingConfig(horizon=500, bucket=3, rules=[])
+    x = pool[rng.integers(0, 60, 900)]                    # few distinct images: crowded slots
+    x[::7] = _step(x[::7], 0.1, rng)
+    runs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(F, "FAST_PATHS", fast)
+        idx = LinkIndex(cfg)
+        got = []
+        for i in range(len(x)):
+            v = x[i:i + 1]
+            enc = encode(v)
+            pix = to_u8(v)
+            slots = idx.slots(enc)
+            for kid in (i % 5, 99):
+                ii, ss = idx.candidates(slots, kid)
+                got.append((ii.dtype.str, ii.tobytes(), ss.dtype.str, ss.tobytes()))
+            idx.add(i % 5, i, enc, residual_norms(v, enc), total_variation(pix), pix, slots)
+        runs[fast] = got, [getattr(idx, a).tobytes() for a in
+                           ("table", "ptr", "enc", "res", "tv", "pix", "qn", "kid")] + [idx.n]
+    assert runs[True] == runs[False]
+    sizes = [len(np.frombuffer(g[1], np.int64)) for g in runs[True][0]]
+    assert sizes[0] == 0 and max(sizes) > 10 and min(sizes[100:]) == 0
+
+
+def test_monitor_reuses_what_level_prepared_bit_for_bit(pool, monkeypatch):
+    """level(key, images) prepares the items for the linker's probe; the request's observe
+    reuses that (det_view's items, encodings, pixels, LSH slots) only for the same images,
+    unchanged. Everything logged (scores, fired bits, levels, on-grid flags, transitions,
+    pairs) and every returned level equals a run that prepares everything again, including a
+    request whose images are modified in place between level() and observe()."""
+    import monitor.core as C
+    rng0 = np.random.default_rng(14)
+    seeds = pool[rng0.integers(0, 5000, 40)]
+    plan = []                                   # (key, images) in order
+    plan.append(("seed", seeds))
+    sent = seeds
+    for r in range(24):
+        x = _step(sent[rng0.integers(0, len(sent), 1 + (r % 3))], 0.1, rng0)
+        plan.append((f"s{r % 4}", x))
+        sent = np.concatenate([sent, x])
+    for r in range(60):                        # honest and perturbing keys at batches 1..3
+        if r % 3 == 0:
+            x = pool[rng0.integers(0, 5000, 1 + r % 2)]
+        else:
+            x = _step(sent[rng0.integers(0, len(sent), 1 + r % 3)], 0.1, rng0)
+        x = x.copy()
+        x[:, :5] += np.float32(0.0013) * (r % 2)      # some off the 0-255 grid
+        plan.append((f"k{r % 5}", x))
+    runs, reused = {}, {"n": 0}
+    real = C.Monitor._prepared_for
+
+    def spy(self, client_id, given, images):
+        out = real(self, client_id, given, images)
+        reused["n"] += out is not None
+        return out
+
+    monkeypatch.setattr(C.Monitor, "_prepared_for", spy)
+    for reuse in (True, False):
+        monkeypatch.setattr(C, "PREPARED_MAX_ITEMS", 16 if reuse else 0)
+        mon = Monitor(_mon_cfg(rules=[{"pairs": 3, "level": "label_only"}]), None,
+                      clock=FakeClock())
+        logged, levels = [], []
+        st = mon.store
+        put = st.put_batch
+
+        def put_batch(b, put=put, logged=logged):
+            logged.append((b.client, b.qn0, b.scores.tobytes(), np.asarray(b.fired).tobytes(),
+                           np.asarray(b.level_after).tobytes(),
+                           np.asarray(b.on_grid).tobytes()))
+            return put(b)
+        st.put_batch = put_batch
+        try:
+            for i, (key, x) in enumerate(plan):
+                x = np.array(x, np.float32).reshape(-1, 28, 28)
+                lvl = mon.level(key, x)
+                if i == len(plan) - 5:
+                    x[0, 3, 3] = np.float32(0.5) - x[0, 3, 3]    # changed after level()
+                p = np.full((len(x), 10), 0.01, np.float32)
+                p[:, i % 10] = 0.91
+                a = Answer(np.zeros(len(x), np.int64), p, AnswerKind.PROBABILITIES)
+                levels.append((int(lvl), int(mon.observe(key, f"r{i}", x, p, a, lvl))))
+            mon.flush()
+            trs = [(t["client"], t["qn"], t["to_level"], t["rule"])
+                   for t in QueryLog(mon.db_path).transitions()]
+            pairs = [(p["client"], p["qn"], p["other"], p["other_qn"], p["dist"])
+                     for p in QueryLog(mon.db_path).pairs()]
+        finally:
+            mon.close()
+        runs[reuse] = (logged, levels, trs, pairs)
+        if reuse:
+            n_reused = reused["n"]
+    assert runs[True] == runs[False]
+    assert n_reused > 20                                   # the reuse really happened
+    assert reused["n"] == n_reused                         # and only with it switched on
+    assert any(lv[0] > 0 for lv in runs[True][1]) and runs[True][3]   # probes raised levels
