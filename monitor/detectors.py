@@ -35,9 +35,9 @@ from scipy import special
 from monitor import features as _features
 from monitor.config import (DETECTOR_NAMES, NearDuplicateConfig, OODConfig, PradaConfig,
                             SimilarityConfig, VolumeConfig)
-from monitor.features import (BASIS, DIM, Ring, approx_sq, encode, lower_bound_sq,
-                              attack_like_pairs, pair_dist, pixel_dist, residual_norms,
-                              sq_norms, to_u8, total_variation)
+from monitor.features import (BASIS, DIM, Ring, approx_sq, lower_bound_sq,
+                              attack_like_pairs, pair_dist, pixel_dist, sq_norms, to_u8,
+                              total_variation)
 
 PIX = 28 * 28
 
@@ -387,20 +387,10 @@ class Prada(Detector):
             gn, gs, gq = int(self.grow_n[c]), float(self.grow_sum[c]), float(self.grow_sq[c])
             for a in range(k):
                 d = min(dh[a], float(best[a]))
-                if d == math.inf:         # G_c is empty: x starts it (distance 0, not recorded)
-                    grow = True
-                    gn += 1
-                else:
-                    if not ((d == 0.0 and cfg.ignore_duplicates)
-                            or (benign[a] and d == dh[a])):
-                        rec[idx[a]] = d
-                    grow = d > T
-                    if grow:
-                        gn += 1
-                        gs += d
-                        gq += d * d
-                        mean = gs / gn
-                        T = max(T, mean - math.sqrt(max(gq / gn - mean * mean, 0.0)))
+                if d != math.inf and not ((d == 0.0 and cfg.ignore_duplicates)
+                                          or (benign[a] and d == dh[a])):
+                    rec[idx[a]] = d
+                grow, T, gn, gs, gq = _grow(d, T, gn, gs, gq)
                 if grow:
                     joined.append(a)
                     if pair is not None:
@@ -446,19 +436,10 @@ class Prada(Detector):
         T = float(self.T[c])
         gn, gs, gq = int(self.grow_n[c]), float(self.grow_sum[c]), float(self.grow_sq[c])
         rec = None
-        if d == math.inf:                 # G_c is empty: x starts it (distance 0, not recorded)
-            grow = True
-            gn += 1
-        else:
-            if not ((d == 0.0 and cfg.ignore_duplicates) or (benign[0] and d == dh0)):
-                rec = d
-            grow = d > T
-            if grow:
-                gn += 1
-                gs += d
-                gq += d * d
-                mean = gs / gn
-                T = max(T, mean - math.sqrt(max(gq / gn - mean * mean, 0.0)))
+        if d != math.inf and not ((d == 0.0 and cfg.ignore_duplicates)
+                                  or (benign[0] and d == dh0)):
+            rec = d
+        grow, T, gn, gs, gq = _grow(d, T, gn, gs, gq)
         self.T[c] = T
         self.grow_n[c], self.grow_sum[c], self.grow_sq[c] = gn, gs, gq
         if grow:
@@ -689,17 +670,7 @@ class Similarity(Detector):
             q, qn = items.enc[rows], items.norm[rows]
             own = items.intra[rows]                                 # (r, n), inf for j >= i
             own_idx = np.broadcast_to(m + np.arange(n), own.shape)
-            if m > k:  # the k nearest of the history first (torch.topk: faster than argpartition)
-                top = torch.topk(torch.from_numpy(approx_sq(q, qn, He, Hn)), k, dim=1,
-                                 largest=False, sorted=False)
-                hv, hi = top.values.numpy(), top.indices.numpy()
-            else:
-                hv = approx_sq(q, qn, He, Hn)
-                hi = np.broadcast_to(np.arange(m), hv.shape)
-            vals = np.concatenate([hv, own], axis=1)
-            cols = np.concatenate([hi, own_idx], axis=1)
-            pick = torch.topk(torch.from_numpy(vals), k, dim=1, largest=False, sorted=False
-                              ).indices.numpy()
+            cols, pick = _k_nearest(torch, q, qn, He, Hn, own, own_idx, k, m)
             idx = np.take_along_axis(cols, pick, axis=1)
             d = pixel_dist(_gather(He, items.enc, idx), q[:, None, :])  # float32, no BLAS
             score[rows] = d.mean(1)
@@ -718,23 +689,48 @@ class Similarity(Detector):
             q, qn = items.enc[rows], items.norm[rows]
             own = np.full((1, 1), np.inf, np.float32)
             own_idx = np.full((1, 1), m, np.int64)
-            if m > k:
-                top = torch.topk(torch.from_numpy(approx_sq(q, qn, He, Hn)), k, dim=1,
-                                 largest=False, sorted=False)
-                hv, hi = top.values.numpy(), top.indices.numpy()
-            else:
-                hv = approx_sq(q, qn, He, Hn)
-                hi = np.broadcast_to(np.arange(m), hv.shape)
-            vals = np.concatenate([hv, own], axis=1)
-            cols = np.concatenate([hi, own_idx], axis=1)
-            pick = torch.topk(torch.from_numpy(vals), k, dim=1, largest=False, sorted=False
-                              ).indices.numpy()
+            cols, pick = _k_nearest(torch, q, qn, He, Hn, own, own_idx, k, m)
             idx = cols[:, pick[0]]                    # np.take_along_axis for one row
             g = He[idx] if int(idx.max()) < m else _gather(He, items.enc, idx)
             d = pixel_dist(g, q[:, None, :])
             score = float(np.add.reduce(d, axis=1)[0]) / k    # d.mean(1): sum / count
         self.hist.add(e=items.enc, n=items.norm)
         return np.array([score]), np.array([score < self.cfg.threshold])
+
+
+def _grow(d: float, T: float, gn: int, gs: float, gq: float):
+    """PRADA's growing set G_c for an item at distance ``d`` from it: (joins, threshold T, and
+    the count, sum and sum of squares of the joining distances). An empty set (d = inf) is
+    started by the item (distance 0, not counted in the sums); otherwise the item joins when
+    d > T, and T becomes max(T, mean - std) of the distances that joined."""
+    if d == math.inf:
+        return True, T, gn + 1, gs, gq
+    if not d > T:                 # (NaN: does not join)
+        return False, T, gn, gs, gq
+    gn += 1
+    gs += d
+    gq += d * d
+    mean = gs / gn
+    return True, max(T, mean - math.sqrt(max(gq / gn - mean * mean, 0.0))), gn, gs, gq
+
+
+def _k_nearest(torch, q, qn, He, Hn, own, own_idx, k: int, m: int):
+    """(cols, pick): candidate indices (rows, c) into history + request and, per row, the
+    positions in them of the k smallest approximate distances among the ``m`` history entries
+    (their k nearest first when m > k: torch.topk, faster than argpartition) and the request's
+    own earlier items (``own``, +inf where not earlier; their indices ``own_idx``)."""
+    if m > k:
+        top = torch.topk(torch.from_numpy(approx_sq(q, qn, He, Hn)), k, dim=1,
+                         largest=False, sorted=False)
+        hv, hi = top.values.numpy(), top.indices.numpy()
+    else:
+        hv = approx_sq(q, qn, He, Hn)
+        hi = np.broadcast_to(np.arange(m), hv.shape)
+    vals = np.concatenate([hv, own], axis=1)
+    cols = np.concatenate([hi, own_idx], axis=1)
+    pick = torch.topk(torch.from_numpy(vals), k, dim=1, largest=False, sorted=False
+                      ).indices.numpy()
+    return cols, pick
 
 
 class NearDuplicate(Detector):
