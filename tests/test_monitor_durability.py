@@ -268,7 +268,9 @@ def test_server_on_a_full_disk_answers_unavailable_goes_not_serving_and_recovers
         with ModelClient(server.address, "disk-user") as c:
             c.predict(x)
             acked += len(x)
-            assert status() == health_pb2.HealthCheckResponse.SERVING
+            # a server just started says NOT_SERVING until its monitor has restored the
+            # clients' state, and its health watcher notices the end within a tick (0.1 s)
+            assert _wait(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
             _fill_disk(plane.monitor)
             codes = []
             for _ in range(3):
