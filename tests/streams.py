@@ -1,4 +1,5 @@
-"""Three client streams the monitor's runtime and store tests share: natural pool images, a
+"""Streams the tests share: toy images of ten learnable classes (``synthetic``), and three
+client streams the monitor's runtime and store tests use: natural pool images, a
 JBDA-like near-copy stream (escalates) and MNIST (out of distribution), with synthetic target
 probabilities (confident for in-distribution images)."""
 from __future__ import annotations
@@ -7,6 +8,15 @@ import numpy as np
 import pytest
 
 from common import data
+
+
+def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable toy images: 10 fixed class prototypes plus noise; uint8 (n, 28, 28), labels."""
+    proto = np.random.default_rng(12345).random((10, 28, 28))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    x = np.clip(0.6 * proto[y] + 0.4 * rng.random((n, 28, 28)), 0, 1)
+    return (x * 255).round().astype(np.uint8), y.astype(np.int64)
 
 
 def three_streams(n: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -10,17 +10,9 @@ from common import nets, training
 from common.types import Answer, AnswerKind
 from service.defences import PolicyContext, Watermark, build_policy
 from service.defences.watermark import attribute, bonferroni, holm
+from tests.streams import synthetic
 
 KEY = b"attribution-test-key"
-
-
-def synthetic(n: int, seed: int):
-    """Learnable toy images: 10 fixed class prototypes plus noise; uint8 (n, 28, 28)."""
-    proto = np.random.default_rng(12345).random((10, 28, 28))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n)
-    x = np.clip(0.6 * proto[y] + 0.4 * rng.random((n, 28, 28)), 0, 1)
-    return (x * 255).round().astype(np.uint8), y.astype(np.int64)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,11 @@ from common import data
 from common.types import AnswerKind
 from service.defences import PolicyContext, Watermark, build_policy
 from service.defences import pool, pool_train
+from tests.streams import synthetic as toy_images
 
 
 def synthetic(n: int, seed: int):
-    proto = np.random.default_rng(12345).random((10, 28, 28))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n)
-    x = np.clip(0.6 * proto[y] + 0.4 * rng.random((n, 28, 28)), 0, 1)
-    return data.Split((x * 255).round().astype(np.uint8), y.astype(np.int64))
+    return data.Split(*toy_images(n, seed))
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,11 @@ import torch
 from common import nets, training
 from service.defences import PolicyContext, Watermark, build_policy, verify
 from service.defences.watermark import dedupe
+from tests.streams import synthetic
 
 
 def ctx():
     return PolicyContext("alice", b"secret", np.random.default_rng(0))
-
-
-def synthetic(n: int, seed: int):
-    """Learnable toy images: 10 fixed class prototypes plus noise; uint8 (n, 28, 28)."""
-    proto = np.random.default_rng(12345).random((10, 28, 28))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n)
-    x = np.clip(0.6 * proto[y] + 0.4 * rng.random((n, 28, 28)), 0, 1)
-    return (x * 255).round().astype(np.uint8), y.astype(np.int64)
 
 
 def test_selection_rate_and_determinism():

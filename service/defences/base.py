@@ -108,13 +108,20 @@ def mark_digests(key: bytes, client_id: str, images: np.ndarray) -> np.ndarray:
     UTF-8 length (4 bytes, big-endian), the id, then the image's 784 bytes."""
     if not key:
         raise ValueError("keyed digests need a non-empty key")
-    q = quantise(images)
-    n = len(q)
-    if n == 0:
-        return np.zeros((0, MARK_SIZE), np.uint8)
     cid = str(client_id).encode("utf-8")
     state = _mark_state(key).copy()
     state.update(len(cid).to_bytes(4, "big") + cid)
+    return _per_image(state, images, MARK_SIZE)
+
+
+def _per_image(state, images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, size): a copy of the hash ``state`` fed each quantised image's bytes (one C
+    hash call per image: there is no sound vectorised keyed hash in numpy, and this is the
+    fastest per-image option measured, lab/hotpath.py)."""
+    q = quantise(images)
+    n = len(q)
+    if n == 0:
+        return np.zeros((0, size), np.uint8)
     row = q[0].size
     buf = memoryview(q.reshape(-1))
     copy = state.copy
@@ -123,7 +130,7 @@ def mark_digests(key: bytes, client_id: str, images: np.ndarray) -> np.ndarray:
         h = copy()
         h.update(buf[i * row:(i + 1) * row])
         out.append(h.digest())
-    return np.frombuffer(b"".join(out), np.uint8).reshape(n, MARK_SIZE)
+    return np.frombuffer(b"".join(out), np.uint8).reshape(n, size)
 
 
 def be_words(raw: np.ndarray, span: tuple[int, int], width: int) -> np.ndarray:
@@ -163,26 +170,11 @@ def _keyed_state(secret: bytes):
 
 
 def image_digests(key: bytes, images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 64): the keyed digest of each quantised image (scheme v2).
-
-    One C hash call per image (a copy of the keyed BLAKE2b state fed the image's 784 bytes):
-    there is no sound vectorised keyed hash in numpy, and this is the fastest per-image option
-    measured (lab/hotpath.py)."""
+    """uint8 (N, 64): the keyed digest of each quantised image (scheme v2): a copy of the keyed
+    BLAKE2b state fed the image's 784 bytes (``_per_image``)."""
     if not key:
         raise ValueError("keyed digests need a non-empty key")
-    q = quantise(images)
-    n = len(q)
-    if n == 0:
-        return np.zeros((0, DIGEST_SIZE), np.uint8)
-    row = q[0].size
-    buf = memoryview(q.reshape(-1))
-    copy = _keyed_state(key).copy
-    out = []
-    for i in range(n):
-        h = copy()
-        h.update(buf[i * row:(i + 1) * row])
-        out.append(h.digest())
-    return np.frombuffer(b"".join(out), np.uint8).reshape(n, DIGEST_SIZE)
+    return _per_image(_keyed_state(key), images, DIGEST_SIZE)
 
 
 class InputDigests:
