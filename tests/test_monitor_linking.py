@@ -287,8 +287,32 @@ def test_a_young_key_is_judged_on_its_first_request(pool):
     assert lk.probe("veteran", _step(x[:5], 0.1, rng)) == Level.NORMAL
 
 
+def test_a_veteran_key_is_not_judged_young_after_a_restart(pool, tmp_path):
+    """After a restart the index gives each key's query count back: a key past probe_queries
+    whose request perturbs other keys' queries is answered as before the restart (its own
+    level; the pairs count when the request is observed), and a fresh key still is probed."""
+    rng = np.random.default_rng(9)
+    db = tmp_path / "m.db"
+    cfg = _mon_cfg(rules=[{"pairs": 3, "level": "switch"}], probe_queries=200)
+    x = pool[300:340]
+    stepped = _step(x[:5], 0.1, rng)
+    mon = Monitor(cfg, db, clock=FakeClock())
+    _send(mon, "catalogue", x)
+    _send(mon, "veteran", pool[1000:1250])                  # 250 queries: past probe_queries
+    own = mon.level("veteran")                              # no images: no probe
+    before = (mon.level("veteran", stepped), mon.level("fresh", stepped))
+    mon.close()
+    mon = Monitor(cfg, db, clock=FakeClock())
+    try:
+        assert own < Level.SWITCH and before == (own, Level.SWITCH)
+        assert (mon.level("veteran", stepped), mon.level("fresh", stepped)) == before
+    finally:
+        mon.close()
+
+
 # --- the fast paths against plain reference implementations ----------------------------------
 def _ref_add(index, kid, qn0, enc, res, tv, pix, slots):
+    from monitor.linking import content_digests
     """LinkIndex.add as defined: table by table, item by item (each slot a ring of ``bucket``)."""
     k = len(enc)
     for j in range(k):
@@ -296,6 +320,7 @@ def _ref_add(index, kid, qn0, enc, res, tv, pix, slots):
         ring = seq % index.size
         index.enc[ring], index.res[ring], index.tv[ring] = enc[j], res[j], tv[j]
         index.pix[ring], index.qn[ring], index.kid[ring] = pix[j], qn0 + j, kid
+        index.digest[ring] = content_digests(pix[j:j + 1], index.digest_key)[0]
         for t in range(index.cfg.tables):
             s = slots[j, t]
             index.table[t, s, index.ptr[t, s] % index.cfg.bucket] = seq
@@ -309,6 +334,7 @@ def test_index_insertion_matches_the_one_by_one_definition(pool):
     rng = np.random.default_rng(11)
     cfg = LinkingConfig(horizon=3000, bucket=3, rules=[])
     fast, ref = LinkIndex(cfg), LinkIndex(cfg)
+    ref.digest_key = fast.digest_key
     for r in range(12):
         n = int(rng.integers(1, 700))
         x = pool[rng.integers(0, 300, n)]     # few distinct images: crowded slots
@@ -319,7 +345,7 @@ def test_index_insertion_matches_the_one_by_one_definition(pool):
         fast.add(*args)
         ref._grow(min(ref.size, ref.n + n))
         _ref_add(ref, *args)
-        for name in ("table", "ptr", "enc", "res", "tv", "pix", "qn", "kid"):
+        for name in ("table", "ptr", "enc", "res", "tv", "pix", "digest", "qn", "kid"):
             assert np.array_equal(getattr(fast, name), getattr(ref, name)), name
 
 
@@ -342,7 +368,8 @@ def test_pair_verification_matches_the_plain_definition(pool):
     rng = np.random.default_rng(12)
     lk = Linker(LinkingConfig(rules=[]))
     seeds = pool[rng.integers(0, 5000, 400)]
-    lk.step("a", 0, seeds, None, 0.0, 0, [])
+    for k in ("a", "b", "c"):       # exact copies of every seed under three keys: verified once
+        lk.step(k, 0, seeds, None, 0.0, 0, [])
     for r in range(4):       # sign steps, benign variants, exact repeats and unrelated images
         x = np.concatenate([_step(seeds[:60], 0.1, rng), seeds[60:90], pool[rng.integers(0, 5000, 60)],
                             np.stack([benign_variant(s.reshape(28, 28),
@@ -354,12 +381,39 @@ def test_pair_verification_matches_the_plain_definition(pool):
         enc = encode(x)
         pix = to_u8(x)
         res, tv = residual_norms(x, enc), total_variation(pix)
-        ii, ss = lk.index.candidates(lk.index.slots(enc), kid=99)
+        slots = lk.index.slots(enc)
+        ii, ss = lk.index.candidates(slots, kid=99)
+        idx, lo = lk.index, max(0, lk.index.n - lk.index.size)
+        want_c = sorted({(i, int(q) % idx.size) for i in range(len(enc))
+                         for t in range(idx.cfg.tables) for q in idx.table[t, slots[i, t]]
+                         if q >= lo and idx.kid[int(q) % idx.size] != 99},
+                        key=lambda p: (p[0], (p[1] - idx.n) % idx.size))   # by item, then age
+        assert list(zip(ii.tolist(), ss.tolist())) == want_c
         got = lk._verify(enc, res, pix, tv, ii, ss)
         want = _ref_verify(lk, enc, res, pix, tv, ii, ss)
         assert len(want[0]) > 10
+        assert len(np.unique(lk.index.digest[want[1]])) < len(want[1])   # copies were matched
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and np.array_equal(g, w, equal_nan=True)
+
+
+def test_content_digests_tell_exact_copies_from_any_one_grey_level_change(pool):
+    from monitor.features import to_u8
+    from monitor.linking import LinkIndex, content_digests
+    key = LinkIndex(LinkingConfig(rules=[])).digest_key
+    x = to_u8(pool[:50])
+    d = content_digests(x, key)
+    assert np.array_equal(d, content_digests(x.copy(), key))          # equal rows, equal digests
+    assert len(np.unique(d)) == 50
+    img = x[0]
+    variants = np.repeat(img[None], 2 * 784, axis=0)
+    pos = np.arange(784)
+    variants[pos, pos] = img + np.where(img < 255, 1, -1).astype(np.uint8)        # one level up
+    variants[784 + pos, pos] = img ^ np.uint8(128)                                  # top bit
+    dv = content_digests(variants, key)
+    assert len(np.unique(dv)) == 2 * 784 and not np.isin(d[0], dv)
+    other = LinkIndex(LinkingConfig(rules=[])).digest_key      # keys are drawn per index
+    assert not np.array_equal(content_digests(x, other), d)
 
 
 # --- batch-1 fast paths against the general path ----------------------------------------------
