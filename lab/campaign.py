@@ -179,6 +179,13 @@ def queries_until_escalated(qlog, keys: list[str], share: float = ESCALATED_SHAR
     return sorted(at)[need - 1]
 
 
+def escalated_early(first: dict[str, int], spent: dict[str, int]) -> int:
+    """Keys whose first escalation came before they had sent half of their own queries (a
+    key's own reading of "before half of the budget": in one-key-after-another use most keys
+    have not started when half of the whole budget is spent)."""
+    return sum(1 for k, n in spent.items() if k in first and first[k] <= n / 2)
+
+
 def client_outcome(db: Path, keys: list[str]) -> dict:
     """What the monitor did to these keys (one attack's, or one honest client's)."""
     from monitor import QueryLog
@@ -186,13 +193,14 @@ def client_outcome(db: Path, keys: list[str]) -> dict:
     with QueryLog(db) as qlog:
         levels = [qlog.last_level(k) for k in keys]
         first = first_escalations(qlog, keys)
-        logged = sum(qlog.max_qn(k) for k in keys)
+        spent = {k: qlog.max_qn(k) for k in keys}
         until = queries_until_escalated(qlog, keys)
     return {"final_level": max(levels).name,
             "first_escalation_query": min(first.values()) if first else None,
             "escalated_keys": len(first),
             "queries_before_80pct_escalated": until,
-            "logged_queries": logged}
+            "keys_escalated_before_half_own_queries": escalated_early(first, spent),
+            "logged_queries": sum(spent.values())}
 
 
 def slug(label: str) -> str:
@@ -296,8 +304,9 @@ def _markdown(rows: list[dict], honest: list[dict]) -> str:
     share = f"{ESCALATED_SHARE:.0%}"
     lines = ["| scenario | attack | keys | queries | answers (prob/label) | stolen acc | fidelity "
              "| monitor level | keys escalated | 1st escalation at query (of its key) | "
-             f"queries spent before {share} of keys escalated | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"queries spent before {share} of keys escalated | keys escalated before half of "
+             "their own queries | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         k = r["answer_kinds"]
         esc = r.get("escalated_keys")
@@ -308,8 +317,8 @@ def _markdown(rows: list[dict], honest: list[dict]) -> str:
                      f"{k.get('probabilities', 0)}/{k.get('label_only', 0)} | "
                      f"{pct(r['stolen_accuracy'])} | {pct(r['fidelity'])} | {r['final_level']} | "
                      f"{opt(esc)}/{r['keys']} | {opt(r['first_escalation_query'])} | "
-                     f"{until} | "
-                     f"{r['wall_time_s']} |")
+                     f"{until} | {opt(r.get('keys_escalated_before_half_own_queries'))}"
+                     f"/{r['keys']} | {r['wall_time_s']} |")
     if not honest:
         return "\n".join(lines) + "\n"
     lines += ["", "| scenario | honest clients | queries each | variant share (set) | orgs (set) | "

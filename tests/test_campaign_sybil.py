@@ -90,7 +90,16 @@ def test_queries_until_escalated_rejects_bad_arguments(hand_log):
 def test_client_outcome_counts_only_the_given_keys(hand_log):
     out = campaign.client_outcome(hand_log, ["a", "b", "f"])
     assert out == {"final_level": "NOISE", "first_escalation_query": 11, "escalated_keys": 2,
-                   "queries_before_80pct_escalated": None, "logged_queries": 24}
+                   "queries_before_80pct_escalated": None,
+                   "keys_escalated_before_half_own_queries": 0, "logged_queries": 24}
+
+
+def test_keys_escalated_before_half_of_their_own_queries():
+    first = {"a": 11, "b": 6, "g": 4}
+    # a: 11 of 22 (exactly half: counts); b: 6 of 11 (after half); g: 4 of 4; f: never
+    assert campaign.escalated_early(first, {"a": 22, "b": 11, "g": 4, "f": 30}) == 1
+    assert campaign.escalated_early(first, {"a": 21, "b": 12, "g": 9}) == 2
+    assert campaign.escalated_early({}, {"a": 5}) == 0
 
 
 def test_plans_have_unique_labels_and_keys():
