@@ -113,6 +113,10 @@ CREATE TABLE IF NOT EXISTS client_state (
     state BYTEA NOT NULL,
     updated DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS log_size (       -- bytes of the request rows (ROW_BYTES), per writer
+    replica TEXT PRIMARY KEY,
+    bytes BIGINT NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS owners (         -- which replica holds a client's detector state
     client TEXT PRIMARY KEY,
     replica TEXT NOT NULL,
@@ -121,10 +125,32 @@ CREATE TABLE IF NOT EXISTS owners (         -- which replica holds a client's de
 );
 """
 
-INSERT_REQUEST = ("INSERT INTO requests (client, qn0, n, t, request_id, level, kind, "
-                  "target_probs, sent_labels, sent_top, models, n_wm, watermarked, scores, "
-                  "fired, level_after, grid, raw_u8, raw_f16, raw_f32, replica) VALUES ("
-                  + ",".join(["%s"] * 21) + ") ON CONFLICT (client, qn0) DO NOTHING")
+# a request row's bytes as log.max_mb counts them: its text and bytea fields plus 64 for the
+# rest (PostgreSQL's files hold more: row headers, indexes, and space freed but not yet reused)
+ROW_BYTES = ("64 + octet_length(client) + coalesce(octet_length(request_id), 0) "
+             "+ octet_length(target_probs) + octet_length(sent_labels) "
+             "+ coalesce(octet_length(sent_top), 0) + coalesce(octet_length(models), 0) "
+             "+ coalesce(octet_length(watermarked), 0) + octet_length(scores) "
+             "+ octet_length(fired) + octet_length(level_after) + coalesce(octet_length(grid), 0) "
+             "+ coalesce(octet_length(raw_u8), 0) + coalesce(octet_length(raw_f16), 0) "
+             "+ coalesce(octet_length(raw_f32), 0) + octet_length(replica)")
+REQUEST_COLUMNS = ("client, qn0, n, t, request_id, level, kind, target_probs, sent_labels, "
+                   "sent_top, models, n_wm, watermarked, scores, fired, level_after, grid, "
+                   "raw_u8, raw_f16, raw_f32")          # the SQLite log's (snapshot)
+_ROW_PARAMS = "(" + ",".join(["%s"] * 21) + ")"
+INSERT_CHUNK = 1000          # rows per INSERT statement (21 parameters each; the limit is 65,535)
+
+
+def insert_requests_sql(n: int) -> str:
+    """One INSERT of ``n`` request rows that returns the bytes of the rows it inserted (rows
+    another replica had logged first are skipped, and not counted)."""
+    return (f"INSERT INTO requests ({REQUEST_COLUMNS}, replica) VALUES "
+            + ",".join([_ROW_PARAMS] * n)
+            + f" ON CONFLICT (client, qn0) DO NOTHING RETURNING {ROW_BYTES} AS b")
+
+
+ADD_SIZE = ("INSERT INTO log_size VALUES (%s, %s) ON CONFLICT (replica) DO UPDATE SET bytes = "
+            "log_size.bytes + excluded.bytes")
 INSERT_TRANSITION = ("INSERT INTO transitions (client, t, qn, from_level, to_level, rule, "
                      "evidence, replica) VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING")
 INSERT_PAIR = ("INSERT INTO pairs (t, client, qn, other, other_qn, dist, dense, peak, replica) "
@@ -166,6 +192,10 @@ def create_schema(dsn: str, schema: str | None = None) -> None:
             con.execute(SCHEMA)
             con.execute("INSERT INTO meta VALUES ('schema', %s) ON CONFLICT DO NOTHING",
                         (SCHEMA_VERSION,))
+            # a store created before the size counter existed: count what it holds, once
+            con.execute(f"INSERT INTO log_size SELECT '', (SELECT coalesce(sum({ROW_BYTES}), 0) "
+                        "FROM requests) WHERE NOT EXISTS (SELECT 1 FROM log_size) "
+                        "ON CONFLICT DO NOTHING")
         finally:
             con.execute("SELECT pg_advisory_unlock(4242)")
 
@@ -187,6 +217,7 @@ class PgWriter(threading.Thread):
         self.con: psycopg.Connection | None = None
         self._cv = threading.Condition()
         self._last_retention = time.monotonic()
+        self._last_cap = 0.0
         self.start()
 
     def put(self, item) -> int:
@@ -201,13 +232,19 @@ class PgWriter(threading.Thread):
         cur = con.cursor()
         rows: list = []
 
+        added = 0
+
         def flush_rows():
-            if rows:
-                cur.executemany(INSERT_REQUEST, rows)
-                lost = len(rows) - max(cur.rowcount, 0)
+            nonlocal added
+            for i in range(0, len(rows), INSERT_CHUNK):
+                chunk = rows[i:i + INSERT_CHUNK]
+                cur.execute(insert_requests_sql(len(chunk)), [v for r in chunk for v in r])
+                got = cur.fetchall()
+                added += sum(int(r["b"]) for r in got)
+                lost = len(chunk) - len(got)
                 if lost:   # another replica logged these query numbers first (handover race)
                     s.conflicts += lost
-                rows.clear()
+            rows.clear()
 
         for _, it in items:
             if it is _STOP:
@@ -226,8 +263,14 @@ class PgWriter(threading.Thread):
             else:  # Transition
                 cur.execute(INSERT_TRANSITION, transition_row(it) + (s.replica,))
         flush_rows()
+        if added:
+            cur.execute(ADD_SIZE, (s.replica, added))
 
     def _housekeeping(self) -> None:
+        self._retention()
+        self._cap()
+
+    def _retention(self) -> None:
         """``log.retention_days``: every ``retention_every`` seconds delete request rows that
         much older than the newest logged one, keeping rows with watermarked answers (the
         proof), as the SQLite writer does. One replica at a time (a transaction-level advisory
@@ -243,8 +286,8 @@ class PgWriter(threading.Thread):
                 if con.execute("SELECT pg_try_advisory_xact_lock(4243) AS ok").fetchone()["ok"]:
                     newest = con.execute("SELECT max(t) AS t FROM requests").fetchone()["t"]
                     if newest is not None:
-                        n = con.execute("DELETE FROM requests WHERE t < %s AND n_wm = 0",
-                                        (newest - s.retention_days * 86400,)).rowcount
+                        n = self._delete_rows(con, "t < %s AND n_wm = 0",
+                                         (newest - s.retention_days * 86400,))[0]
             if n:
                 s.pruned += n
                 log.info("monitor store: %d request rows older than %g days deleted", n,
@@ -252,6 +295,75 @@ class PgWriter(threading.Thread):
         except CONN_ERRORS as exc:   # the writer's own retry loop reports the outage
             self._drop()
             log.debug("monitor store retention postponed: %r", exc)
+
+    def _delete_rows(self, con, where: str, args: tuple = (), limit: int | None = None
+                ) -> tuple[int, int]:
+        """Delete request rows (the oldest ``limit`` of those matching, or all) in the caller's
+        transaction and take their bytes off the size counter: (rows, bytes)."""
+        sql = f"DELETE FROM requests WHERE {where} RETURNING {ROW_BYTES} AS b"
+        if limit is not None:
+            sql = (f"DELETE FROM requests WHERE seq IN (SELECT seq FROM requests WHERE {where} "
+                   f"ORDER BY seq LIMIT {int(limit)}) RETURNING {ROW_BYTES} AS b")
+        got = con.execute(sql, args).fetchall()
+        freed = sum(int(r["b"]) for r in got)
+        if freed:
+            con.execute(ADD_SIZE, (self.s.replica, -freed))
+        return len(got), freed
+
+    def used_bytes(self, con) -> int:
+        """What ``log.max_mb`` caps: the request rows' bytes (the counter) and the checkpoints'
+        stored bytes."""
+        rows = con.execute("SELECT coalesce(sum(bytes), 0)::bigint AS b FROM log_size"
+                           ).fetchone()["b"]
+        states = con.execute("SELECT coalesce(sum(pg_column_size(state)), 0)::bigint AS b "
+                             "FROM client_state").fetchone()["b"]
+        return int(rows) + int(states)
+
+    def _cap(self) -> None:
+        """``log.max_mb``: every ``cap_every`` seconds, when the store holds more than the cap,
+        delete the oldest request rows down to 90% of it, rows without watermarked answers
+        first (as the SQLite writer does). One replica at a time."""
+        s = self.s
+        if s.max_mb <= 0 or time.monotonic() - self._last_cap < s.cap_every:
+            return
+        self._last_cap = time.monotonic()
+        cap = s.max_mb * 2 ** 20
+        try:
+            con = self._connect()
+            deleted = {"n_wm = 0": 0, "TRUE": 0}
+            with con.transaction():
+                if not con.execute("SELECT pg_try_advisory_xact_lock(4243) AS ok"
+                                   ).fetchone()["ok"]:
+                    return
+                used = self.used_bytes(con)
+                if used <= cap:
+                    return
+                r = con.execute(f"SELECT count(*) AS n, coalesce(sum({ROW_BYTES}), 0)::bigint "
+                                "AS b FROM requests").fetchone()
+                per_row = max(1.0, int(r["b"]) / max(1, int(r["n"])))
+                for where in deleted:
+                    while used > 0.9 * cap:
+                        # as many rows as the excess holds on average, at least one
+                        chunk = int(min(20000, max(1, (used - 0.9 * cap) // per_row)))
+                        n, freed = self._delete_rows(con, where, limit=chunk)
+                        if not n:
+                            break
+                        deleted[where] += n
+                        used -= freed
+            n = sum(deleted.values())
+            if n:
+                s.pruned += n
+                log.warning("monitor store above log.max_mb = %g: the %d oldest request rows "
+                            "deleted (%d of them held watermarked answers)", s.max_mb, n,
+                            deleted["TRUE"])
+                # make their space reusable now (autovacuum may come a minute later, and the
+                # files grow meanwhile); PostgreSQL keeps the files' size and fills them again
+                if s.vacuum_after_cap:
+                    with connect(s.dsn, s.schema, autocommit=True) as vc:
+                        vc.execute("VACUUM requests")
+        except CONN_ERRORS as exc:   # the writer's own retry loop reports the outage
+            self._drop()
+            log.debug("monitor store size cap postponed: %r", exc)
 
     def _connect(self):
         if self.con is None or self.con.closed:
@@ -333,7 +445,8 @@ class PgStore(MonitorStore):
     def __init__(self, dsn: str, replica: str | None = None, *, schema: str | None = None,
                  batch_size: int = 512, flush_seconds: float = 0.2, max_pending: int = 20000,
                  heartbeat: float = 1.0, close_timeout: float = 10.0,
-                 retention_days: float = 0.0, retention_every: float = 600.0):
+                 retention_days: float = 0.0, retention_every: float = 600.0,
+                 max_mb: float = 0.0, cap_every: float = 5.0, vacuum_after_cap: bool = True):
         self.dsn = dsn
         self.schema = schema
         self.replica = replica or f"{os.uname().nodename}-{os.getpid()}"
@@ -344,7 +457,10 @@ class PgStore(MonitorStore):
         self.close_timeout = close_timeout
         self.retention_days = retention_days    # log.retention_days (0: keep everything)
         self.retention_every = retention_every
-        self.pruned = 0         # request rows deleted by retention (by this replica)
+        self.max_mb = max_mb                    # log.max_mb (0: no cap)
+        self.cap_every = cap_every
+        self.vacuum_after_cap = vacuum_after_cap  # VACUUM requests after the cap deleted rows
+        self.pruned = 0         # request rows deleted by retention or the cap (by this replica)
         self.conflicts = 0      # request rows another replica had logged first
         self._dropped = 0       # request rows/checkpoints dropped by the max_pending bound
         self.abandoned = 0      # items not written because PostgreSQL stayed down at close
@@ -361,10 +477,10 @@ class PgStore(MonitorStore):
     def for_log(cls, dsn: str, replica: str | None, lc, schema: str | None = None
                 ) -> "PgStore":
         """The store a server runs with its monitor config's ``[log]`` section ``lc``: writer
-        batching, the bound on what waits for PostgreSQL, retention."""
+        batching, the bound on what waits for PostgreSQL, retention and the size cap."""
         return cls(dsn, replica, schema=schema, batch_size=lc.batch_size,
                    flush_seconds=lc.flush_seconds, max_pending=lc.max_queue,
-                   retention_days=lc.retention_days)
+                   retention_days=lc.retention_days, max_mb=lc.max_mb)
 
     # --- health ---------------------------------------------------------------------------------
     def _down(self, exc: BaseException) -> None:
@@ -808,10 +924,6 @@ class SharedMonitor(Monitor):
 # --------------------------------------------------------------------------------------------
 # a consistent copy of a shared store as a SQLite log, for the tools that read SQLite
 # --------------------------------------------------------------------------------------------
-
-REQUEST_COLUMNS = ("client, qn0, n, t, request_id, level, kind, target_probs, sent_labels, "
-                   "sent_top, models, n_wm, watermarked, scores, fired, level_after, grid, "
-                   "raw_u8, raw_f16, raw_f32")
 
 
 def snapshot(dsn: str, out, schema: str | None = None, *, chunk: int = 2000,

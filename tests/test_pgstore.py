@@ -784,3 +784,54 @@ def test_retention_deletes_old_rows_but_keeps_watermark_records(pg_server, pg_sc
     st.flush()
     assert kept() == [4, 8, 12, 16] and st.pruned == 1
     st.close()
+
+
+def test_size_cap_deletes_the_oldest_rows_and_keeps_the_counter_exact(pg_server, pg_schema):
+    """log.max_mb on PostgreSQL, as on SQLite: above the cap the oldest request rows go, those
+    without watermarked answers first, down to 90% of it; the size counter always equals the
+    bytes of the rows that are there (through inserts, retention, the cap and a reopen), and a
+    store made before the counter existed is counted when it is opened."""
+    from monitor.pgstore import ROW_BYTES, create_schema
+    from tests.test_monitor_durability import _batch
+
+    def real():    # the rows' bytes, counted from scratch
+        return int(st.execute(f"SELECT coalesce(sum({ROW_BYTES}), 0)::bigint AS b "
+                              "FROM requests")[0]["b"])
+
+    def counter():
+        return int(st.execute("SELECT coalesce(sum(bytes), 0)::bigint AS b FROM log_size")[0]["b"])
+
+    kept = lambda: [(r["client"], r["qn0"]) for r in st.execute(  # noqa: E731
+        "SELECT client, qn0 FROM requests ORDER BY seq")]
+    st = PgStore(pg_server.dsn, "r1", schema=pg_schema, max_mb=0.0)
+    for i in range(12):                        # 12 rows of ~3.5 kB; rows 4 and 5 are marked
+        st.put_batch(_batch("a", 4 * i, 1e9 + i, watermarked=i in (4, 5)))
+    st.flush()
+    one = real() / 12
+    assert kept() == [("a", 4 * i) for i in range(12)] and counter() == real() > 40_000
+    st.close()
+
+    # a cap of about 6 rows: the oldest unmarked rows go, down to 90% of it (5 rows), and no
+    # more; the marked ones stay
+    st = PgStore(pg_server.dsn, "r2", schema=pg_schema, max_mb=6.2 * one / 2 ** 20, cap_every=0)
+    st.put_batch(_batch("b", 0, 1e9 + 20))
+    st.flush()
+    left = kept()
+    assert real() <= 0.9 * 6.2 * one < real() + one and counter() == real()
+    unmarked = [("a", 4 * i) for i in range(12) if i not in (4, 5)] + [("b", 0)]
+    assert left == [("a", 16), ("a", 20)] + unmarked[-3:]     # the oldest unmarked ones went
+    assert st.pruned == 8
+    # a cap below the marked rows themselves: every unmarked row goes, then the oldest marked
+    st.max_mb = 2.0 * one / 2 ** 20
+    st.put_batch(_batch("b", 4, 1e9 + 21))
+    st.flush()
+    assert real() <= 0.9 * 2.0 * one and counter() == real() and kept() == [("a", 20)]
+    st.close()
+
+    # a store from before the counter: its rows are counted when it is next opened
+    with psycopg.connect(pg_server.dsn, autocommit=True) as con:
+        con.execute(f'DELETE FROM "{pg_schema}".log_size')
+    create_schema(pg_server.dsn, pg_schema)
+    st = PgStore(pg_server.dsn, "r3", schema=pg_schema)
+    assert counter() == real() > 0
+    st.close()
