@@ -54,14 +54,19 @@ def content_digests(pix: np.ndarray, key: np.ndarray) -> np.ndarray:
     xored with its own key word and mixed (splitmix64's finaliser), and the mixed words summed.
     Equal rows give equal digests; distinct rows collide with probability ~2^-64 for a key drawn
     at random per index (so nobody can aim at a collision). Vectorised over the rows."""
-    w = np.ascontiguousarray(pix).view(np.uint64) ^ key
-    with np.errstate(over="ignore"):
-        w ^= w >> np.uint64(30)
-        w *= np.uint64(0xBF58476D1CE4E5B9)
-        w ^= w >> np.uint64(27)
-        w *= np.uint64(0x94D049BB133111EB)
-        w ^= w >> np.uint64(31)
-        return w.sum(axis=1, dtype=np.uint64)
+    w = np.ascontiguousarray(pix).view(np.uint64) ^ key     # (integer arrays wrap silently)
+    w ^= w >> _S30
+    w *= _M1
+    w ^= w >> _S27
+    w *= _M2
+    w ^= w >> _S31
+    return w.sum(axis=1, dtype=np.uint64)
+
+
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+_DEDUPE_MIN = 64    # fewer candidate pairs than this: verifying each is cheaper than sorting
 
 
 def attack_like(a: np.ndarray, b: np.ndarray, cfg: LinkingConfig
@@ -638,9 +643,8 @@ class Linker:
         # have the same pixels, hence the same verdict: verify one per (item, content) and
         # give the others its figures (the same bits as verifying each)
         rep, inv = None, None
-        if len(ii) > 1 and _features.FAST_PATHS:
-            with np.errstate(over="ignore"):
-                c = idx.digest[ss] + ii.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        if len(ii) >= _DEDUPE_MIN and _features.FAST_PATHS:
+            c = idx.digest[ss] + ii.astype(np.uint64) * _GOLD
             _, rep, inv = np.unique(c, return_index=True, return_inverse=True)
             if len(rep) == len(ii):
                 rep = None
