@@ -494,6 +494,17 @@ def test_attribution_p_values_of_unrelated_suspects_are_uniform():
     assert np.mean(p <= 0.5) >= 0.5 - 2 * sd(0.5)      # exact, not merely conservative
 
 
+def _records_of_k(rng, n: int):
+    """n random record images of key "k": (images, honest labels, the marks' wrong labels,
+    probabilities of a model sure of the honest label, unnormalised)."""
+    x = (rng.integers(0, 256, (n, 28, 28)) / 255).astype(np.float32)
+    honest = rng.integers(0, 10, n)
+    sent = (honest + Watermark(KEY).offsets(x, ["k"] * n)) % 10
+    pr = rng.dirichlet(np.full(10, 1.0), n) * 0.1
+    pr[np.arange(n), honest] = 1.0
+    return x, honest, sent, pr
+
+
 def test_the_rank_sum_sees_a_copy_that_ranks_the_wrong_label_second_or_third():
     """A copy trained with small shifts puts W 2nd or 3rd more often than 1st (measured in
     lab.attribution): the rank-1 count (the former second-choice test) misses it, the rank sum
@@ -501,11 +512,7 @@ def test_the_rank_sum_sees_a_copy_that_ranks_the_wrong_label_second_or_third():
     from scipy.stats import binom
     rng = np.random.default_rng(5)
     n = 40
-    x = (rng.integers(0, 256, (n, 28, 28)) / 255).astype(np.float32)
-    honest = rng.integers(0, 10, n)
-    sent = (honest + Watermark(KEY).offsets(x, ["k"] * n)) % 10
-    pr = rng.dirichlet(np.full(10, 1.0), n) * 0.1
-    pr[np.arange(n), honest] = 1.0
+    x, honest, sent, pr = _records_of_k(rng, n)
     # on 3 of 4 records W sits just below the suspect's top other class (rank 2)
     for i in range(n):
         if i % 4:
@@ -539,11 +546,7 @@ def test_tta_recovers_marks_learnt_on_the_augmentation_orbit_and_keeps_the_null(
     from service.defences.watermark import TTA_SETS, shift_images
     rng = np.random.default_rng(9)
     n = 30
-    x = (rng.integers(0, 256, (n, 28, 28)) / 255).astype(np.float32)
-    honest = rng.integers(0, 10, n)
-    sent = (honest + Watermark(KEY).offsets(x, ["k"] * n)) % 10
-    base = rng.dirichlet(np.full(10, 1.0), n) * 0.1
-    base[np.arange(n), honest] = 1.0
+    x, honest, sent, base = _records_of_k(rng, n)
     table = {}
     for dx, dy, flip in TTA_SETS["shift1"]:
         xs = shift_images(x, dx, dy, flip)
