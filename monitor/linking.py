@@ -648,12 +648,10 @@ class Linker:
             _, rep, inv = np.unique(c, return_index=True, return_inverse=True)
             if len(rep) == len(ii):
                 rep = None
-        if rep is None:
-            # source: the index's item where this request's is the copy (mine), else this one
-            mask, l2, dense, peak = _attack_like(idx.pix, ss, pix, ii, ~mine, self.cfg)
-        else:
-            m_, l_, d_, p_ = _attack_like(idx.pix, ss[rep], pix, ii[rep], ~mine[rep], self.cfg)
-            mask, l2, dense, peak = m_[inv], l_[inv], d_[inv], p_[inv]
+        sel = slice(None) if rep is None else rep
+        # source: the index's item where this request's is the copy (mine), else this one
+        out = _attack_like(idx.pix, ss[sel], pix, ii[sel], ~mine[sel], self.cfg)
+        mask, l2, dense, peak = out if rep is None else (a[inv] for a in out)
         return ii[mask], ss[mask], mine[mask], l2[mask], dense[mask], peak[mask]
 
     def _pairs(self, client, qn0, v, enc, t) -> list[Pair]:

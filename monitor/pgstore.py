@@ -218,6 +218,7 @@ class PgWriter(threading.Thread):
         self._cv = threading.Condition()
         self._last_retention = time.monotonic()
         self._last_cap = 0.0
+        self._vacuum_due = False
         self.start()
 
     def put(self, item) -> int:
@@ -267,37 +268,56 @@ class PgWriter(threading.Thread):
             cur.execute(ADD_SIZE, (s.replica, added))
 
     def _housekeeping(self) -> None:
-        self._retention()
-        self._cap()
-
-    def _retention(self) -> None:
-        """``log.retention_days``: every ``retention_every`` seconds delete request rows that
-        much older than the newest logged one, keeping rows with watermarked answers (the
-        proof), as the SQLite writer does. One replica at a time (a transaction-level advisory
-        lock; the others skip this round)."""
         s = self.s
-        if s.retention_days <= 0 or time.monotonic() - self._last_retention < s.retention_every:
-            return
-        self._last_retention = time.monotonic()
+        now = time.monotonic()
+        if s.retention_days > 0 and now - self._last_retention >= s.retention_every:
+            self._last_retention = now
+            self._exclusively("retention", self._retention)
+        if s.max_mb > 0 and now - self._last_cap >= s.cap_every:
+            self._last_cap = now
+            self._vacuum_due = False
+            self._exclusively("size cap", self._cap)
+            if self._vacuum_due:
+                # make the deleted rows' space reusable now (autovacuum may come a minute later,
+                # and the files grow meanwhile); PostgreSQL keeps the files' size and refills it
+                self._vacuum()
+
+    def _exclusively(self, what: str, work) -> None:
+        """Run ``work(con)`` in one transaction, on one replica at a time (a transaction-level
+        advisory lock; the others skip this round); a lost connection postpones it (the
+        writer's own retry loop reports the outage)."""
         try:
             con = self._connect()
-            n = 0
             with con.transaction():
                 if con.execute("SELECT pg_try_advisory_xact_lock(4243) AS ok").fetchone()["ok"]:
-                    newest = con.execute("SELECT max(t) AS t FROM requests").fetchone()["t"]
-                    if newest is not None:
-                        n = self._delete_rows(con, "t < %s AND n_wm = 0",
-                                         (newest - s.retention_days * 86400,))[0]
-            if n:
-                s.pruned += n
-                log.info("monitor store: %d request rows older than %g days deleted", n,
-                         s.retention_days)
-        except CONN_ERRORS as exc:   # the writer's own retry loop reports the outage
+                    work(con)
+        except CONN_ERRORS as exc:
             self._drop()
-            log.debug("monitor store retention postponed: %r", exc)
+            log.debug("monitor store %s postponed: %r", what, exc)
+
+    def _vacuum(self) -> None:
+        """VACUUM the request table (outside any transaction, as PostgreSQL requires)."""
+        try:
+            with connect(self.s.dsn, self.s.schema, autocommit=True) as vc:
+                vc.execute("VACUUM requests")
+        except CONN_ERRORS as exc:
+            log.debug("monitor store VACUUM postponed: %r", exc)
+
+    def _retention(self, con) -> None:
+        """``log.retention_days``: delete request rows that much older than the newest logged
+        one, keeping rows with watermarked answers (the proof), as the SQLite writer does."""
+        s = self.s
+        newest = con.execute("SELECT max(t) AS t FROM requests").fetchone()["t"]
+        if newest is None:
+            return
+        n = self._delete_rows(con, "t < %s AND n_wm = 0", (newest - s.retention_days * 86400,))[0]
+        if n:
+            s.pruned += n
+            log.info("monitor store: %d request rows older than %g days deleted", n,
+                     s.retention_days)
 
     def _delete_rows(self, con, where: str, args: tuple = (), limit: int | None = None
-                ) -> tuple[int, int]:
+                     ) -> tuple[int, int]:
         """Delete request rows (the oldest ``limit`` of those matching, or all) in the caller's
         transaction and take their bytes off the size counter: (rows, bytes)."""
         sql = f"DELETE FROM requests WHERE {where} RETURNING {ROW_BYTES} AS b"
@@ -310,60 +330,45 @@ class PgWriter(threading.Thread):
             con.execute(ADD_SIZE, (self.s.replica, -freed))
         return len(got), freed
 
-    def used_bytes(self, con) -> int:
-        """What ``log.max_mb`` caps: the request rows' bytes (the counter) and the checkpoints'
-        stored bytes."""
+    @staticmethod
+    def used_bytes(con) -> tuple[int, int]:
+        """What ``log.max_mb`` caps: (the request rows' bytes, from the counter; the
+        checkpoints' stored bytes)."""
         rows = con.execute("SELECT coalesce(sum(bytes), 0)::bigint AS b FROM log_size"
                            ).fetchone()["b"]
         states = con.execute("SELECT coalesce(sum(pg_column_size(state)), 0)::bigint AS b "
                              "FROM client_state").fetchone()["b"]
-        return int(rows) + int(states)
+        return int(rows), int(states)
 
-    def _cap(self) -> None:
-        """``log.max_mb``: every ``cap_every`` seconds, when the store holds more than the cap,
-        delete the oldest request rows down to 90% of it, rows without watermarked answers
-        first (as the SQLite writer does). One replica at a time."""
+    def _cap(self, con) -> None:
+        """``log.max_mb``: when the store holds more than the cap, delete the oldest request
+        rows down to 90% of it, rows without watermarked answers first (as the SQLite writer
+        does), then VACUUM so that their space is reused."""
         s = self.s
-        if s.max_mb <= 0 or time.monotonic() - self._last_cap < s.cap_every:
-            return
-        self._last_cap = time.monotonic()
         cap = s.max_mb * 2 ** 20
-        try:
-            con = self._connect()
-            deleted = {"n_wm = 0": 0, "TRUE": 0}
-            with con.transaction():
-                if not con.execute("SELECT pg_try_advisory_xact_lock(4243) AS ok"
-                                   ).fetchone()["ok"]:
-                    return
-                used = self.used_bytes(con)
-                if used <= cap:
-                    return
-                r = con.execute(f"SELECT count(*) AS n, coalesce(sum({ROW_BYTES}), 0)::bigint "
-                                "AS b FROM requests").fetchone()
-                per_row = max(1.0, int(r["b"]) / max(1, int(r["n"])))
-                for where in deleted:
-                    while used > 0.9 * cap:
-                        # as many rows as the excess holds on average, at least one
-                        chunk = int(min(20000, max(1, (used - 0.9 * cap) // per_row)))
-                        n, freed = self._delete_rows(con, where, limit=chunk)
-                        if not n:
-                            break
-                        deleted[where] += n
-                        used -= freed
-            n = sum(deleted.values())
-            if n:
-                s.pruned += n
-                log.warning("monitor store above log.max_mb = %g: the %d oldest request rows "
-                            "deleted (%d of them held watermarked answers)", s.max_mb, n,
-                            deleted["TRUE"])
-                # make their space reusable now (autovacuum may come a minute later, and the
-                # files grow meanwhile); PostgreSQL keeps the files' size and fills them again
-                if s.vacuum_after_cap:
-                    with connect(s.dsn, s.schema, autocommit=True) as vc:
-                        vc.execute("VACUUM requests")
-        except CONN_ERRORS as exc:   # the writer's own retry loop reports the outage
-            self._drop()
-            log.debug("monitor store size cap postponed: %r", exc)
+        rows_bytes, states = self.used_bytes(con)
+        used = rows_bytes + states
+        if used <= cap:
+            return
+        count = con.execute("SELECT count(*) AS n FROM requests").fetchone()["n"]
+        per_row = max(1.0, rows_bytes / max(1, int(count)))
+        deleted = {"n_wm = 0": 0, "TRUE": 0}
+        for where in deleted:
+            while used > 0.9 * cap:
+                # as many rows as the excess holds on average, at least one
+                chunk = int(min(20000, max(1, (used - 0.9 * cap) // per_row)))
+                n, freed = self._delete_rows(con, where, limit=chunk)
+                if not n:
+                    break
+                deleted[where] += n
+                used -= freed
+        n = sum(deleted.values())
+        if n:
+            s.pruned += n
+            log.warning("monitor store above log.max_mb = %g: the %d oldest request rows "
+                        "deleted (%d of them held watermarked answers)", s.max_mb, n,
+                        deleted["TRUE"])
+            self._vacuum_due = s.vacuum_after_cap
 
     def _connect(self):
         if self.con is None or self.con.closed:
