@@ -106,6 +106,7 @@ attack: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT)
 
 bench: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP)
 	$(PY) -m lab.serving
+	$(PY) -m lab.contention --out results/bench/contention.json
 	$(PY) -m lab.monitor_bench
 	$(PY) -m lab.bench_attacks
 	$(PY) -m lab.defences

@@ -240,7 +240,15 @@ def real_server(name: str, extra: list[str], args, db: Path, workdir: Path) -> S
             "--workers", str(args.workers), "--torch-threads", "1",
             "--artifacts", str(args.artifacts), "--target", str(args.artifacts / "target.pt"),
             "--monitor-db", str(db), "--open-keys", "--dev-secret", *extra]
+    if getattr(args, "compute_slots", None) is not None:
+        argv += ["--compute-slots", str(args.compute_slots)]
     return ServerProcess(name, argv, port, workdir / f"{name}.log").start()
+
+
+def _slots(args) -> str:
+    n = getattr(args, "compute_slots", None)
+    return ("the default compute slots (no limit)" if n is None
+            else "no limit on compute slots" if n == 0 else f"{n} compute slots")
 
 
 # --- server profiles -----------------------------------------------------------------------------
@@ -445,7 +453,7 @@ def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, r
             f"Each cell: {args.warmup:g} s warm-up, then {args.seconds:g} s measured; clients "
             f"spread over {pool.n} client processes (grpc.aio, one connection and API key each, "
             f"pre-serialized UINT8 requests from the attack pool); server: {args.workers} gRPC "
-            f"workers, 1 torch thread. img/s counts images whose response arrived in the "
+            f"workers, {_slots(args)}, 1 torch thread. img/s counts images whose response arrived in the "
             f"window; × echo = the profile's img/s / the echo's img/s in the same cell "
             f"(measured just before). server CPU % = server process CPU time / window (100 = "
             f"one core). drain s = time until the server was idle again after the cell. "
@@ -839,6 +847,9 @@ def parse_args(argv=None):
     m.add_argument("--warmup", type=float, default=None, help="warm-up seconds per cell (1)")
     m.add_argument("--client-procs", type=int, default=2, help="client processes (2)")
     m.add_argument("--workers", type=int, default=4, help="gRPC workers of every server (4)")
+    m.add_argument("--compute-slots", dest="compute_slots", type=int, default=None,
+                   help="compute slots of the real servers (default: the server's own, "
+                        "0 = no limit)")
     m.add_argument("--settle-max", type=float, default=30.0,
                    help="max seconds to wait for a server to go idle after a cell")
     o = ap.add_argument_group("other sections")

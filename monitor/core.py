@@ -457,7 +457,12 @@ class Monitor:
         return eng.level
 
     def observe(self, client_id: str, request_id: str, images: np.ndarray,
-                target_probs: np.ndarray, answer: Answer, level: Level) -> Level:
+                target_probs: np.ndarray, answer: Answer, level: Level, *,
+                wait: bool = True) -> Level:
+        """Run the request through the client's detectors and log it; returns the client's
+        level after it. Sync durability: the call returns once the request's rows are
+        committed, or with ``wait=False`` at once, and the caller calls :meth:`wait_durable`
+        before answering (so it can let others compute meanwhile)."""
         if self._closed:
             raise RuntimeError("monitor is closed")
         t = float(self._clock())
@@ -466,7 +471,7 @@ class Monitor:
             raise ValueError(f"answer has {len(answer)} items for {n} images")
         job = (client_id, str(request_id), t, images, target_probs, answer, level)
         if self._queue is None:
-            return self._process(job)
+            return self._process(job, wait)
         if self._worker_error is not None:
             raise RuntimeError(f"monitor worker failed: {self._worker_error!r}")
         with self._idle:
@@ -475,7 +480,14 @@ class Monitor:
         eng = self._engines.get(client_id)
         return level if eng is None else eng.level
 
-    def _process(self, job) -> Level:
+    def wait_durable(self, client_id: str) -> None:
+        """Return once every row of the client observed so far that its answer waits for is
+        committed (sync mode, ``durability = "commit"``; nothing to wait for otherwise).
+        Raises LogUnavailable when that does not happen within the commit timeout."""
+        if self._durable and self._queue is None:
+            self._await_commit(client_id)
+
+    def _process(self, job, wait: bool = True) -> Level:
         client_id, request_id, t, images, target_probs, answer, level = job
         given = images
         images = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28)
@@ -526,7 +538,7 @@ class Monitor:
             # sync: this answer waits for its own rows (group commit); async: the client's
             # next answer does
             self._needs_commit(client_id, last)
-            if self._queue is None:
+            if self._queue is None and wait:
                 self._await_commit(client_id)
         return level_after
 

@@ -25,10 +25,13 @@ class NullMonitor:
         return Level.NORMAL
 
     def observe(self, client_id: str, request_id: str, images, target_probs, answer,
-                level: Level) -> Level:
+                level: Level, *, wait: bool = True) -> Level:
         if self._closed:
             raise RuntimeError("monitor is closed")
         return level
+
+    def wait_durable(self, client_id: str) -> None:
+        pass
 
     def flush(self) -> None:
         pass

@@ -45,11 +45,12 @@ def _serve(args) -> int:
     limit_heap_arenas()      # before the model, the monitor and the gRPC workers allocate
     server = Server(cfg, build_dataplane(cfg)).start()
     log.info("serving modelguard.v1.Inference and inference.GRPCInferenceService (Open "
-             "Inference Protocol v2) on %s over %s, %s (max batch %d, %d workers, %d torch "
-             "threads); Ctrl-C to stop", server.address,
+             "Inference Protocol v2) on %s over %s, %s (max batch %d, %d workers, %d compute "
+             "slots, %d torch threads); Ctrl-C to stop", server.address,
              ("mutual TLS" if cfg.tls_client_ca else "TLS") if server.tls else "PLAINTEXT",
              f"keys from {cfg.api_keys}" if cfg.api_keys else "open keys (any key; ids are "
-             "keyed hashes)", cfg.max_batch, cfg.workers, cfg.torch_threads)
+             "keyed hashes)", cfg.max_batch, cfg.workers, cfg.compute_slots,
+             cfg.torch_threads)
     server.wait()
     return 0
 
@@ -98,6 +99,9 @@ def main(argv=None) -> int:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--workers", type=int)
+    s.add_argument("--compute-slots", dest="compute_slots", type=int, metavar="N",
+                   help="Predict calls computing at once (default 0: no limit; 1 suits "
+                        "small requests, README \"Speed\")")
     s.add_argument("--torch-threads", dest="torch_threads", type=int)
     s.add_argument("--max-batch", dest="max_batch", type=int)
     s.add_argument("--target", type=Path, help="target checkpoint")

@@ -46,6 +46,10 @@ class ServerConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     workers: int = Field(4, ge=1, le=64, description="gRPC worker threads")
+    compute_slots: int = Field(0, ge=0, le=64, description="Predict calls computing at once "
+                               "(model, policies, detectors; waits on I/O excluded); 0: no "
+                               "limit. 1 spares small requests the GIL hand-offs between "
+                               "them, at the cost of large batches' parallel numpy work")
     torch_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads")
     max_batch: int = Field(512, ge=1, le=4096, description="images per Predict call")
     target: Path = Field(default_factory=lambda: artifacts_dir() / "target.pt")

@@ -6,6 +6,7 @@ return the answer. The gRPC servicer (service/servicer.py) only decodes, calls t
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -57,8 +58,17 @@ class PredictResult:
 
 class DataPlane:
     def __init__(self, model: TargetModel, monitor, policies: dict, watermark, key: bytes,
-                 max_batch: int):
-        """monitor: monitor.Monitor; policies: {Level: AnswerPolicy}; watermark: Watermark|None."""
+                 max_batch: int, compute_slots: int = 0):
+        """monitor: monitor.Monitor; policies: {Level: AnswerPolicy}; watermark: Watermark|None.
+
+        compute_slots: requests computing at once (model, answer policy, watermark, the
+        monitor's detectors and log hand-off; 0: no limit). Waiting on I/O (the client's state,
+        the log's commit) stays outside. On CPython this work holds the GIL nearly throughout,
+        so concurrent requests mostly pass it back and forth; one slot spares that, but also
+        stops two large batches from using two cores in numpy at once (measured by
+        `python -m lab.contention` and `python -m lab.serving --compute-slots N`; README)."""
+        if compute_slots < 0:
+            raise ValueError(f"compute_slots must be >= 0 (0: no limit), not {compute_slots}")
         missing = [lvl.name for lvl in Level if lvl != Level.BLOCK and lvl not in policies]
         if missing:
             raise ValueError(f"no answer policy configured for levels {missing}")
@@ -68,6 +78,9 @@ class DataPlane:
         self.watermark = watermark
         self.key = key
         self.max_batch = max_batch
+        self.compute_slots = compute_slots
+        self._gate = (threading.Semaphore(compute_slots) if compute_slots
+                      else contextlib.nullcontext())
         self._ready = threading.Event()
         self._ready.set()
         self._id_prefix = uuid.uuid4().hex[:12]
@@ -129,24 +142,32 @@ class DataPlane:
                 self.metrics.client_level(client_id, level)
             raise PermissionDenied(f"client {client_id!r} is blocked by the monitor")
         t1 = clock()
-        probs = self.model.predict_proba(images)
-        t2 = clock()
-        ctx = self._context(client_id, request_id)
-        answer = self.policies[level].answer(images, probs, ctx)
-        if self.watermark is not None:
-            # the key's query count decides its mark rate (none before the knee)
-            answer = self.watermark.apply(images, answer, ctx, probs,
-                                          qn0=self.monitor.queries(client_id))
-        if not want_probabilities and answer.probs is not None:
-            answer = Answer(answer.labels, None, AnswerKind.LABEL_ONLY, answer.model,
-                            answer.watermarked)
-        t3 = clock()
+        with self._gate:
+            tq = clock()
+            probs = self.model.predict_proba(images)
+            t2 = clock()
+            ctx = self._context(client_id, request_id)
+            answer = self.policies[level].answer(images, probs, ctx)
+            if self.watermark is not None:
+                # the key's query count decides its mark rate (none before the knee)
+                answer = self.watermark.apply(images, answer, ctx, probs,
+                                              qn0=self.monitor.queries(client_id))
+            if not want_probabilities and answer.probs is not None:
+                answer = Answer(answer.labels, None, AnswerKind.LABEL_ONLY, answer.model,
+                                answer.watermarked)
+            t3 = clock()
+            try:
+                after = self.monitor.observe(client_id, request_id, images, probs, answer,
+                                             level, wait=False)
+            except LogUnavailable as exc:
+                raise NotReady(str(exc)) from None
         try:
-            after = self.monitor.observe(client_id, request_id, images, probs, answer, level)
+            self.monitor.wait_durable(client_id)
         except LogUnavailable as exc:   # not durable in time: the answer is not sent
             raise NotReady(str(exc)) from None
         if self.metrics is not None:
-            self.metrics.stages(t2 - t1, t3 - t2, (t1 - t0) + (clock() - t3))
+            self.metrics.stages(t2 - tq, t3 - t2, (t1 - t0) + (clock() - t3),
+                                tq - t1 if self.compute_slots else None)
             self.metrics.client_level(client_id, after if after is not None else level)
         return PredictResult(request_id, answer, level)
 
@@ -203,4 +224,4 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
              "on" if cfg.monitor else "OFF (--no-monitor)",
              {lvl.name: p.name for lvl, p in policies.items()},
              "off" if wm is None else f"rate {wm.rate}", DIGEST_SCHEME.split(":")[0])
-    return DataPlane(model, mon, policies, wm, key, cfg.max_batch)
+    return DataPlane(model, mon, policies, wm, key, cfg.max_batch, cfg.compute_slots)

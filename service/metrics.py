@@ -23,7 +23,7 @@ log = logging.getLogger("modelguard.metrics")
 # 100 us .. 10 s: decoding takes tens of microseconds, a 512-image batch with the monitor ~1 s.
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
            1.0, 2.5, 5.0, 10.0)
-STAGES = ("decode", "model", "policy", "monitor", "total")
+STAGES = ("decode", "queue", "model", "policy", "monitor", "total")
 NONE = "none"   # level / answer of a request rejected before they were known
 
 
@@ -100,8 +100,10 @@ class Metrics:
         self.images = Counter("modelguard_images", "Images in prediction calls, same labels",
                               labels, registry=r)
         self.latency = Histogram("modelguard_latency_seconds", "Time per prediction call in "
-                                 "each stage: decode, model, policy (defence + watermark), "
-                                 "monitor (level + observe), total (the whole handler)",
+                                 "each stage: decode, queue (waiting for a compute slot, "
+                                 "with compute_slots set), model, policy (defence + "
+                                 "watermark), monitor (level + observe + commit), total (the "
+                                 "whole handler)",
                                  ("stage",), buckets=BUCKETS, registry=r)
         self.escalations = Counter("modelguard_escalations", "Level transitions the monitor "
                                    "recorded, by rule", ("rule", "from_level", "to_level"),
@@ -136,7 +138,10 @@ class Metrics:
         if decode_s is not None:
             self._stage["decode"].observe(decode_s)
 
-    def stages(self, model_s: float, policy_s: float, monitor_s: float) -> None:
+    def stages(self, model_s: float, policy_s: float, monitor_s: float,
+               queue_s: float | None = None) -> None:
+        if queue_s is not None:
+            self._stage["queue"].observe(queue_s)
         self._stage["model"].observe(model_s)
         self._stage["policy"].observe(policy_s)
         self._stage["monitor"].observe(monitor_s)

@@ -1,6 +1,9 @@
 """DataPlane's per-request logic with a fake model and a fake monitor (no gRPC, no detectors)."""
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -40,10 +43,13 @@ class FakeMonitor:
     def level(self, client_id, images=None):
         return self.lvl
 
-    def observe(self, client_id, request_id, images, probs, answer, level):
+    def observe(self, client_id, request_id, images, probs, answer, level, *, wait=True):
         self.seen.append(dict(client=client_id, request=request_id, images=images,
                               probs=probs, answer=answer, level=level))
         return level
+
+    def wait_durable(self, client_id):
+        pass
 
     def ready(self):
         return True
@@ -180,3 +186,109 @@ def test_missing_policy_is_rejected():
         DataPlane(FakeModel(), FakeMonitor(), {lvl: Tagged("x") for lvl in
                                                (Level.NORMAL, Level.NOISE, Level.LABEL_ONLY)},
                   None, KEY, 64)
+
+
+class SlowModel(FakeModel):
+    """FakeModel that takes ``seconds`` and counts how many calls run at once."""
+
+    def __init__(self, seconds=0.05):
+        super().__init__()
+        self.seconds = seconds
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+
+    def predict_proba(self, images):
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        time.sleep(self.seconds)
+        with self._lock:
+            self.now -= 1
+        return super().predict_proba(images)
+
+
+def _concurrently(fns):
+    start = threading.Barrier(len(fns))
+    errors = []
+
+    def run(fn):
+        start.wait()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=run, args=(fn,)) for fn in fns]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("slots, peak", [(1, 1), (2, 2), (0, 4)])
+def test_compute_slots_bound_the_requests_computing_at_once(slots, peak):
+    model = SlowModel()
+    policies = {lvl: Tagged(lvl.name) for lvl in Level if lvl != Level.BLOCK}
+    p = DataPlane(model, FakeMonitor(), policies, None, KEY, 512, compute_slots=slots)
+    x = images(4)
+    _concurrently([lambda c=c: p.predict(f"c{c}", None, x) for c in range(4)])
+    assert model.peak == peak and model.calls == 4
+
+
+def test_a_request_waiting_for_its_commit_does_not_hold_the_compute_slot():
+    """The one slot covers computing only: while one client's answer waits for the log's
+    commit, another client's request is computed and answered."""
+    release = threading.Event()
+
+    class SlowDisk(FakeMonitor):
+        def wait_durable(self, client_id):
+            if client_id == "slow" and not release.wait(5):
+                raise AssertionError("never released")
+
+    mon = SlowDisk()
+    policies = {lvl: Tagged(lvl.name) for lvl in Level if lvl != Level.BLOCK}
+    p = DataPlane(FakeModel(), mon, policies, None, KEY, 512, compute_slots=1)
+    done = []
+    slow = threading.Thread(target=lambda: done.append(p.predict("slow", "r1", images(3))))
+    slow.start()
+    deadline = time.monotonic() + 5
+    while not mon.seen and time.monotonic() < deadline:   # "slow" is now waiting to commit
+        time.sleep(0.005)
+    fast = p.predict("fast", "r2", images(3))             # would block here if it held the slot
+    assert fast.level == Level.NORMAL and not done
+    release.set()
+    slow.join(5)
+    assert len(done) == 1
+
+
+def test_compute_slots_must_not_be_negative():
+    with pytest.raises(ValueError, match="compute_slots must be >= 0"):
+        DataPlane(FakeModel(), FakeMonitor(), {}, None, KEY, 512, compute_slots=-1)
+
+
+@pytest.mark.parametrize("slots", [0, 1])
+def test_time_waiting_for_a_compute_slot_is_reported_apart(slots):
+    """With compute slots, the metrics get the wait for a slot as its own stage (queue) and
+    the model stage excludes it; without, no queue stage is reported."""
+    class Stages:
+        def __init__(self):
+            self.calls = []
+
+        def stages(self, model_s, policy_s, monitor_s, queue_s=None):
+            self.calls.append((model_s, queue_s))
+
+        def client_level(self, client, level):
+            pass
+
+    model = SlowModel(seconds=0.2)
+    policies = {lvl: Tagged(lvl.name) for lvl in Level if lvl != Level.BLOCK}
+    p = DataPlane(model, FakeMonitor(), policies, None, KEY, 512, compute_slots=slots)
+    p.metrics = Stages()
+    _concurrently([lambda c=c: p.predict(f"c{c}", None, images(2)) for c in range(2)])
+    assert len(p.metrics.calls) == 2
+    assert all(0.19 < m < 0.38 for m, _ in p.metrics.calls)    # the model's own time only
+    if slots:
+        assert sorted(q > 0.19 for _, q in p.metrics.calls) == [False, True]  # one waited
+    else:
+        assert [q for _, q in p.metrics.calls] == [None, None]

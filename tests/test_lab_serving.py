@@ -185,3 +185,21 @@ def test_quick_matrix_against_the_echo_alone(tmp_path):
     assert len(table) == len(rows)
     # the table was printed as it went
     assert sum(l.startswith("| echo |") for l in p.stdout.splitlines()) == len(rows)
+
+
+def test_lab_contention_runs_every_setting_and_refuses_bad_input(small_target, tmp_path):
+    """python -m lab.contention: each slot setting drives the real data plane with the asked
+    number of requests (threads x requests per batch size), and bad settings are refused."""
+    from lab import contention
+
+    out = tmp_path / "c.json"
+    assert contention.main(["--threads", "2", "--batches", "1,8", "--requests", "15",
+                            "--rounds", "1", "--target", str(small_target[0]),
+                            "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["compute_slots"], r["requests"]) for r in rows] == \
+        [(1, 1, 30), (1, 0, 30), (8, 1, 30), (8, 0, 30)]
+    for bad in (["--slots", "1,-1"], ["--batches", "0"], ["--batches", "a"]):
+        with pytest.raises(SystemExit) as e:
+            contention.main(bad)
+        assert e.value.code == 2

@@ -141,6 +141,37 @@ def test_commit_mode_answer_is_on_disk_when_it_returns(tmp_path):
     mon.close()
 
 
+def test_commit_mode_without_waiting_leaves_the_wait_to_wait_durable(tmp_path, monkeypatch):
+    """observe(wait=False) returns before its row is on disk (a slow disk); wait_durable then
+    returns only once it is, as observe() itself would have (the data plane computes under
+    its compute slot and waits outside it)."""
+    slow = Writer._write
+
+    def slow_write(self, items):
+        time.sleep(0.2)
+        return slow(self, items)
+
+    monkeypatch.setattr(Writer, "_write", slow_write)
+    db = tmp_path / "m.db"
+    mon = Monitor(_cfg(durability="commit"), db, clock=FakeClock())
+    x, p = _near_copies(60), _probs(60)
+    reader = sqlite3.connect(db)
+
+    def logged():
+        return reader.execute("SELECT coalesce(max(qn0 + n), 0) FROM requests WHERE client='a'"
+                              ).fetchone()[0]
+
+    for i in range(0, 60, 20):
+        mon.observe("a", f"r{i}", x[i:i + 20], p[i:i + 20],
+                    Answer(p[i:i + 20].argmax(1), p[i:i + 20], AnswerKind.PROBABILITIES),
+                    mon.level("a"), wait=False)
+        assert logged() == i, "observe(wait=False) waited for the commit"
+        mon.wait_durable("a")
+        assert logged() == i + 20, "wait_durable returned before the row was on disk"
+    reader.close()
+    mon.close()
+
+
 def test_fast_mode_never_answers_at_an_uncommitted_level(tmp_path, monkeypatch):
     """A slow disk: "fast" answers do not wait for their rows, but the first answer at a raised
     level waits until the transition that raised it is on disk."""

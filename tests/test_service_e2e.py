@@ -271,8 +271,11 @@ def test_dataplane_hashes_each_request_once(small_target, tmp_path, monkeypatch)
         def level(self, client, images=None):
             return self.lvl
 
-        def observe(self, client_id, request_id, images, probs, answer, level):
+        def observe(self, client_id, request_id, images, probs, answer, level, *, wait=True):
             return level
+
+        def wait_durable(self, client_id):
+            pass
 
         def queries(self, client_id):
             return None
