@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 
-def _plane(slots: int, workdir: Path, target: Path | None):
+def _plane(slots: int, workdir: Path, target: Path | None, undefended: bool = False):
     from service.config import ServerConfig
     from service.dataplane import build_dataplane
 
     kw = {"monitor_db": workdir / f"monitor-{slots}-{time.monotonic_ns()}.db",
-          "compute_slots": slots, "secret": "lab-contention-secret-0123456789abcdef"}
+          "compute_slots": slots, "secret": "lab-contention-secret-0123456789abcdef",
+          "undefended": undefended}
     if target is not None:
         kw["target"] = target
     plane = build_dataplane(ServerConfig(**kw))
@@ -43,10 +44,10 @@ def _plane(slots: int, workdir: Path, target: Path | None):
 
 
 def one_run(slots: int, threads: int, requests: int, batch: int, pool, workdir: Path,
-            target: Path | None, seed: int) -> dict:
+            target: Path | None, seed: int, undefended: bool = False) -> dict:
     import numpy as np
 
-    plane = _plane(slots, workdir, target)
+    plane = _plane(slots, workdir, target, undefended)
     errors: list[BaseException] = []
     start = threading.Barrier(threads + 1)
 
@@ -87,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (3)")
     ap.add_argument("--target", type=Path, default=None,
                     help="target checkpoint (default: the server's, artifacts/target.pt)")
+    ap.add_argument("--undefended", action="store_true",
+                    help="the plain target's answer at every level (no model pool needed; the "
+                         "monitor still runs)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -111,7 +115,8 @@ def main(argv=None) -> int:
             res: dict[int, list[dict]] = {s: [] for s in slots}
             for r in range(a.rounds):
                 for s in slots:
-                    out = one_run(s, a.threads, n, b, pool, Path(tmp), a.target, a.seed + r)
+                    out = one_run(s, a.threads, n, b, pool, Path(tmp), a.target, a.seed + r,
+                                  a.undefended)
                     res[s].append(out)
                     print(f"batch {b}, round {r + 1}/{a.rounds}, compute_slots {s}: "
                           f"CPU {out['cpu_ms']:.2f} ms/request, wall {out['wall_ms']:.2f} "

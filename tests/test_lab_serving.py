@@ -195,7 +195,7 @@ def test_lab_contention_runs_every_setting_and_refuses_bad_input(small_target, t
     out = tmp_path / "c.json"
     assert contention.main(["--threads", "2", "--batches", "1,8", "--requests", "15",
                             "--rounds", "1", "--target", str(small_target[0]),
-                            "--out", str(out)]) == 0
+                            "--undefended", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["batch"], r["compute_slots"], r["requests"]) for r in rows] == \
         [(1, 1, 30), (1, 0, 30), (8, 1, 30), (8, 0, 30)]
