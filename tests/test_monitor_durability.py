@@ -46,6 +46,23 @@ def _observe(mon, client, x, p):
     return mon.observe(client, "r", x, p, Answer(p.argmax(1), p, AnswerKind.PROBABILITIES), lvl)
 
 
+def _slow_disk(monkeypatch, seconds: float) -> None:
+    """A slow disk: every write of the log's writer takes ``seconds`` longer."""
+    slow = Writer._write
+
+    def slow_write(self, items):
+        time.sleep(seconds)
+        return slow(self, items)
+
+    monkeypatch.setattr(Writer, "_write", slow_write)
+
+
+def _logged(reader, client: str) -> int:
+    """The client's last query number on disk (0: none)."""
+    return reader.execute("SELECT coalesce(max(qn0 + n), 0) FROM requests WHERE client = ?",
+                          (client,)).fetchone()[0]
+
+
 def _fill_disk(mon) -> None:
     """Simulate a full disk: the writer's database may not grow by another page."""
     con = mon.store._writer.con
@@ -129,8 +146,7 @@ def test_commit_mode_answer_is_on_disk_when_it_returns(tmp_path):
     escalated_at = None
     for i in range(0, 400, 20):
         after = _observe(mon, "a", x[i:i + 20], p[i:i + 20])
-        logged = reader.execute("SELECT max(qn0 + n) FROM requests WHERE client='a'"
-                                ).fetchone()[0]
+        logged = _logged(reader, "a")
         assert logged == i + 20, f"request ending at {i + 20} answered before its row"
         if after > Level.NORMAL and escalated_at is None:
             escalated_at = i + 20
@@ -145,29 +161,18 @@ def test_commit_mode_without_waiting_leaves_the_wait_to_wait_durable(tmp_path, m
     """observe(wait=False) returns before its row is on disk (a slow disk); wait_durable then
     returns only once it is, as observe() itself would have (the data plane computes under
     its compute slot and waits outside it)."""
-    slow = Writer._write
-
-    def slow_write(self, items):
-        time.sleep(0.2)
-        return slow(self, items)
-
-    monkeypatch.setattr(Writer, "_write", slow_write)
+    _slow_disk(monkeypatch, 0.2)
     db = tmp_path / "m.db"
     mon = Monitor(_cfg(durability="commit"), db, clock=FakeClock())
     x, p = _near_copies(60), _probs(60)
     reader = sqlite3.connect(db)
-
-    def logged():
-        return reader.execute("SELECT coalesce(max(qn0 + n), 0) FROM requests WHERE client='a'"
-                              ).fetchone()[0]
-
     for i in range(0, 60, 20):
         mon.observe("a", f"r{i}", x[i:i + 20], p[i:i + 20],
                     Answer(p[i:i + 20].argmax(1), p[i:i + 20], AnswerKind.PROBABILITIES),
                     mon.level("a"), wait=False)
-        assert logged() == i, "observe(wait=False) waited for the commit"
+        assert _logged(reader, "a") == i, "observe(wait=False) waited for the commit"
         mon.wait_durable("a")
-        assert logged() == i + 20, "wait_durable returned before the row was on disk"
+        assert _logged(reader, "a") == i + 20, "wait_durable returned before the row was on disk"
     reader.close()
     mon.close()
 
@@ -175,13 +180,7 @@ def test_commit_mode_without_waiting_leaves_the_wait_to_wait_durable(tmp_path, m
 def test_fast_mode_never_answers_at_an_uncommitted_level(tmp_path, monkeypatch):
     """A slow disk: "fast" answers do not wait for their rows, but the first answer at a raised
     level waits until the transition that raised it is on disk."""
-    slow = Writer._write
-
-    def slow_write(self, items):
-        time.sleep(0.15)
-        return slow(self, items)
-
-    monkeypatch.setattr(Writer, "_write", slow_write)
+    _slow_disk(monkeypatch, 0.15)
     db = tmp_path / "m.db"
     mon = Monitor(_cfg(durability="fast"), db, clock=FakeClock())
     x, p = _near_copies(600), _probs(600)
@@ -190,8 +189,7 @@ def test_fast_mode_never_answers_at_an_uncommitted_level(tmp_path, monkeypatch):
     raised = None
     for i in range(0, 600, 20):
         after = _observe(mon, "a", x[i:i + 20], p[i:i + 20])
-        logged = reader.execute("SELECT coalesce(max(qn0 + n), 0) FROM requests WHERE "
-                                "client='a'").fetchone()[0]
+        logged = _logged(reader, "a")
         ahead += logged < i + 20
         if after > Level.NORMAL:
             raised = after
