@@ -45,11 +45,11 @@ def _serve(args) -> int:
     limit_heap_arenas()      # before the model, the monitor and the gRPC workers allocate
     server = Server(cfg, build_dataplane(cfg)).start()
     log.info("serving modelguard.v1.Inference and inference.GRPCInferenceService (Open "
-             "Inference Protocol v2) on %s over %s, %s (max batch %d, %d workers, %d compute "
-             "slots, %d torch threads); Ctrl-C to stop", server.address,
+             "Inference Protocol v2) on %s over %s, %s (max batch %d, %d workers, compute slots: "
+             "%s, %d torch threads); Ctrl-C to stop", server.address,
              ("mutual TLS" if cfg.tls_client_ca else "TLS") if server.tls else "PLAINTEXT",
              f"keys from {cfg.api_keys}" if cfg.api_keys else "open keys (any key; ids are "
-             "keyed hashes)", cfg.max_batch, cfg.workers, cfg.compute_slots,
+             "keyed hashes)", cfg.max_batch, cfg.workers, cfg.compute_slots or "no limit",
              cfg.torch_threads)
     server.wait()
     return 0
