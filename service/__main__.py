@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     s.add_argument("--workers", type=int)
     s.add_argument("--compute-slots", dest="compute_slots", type=int, metavar="N",
                    help="Predict calls computing at once (default 0: no limit; 1 suits "
-                        "small requests, README \"Speed\")")
+                        "small requests: README, section 6)")
     s.add_argument("--torch-threads", dest="torch_threads", type=int)
     s.add_argument("--max-batch", dest="max_batch", type=int)
     s.add_argument("--target", type=Path, help="target checkpoint")
