@@ -240,13 +240,13 @@ def real_server(name: str, extra: list[str], args, db: Path, workdir: Path) -> S
             "--workers", str(args.workers), "--torch-threads", "1",
             "--artifacts", str(args.artifacts), "--target", str(args.artifacts / "target.pt"),
             "--monitor-db", str(db), "--open-keys", "--dev-secret", *extra]
-    if getattr(args, "compute_slots", None) is not None:
+    if args.compute_slots is not None:
         argv += ["--compute-slots", str(args.compute_slots)]
     return ServerProcess(name, argv, port, workdir / f"{name}.log").start()
 
 
 def _slots(args) -> str:
-    n = getattr(args, "compute_slots", None)
+    n = args.compute_slots
     return ("the default compute slots (no limit)" if n is None
             else "no limit on compute slots" if n == 0 else f"{n} compute slots")
 
@@ -453,9 +453,9 @@ def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, r
             f"Each cell: {args.warmup:g} s warm-up, then {args.seconds:g} s measured; clients "
             f"spread over {pool.n} client processes (grpc.aio, one connection and API key each, "
             f"pre-serialized UINT8 requests from the attack pool); server: {args.workers} gRPC "
-            f"workers, {_slots(args)}, 1 torch thread. img/s counts images whose response arrived in the "
-            f"window; × echo = the profile's img/s / the echo's img/s in the same cell "
-            f"(measured just before). server CPU % = server process CPU time / window (100 = "
+            f"workers, {_slots(args)}, 1 torch thread. img/s counts images whose response "
+            f"arrived in the window; × echo = the profile's img/s / the echo's img/s in the "
+            f"same cell (measured just before). server CPU % = server process CPU time / window (100 = "
             f"one core). drain s = time until the server was idle again after the cell. "
             f"answers = the answer kind each client last received.", ""]
         sec += md_table(MATRIX_HEADER, [])

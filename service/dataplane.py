@@ -49,6 +49,16 @@ class TargetModel:
         return torch.softmax(self.module(torch.from_numpy(images)), 1).numpy()
 
 
+@contextlib.contextmanager
+def _not_ready_without_log():
+    """The monitor's LogUnavailable (log unwritable, or not committed in time) as NotReady:
+    the request is refused UNAVAILABLE rather than answered without its log."""
+    try:
+        yield
+    except LogUnavailable as exc:
+        raise NotReady(str(exc)) from None
+
+
 @dataclass
 class PredictResult:
     request_id: str
@@ -133,10 +143,8 @@ class DataPlane:
         request_id = request_id or self._next_id()
         clock = time.perf_counter   # stage timings for the metrics (~0.1 us a reading)
         t0 = clock()
-        try:
+        with _not_ready_without_log():   # fail-closed: no answer the log could not keep
             level = self.monitor.level(client_id, images)
-        except LogUnavailable as exc:   # fail-closed: no answer the log could not keep
-            raise NotReady(str(exc)) from None
         if level >= Level.BLOCK:
             if self.metrics is not None:
                 self.metrics.client_level(client_id, level)
@@ -156,15 +164,11 @@ class DataPlane:
                 answer = Answer(answer.labels, None, AnswerKind.LABEL_ONLY, answer.model,
                                 answer.watermarked)
             t3 = clock()
-            try:
+            with _not_ready_without_log():
                 after = self.monitor.observe(client_id, request_id, images, probs, answer,
                                              level, wait=False)
-            except LogUnavailable as exc:
-                raise NotReady(str(exc)) from None
-        try:
+        with _not_ready_without_log():   # not durable in time: the answer is not sent
             self.monitor.wait_durable(client_id)
-        except LogUnavailable as exc:   # not durable in time: the answer is not sent
-            raise NotReady(str(exc)) from None
         if self.metrics is not None:
             self.metrics.stages(t2 - tq, t3 - t2, (t1 - t0) + (clock() - t3),
                                 tq - t1 if self.compute_slots else None)
