@@ -442,8 +442,8 @@ class Writer(threading.Thread):
         self.failures = 0            # retriable errors seen in all
         self.dropped = 0             # rows and checkpoints dropped by the max_queue bound
         self.pruned = 0              # request rows deleted by retention or the size cap
-        self._last_retention = 0.0
-        self._last_cap = 0.0
+        self._last_retention = float("-inf")   # never (time.monotonic() starts near 0 at boot)
+        self._last_cap = float("-inf")
         self._seq = itertools.count(1)
         self._cv = threading.Condition()
         self._abandon = threading.Event()

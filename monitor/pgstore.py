@@ -217,7 +217,7 @@ class PgWriter(threading.Thread):
         self.con: psycopg.Connection | None = None
         self._cv = threading.Condition()
         self._last_retention = time.monotonic()
-        self._last_cap = 0.0
+        self._last_cap = float("-inf")
         self._vacuum_due = False
         self.start()
 

@@ -222,7 +222,7 @@ def test_retention_deletes_old_rows_but_keeps_watermark_records(tmp_path):
     w.put(_batch("a", 8, 1e9 + 9 * day))              # within 2 days of the newest: kept
     w.put(_batch("a", 12, 1e9 + 10 * day))
     w.flush()
-    w._last_retention = 0.0
+    w._last_retention = float("-inf")
     w._housekeeping()
     w.close()
     with QueryLog(db) as q:
@@ -237,7 +237,7 @@ def test_size_cap_deletes_the_oldest_rows_first(tmp_path):
     for k in range(60):            # ~25 KB of inputs per row: ~1.5 MB in all
         w.put(_batch("a", 8 * k, 1e9 + k, watermarked=(k == 0), n=8))
     w.flush()
-    w._last_cap = 0.0
+    w._last_cap = float("-inf")
     w._housekeeping()
     used = w._used_bytes()
     w.close()

@@ -779,7 +779,7 @@ def test_retention_deletes_old_rows_but_keeps_watermark_records(pg_server, pg_sc
     st.flush()
     kept = lambda: [r["qn0"] for r in st.execute("SELECT qn0 FROM requests ORDER BY qn0")]  # noqa: E731
     assert kept() == [0, 4, 8, 12]          # not before the period has passed
-    st._writer._last_retention = 0.0         # the period is over: the next commit prunes
+    st._writer._last_retention = float("-inf")  # the period is over: the next commit prunes
     st.put_batch(_batch("a", 16, 1e9 + 10 * day))
     st.flush()
     assert kept() == [4, 8, 12, 16] and st.pruned == 1
