@@ -58,6 +58,10 @@ def add_arguments(ap) -> None:
                     help="only answers the target gives at least this top probability are marked")
     ap.add_argument("--max-confidence", type=float, default=1.0,
                     help="... and below this one (1: no upper bound)")
+    ap.add_argument("--signature", type=float, default=0.0,
+                    help="soft-label signature strength (service/defences/signature.py; 0: off)")
+    ap.add_argument("--signature-knee", type=int, default=None,
+                    help="queries before the signature starts (default: --knee)")
     ap.add_argument("--epochs", type=int, default=30, help="MLP copies' epochs (the attack's)")
     ap.add_argument("--cnn-epochs", type=int, default=15)
     ap.add_argument("--clean-epochs", type=int, default=3, help="clean models on the train split")
@@ -256,7 +260,7 @@ def run(args) -> int:
     import torch
 
     from common import data, training
-    from service.defences.__main__ import db_records, linked_groups
+    from service.defences.__main__ import db_records, db_signature_records, linked_groups
     from service.defences.watermark import attribute
 
     torch.set_num_threads(args.threads)
@@ -266,7 +270,8 @@ def run(args) -> int:
     target, target_meta = training.load_checkpoint(args.artifacts / "target.pt")
     target_pool = training.predict_proba(target, pool.x).argmax(1)
     spec = {"enabled": True, "rate": args.rate, "knee": args.knee, "light_rate": args.light_rate,
-            "min_confidence": args.min_confidence, "max_confidence": args.max_confidence}
+            "min_confidence": args.min_confidence, "max_confidence": args.max_confidence,
+            "signature": args.signature, "signature_knee": args.signature_knee}
     from service.defences import Watermark
 
     try:
@@ -294,8 +299,11 @@ def run(args) -> int:
     for key, idx in plan.items():
         if not key.startswith(HONEST_PREFIXES):
             continue
-        labels = got[key][0]
+        labels, sent = got[key]
+        tprobs = training.predict_proba(target, pool.x[idx])
         cost_rows.append({"key": key, "queries": len(idx),
+                          "prob_l1": float(np.abs(sent - tprobs).sum(1).sum()),
+                          "top_drop": float((tprobs.max(1) - sent.max(1)).sum()),
                           "flipped": int(np.sum(labels != target_pool[idx])),
                           "target_acc": float(np.mean(target_pool[idx] == pool.y[idx])),
                           "received_acc": float(np.mean(labels == pool.y[idx]))})
@@ -307,7 +315,9 @@ def run(args) -> int:
         t = sum(r["target_acc"] * r["queries"] for r in rows) / q
         a = sum(r["received_acc"] * r["queries"] for r in rows) / q
         return {"keys": len(rows), "queries": q, "flipped": sum(r["flipped"] for r in rows),
-                "target_acc": t, "received_acc": a, "cost_points": 100 * (t - a)}
+                "target_acc": t, "received_acc": a, "cost_points": 100 * (t - a),
+                "prob_l1": sum(r["prob_l1"] for r in rows) / q,
+                "top_drop": sum(r["top_drop"] for r in rows) / q}
 
     cost = {"overall": band(cost_rows),
             "under 1,000 queries": band([r for r in cost_rows if r["queries"] < 1000]),
@@ -315,7 +325,8 @@ def run(args) -> int:
             "3,000 queries": band([r for r in cost_rows if r["queries"] == 3000])}
     for k, v in cost.items():
         _log(t0, f"honest cost, {k}: {v['cost_points']:+.2f} points ({v['flipped']} of "
-                 f"{v['queries']} answers flipped, {v['keys']} keys)")
+                 f"{v['queries']} answers flipped, {v['keys']} keys); probabilities: mean L1 "
+                 f"change {v['prob_l1']:.4f}, top probability lowered by {v['top_drop']:.4f}")
 
     # records as the CLI reads them
     rec = db_records(db)
@@ -324,12 +335,17 @@ def run(args) -> int:
     per_key = {k: int(sum(c == k for c in rec.cids)) for k in plan}
     _log(t0, f"{len(rec.labels)} watermark records in the log; linked groups: {len(groups)}; "
              "records per key: " + ", ".join(f"{k} {v}" for k, v in per_key.items() if v))
+    sig = wm_check.signature
+    sigrec = db_signature_records(db, sig.knee) if sig is not None else None
+    if sig is not None:
+        _log(t0, f"signature: {len(sigrec[2])} logged items after the knee")
     def judge(name, model, fed: list[str], meta: dict) -> dict:
         tj = time.perf_counter()
         att = attribute(rec.images, rec.labels, rec.cids,
                         predict=lambda x: training.predict_proba(model, x), key=KEY,
                         alpha=args.alpha, pools=pools, groups=groups, watermark=wm_check,
-                        qns=rec.qns, confidences=rec.conf, tta=args.tta)
+                        qns=rec.qns, confidences=rec.conf, tta=args.tta, signature=sig,
+                        signature_records=sigrec)
         p_eval = training.predict_proba(model, ev.x).argmax(1)
         acc = float(np.mean(p_eval == ev.y))
         fid = float(np.mean(p_eval == training.predict_proba(target, ev.x).argmax(1)))
@@ -356,8 +372,11 @@ def run(args) -> int:
             desc = (f"{best.name}: {best.matches}/{best.departures} departures, W first on "
                     f"{best.second_choice} and mean rank {best.mean_rank:.2f} of "
                     f"{best.records} records, p {best.p_value:.2g} (departures "
-                    f"{best.p_departures:.2g}, rank sum {best.p_rank:.2g}), Holm "
-                    f"{best.p_adjusted:.2g}")
+                    f"{best.p_departures:.2g}, rank sum {best.p_rank:.2g}"
+                    + ("" if best.p_signature is None else
+                       f", signature {best.p_signature:.2g} over {best.sig_cells} cells, mean "
+                       f"rank {best.sig_mean_rank or float('nan'):.2f}")
+                    + f"), Holm {best.p_adjusted:.2g}")
         else:
             desc = "-"
         _log(t0, f"{name}: acc {acc:.2%}, proven {row['proven']}, attributed "
@@ -550,7 +569,11 @@ def markdown(out: dict, cli_text: str) -> str:
         f"{w['light_rate']} before), only answers with target top probability "
         f"{_band_text(w)} ({out['eligible_share']:.1%} of the pool); marks keyed on "
         f"(client, image). Per test: the departures test and the rank sum of the wrong label "
-        f"(both exact; the smaller p x 2); test-time augmentation: {out['config']['tta']}. "
+        f"(both exact; the smaller p x 2)"
+        + (f", and the soft-label signature (strength {w['signature']}, after query "
+           f"{w['knee'] if w.get('signature_knee') is None else w['signature_knee']}; "
+           f"its rank sum over the keys' cells; the smallest p x 3)" if w.get("signature") else "")
+        + f"; test-time augmentation: {out['config']['tta']}. "
         f"alpha {out['config']['alpha']:g} after Holm over every key, linked "
         f"group, the Sybil pool and all keys. In process through the real DataPlane and monitor "
         f"log; {out['wall_time_s']:.0f} s.", "",
@@ -572,6 +595,9 @@ def markdown(out: dict, cli_text: str) -> str:
         else:
             cell = (f"{b['name']}: {b['matches']} / {b['departures']}, {b['second_choice']}, "
                     f"{b['mean_rank']:.2f} ({b['records']})")
+            if b.get("p_signature") is not None:
+                cell += (f"; signature: mean rank {b['sig_mean_rank'] or float('nan'):.2f} over "
+                         f"{b['sig_cells']} cells, p {b['p_signature']:.2g}")
             p, ph = f"{b['p_value']:.2g}", (f"{b['p_adjusted']:.2g}" if b["testable"] else "-")
         c = r["closest_wrong"]
         cw = "-" if c is None else f"{c['name']} ({c['p_adjusted']:.2g})"
@@ -580,12 +606,13 @@ def markdown(out: dict, cli_text: str) -> str:
                      f"{ph} | {', '.join(r['attributed']) or '-'} | {cw} | "
                      f"{', '.join(r['false_attributions']) or '0'} |")
     lines += ["", "Honest label-accuracy cost (target's labels vs the labels received):", "",
-              "| keys | queries | answers flipped | target accuracy | received | cost (points) |",
-              "|---|---|---|---|---|---|"]
+              "| keys | queries | answers flipped | target accuracy | received | cost (points) "
+              "| probabilities: mean L1 change | top probability lowered by |",
+              "|---|---|---|---|---|---|---|---|"]
     for k, v in out["honest_cost"].items():
         lines.append(f"| {k} ({v['keys']} keys) | {v['queries']} | {v['flipped']} | "
                      f"{100 * v['target_acc']:.2f}% | {100 * v['received_acc']:.2f}% | "
-                     f"{v['cost_points']:.2f} |")
+                     f"{v['cost_points']:.2f} | {v['prob_l1']:.4f} | {v['top_drop']:.4f} |")
     if out.get("tta_probe"):
         sets = list(dict.fromkeys(p["tta"] for p in out["tta_probe"]))
         lines += ["", "Test-time augmentation, exploratory (each set alone on the same records; "

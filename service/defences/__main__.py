@@ -112,6 +112,40 @@ def db_records(db: Path) -> Records:
                    np.concatenate(ps), config)
 
 
+def db_signature_records(db: Path, knee: int, max_per_key: int = 20000):
+    """(images float32 (M, 28, 28), target probabilities (M, 10), client ids) of every logged item
+    after each key's ``knee`` that was answered with probabilities and whose input the log kept:
+    what the soft-label signature test reads (at most ``max_per_key`` items per key, the first
+    ones)."""
+    import numpy as np
+
+    from monitor.log import Decoded, QueryLog
+
+    log = QueryLog(db)
+    xs, ps, cs = [], [], []
+    count: dict[str, int] = {}
+    try:
+        for r in log.con.execute("SELECT * FROM requests WHERE qn0 + n > ? AND sent_top IS NOT "
+                                 "NULL ORDER BY seq", (knee,)):
+            have = count.get(r["client"], 0)
+            if have >= max_per_key:
+                continue
+            d = Decoded(r, raw=True)
+            keep = d.kept & (d.qn0 + 1 + np.arange(d.n) > knee)
+            rows = np.flatnonzero(keep)[:max_per_key - have]
+            if not len(rows):
+                continue
+            xs.append(d.x_exact[rows])
+            ps.append(d.probs[rows])
+            cs += [d.client] * len(rows)
+            count[d.client] = have + len(rows)
+    finally:
+        log.close()
+    if not xs:
+        return np.zeros((0, 28, 28), np.float32), np.zeros((0, 10), np.float32), []
+    return (np.concatenate(xs).reshape(-1, 28, 28).astype(np.float32), np.concatenate(ps), cs)
+
+
 def _logged_config(log):
     """The monitor config the log was written under (meta 'config'), or None."""
     try:
@@ -196,11 +230,31 @@ def cmd_verify(args) -> int:
     groups = {}
     if args.db and not args.no_groups and args.client is None:
         groups = linked_groups(args.db, rec.config)
+    sig = sig_records = None
+    logged = dict((rec.config.watermark if rec.config is not None else None) or {})
+    want = args.signature == "on" or (args.signature == "auto" and args.db is not None
+                                      and float(logged.get("signature") or 0) > 0)
+    if want:
+        if args.db is None or key is None:
+            raise SystemExit("--signature on: needs --db (the keys' logged inputs and the "
+                             "target's probabilities) and the key")
+        from service.defences.signature import Signature
+
+        knee = (args.signature_knee if args.signature_knee is not None else
+                int(logged["signature_knee"]) if logged.get("signature_knee") is not None
+                else int(logged.get("knee") or 0))
+        sig = Signature(key, float(logged.get("signature") or 0.1), knee=knee)
+        sx, sp, sc = db_signature_records(args.db, knee)
+        if args.client is not None:
+            keep = [i for i, c in enumerate(sc) if c == args.client]
+            sx, sp, sc = sx[keep], sp[keep], [sc[i] for i in keep]
+        sig_records = (sx, sp, sc)
     try:
         att = attribute(rec.images, rec.labels, rec.cids, predict=predict, key=key,
                         alpha=args.alpha, pools=pools, groups=groups,
                         correction=args.correction, watermark=wm, qns=rec.qns,
-                        confidences=rec.conf, tta=args.tta)
+                        confidences=rec.conf, tta=args.tta, signature=sig,
+                        signature_records=sig_records)
     except ValueError as exc:
         raise SystemExit(f"verify: {exc}") from None
     allres = verify(images=rec.images, labels_sent=rec.labels, predict=predict,
@@ -213,7 +267,10 @@ def cmd_verify(args) -> int:
           + (f", {len(groups)} linked group(s)" if groups else ""))
     test = {"keyed+rank": "keyed test (departures and the rank sum of the wrong label, the "
                           "smaller p x 2)", "keyed": "keyed test (departures)",
-            "unconditional": "unconditional test (no key)"}[att.test]
+            "unconditional": "unconditional test (no key)",
+            "keyed+rank+signature": "keyed test (departures, the rank sum of the wrong label "
+                                    "and the soft-label signature's rank sum, the smallest p x "
+                                    "3)"}.get(att.test, att.test)
     if att.tta != "none":
         test += f", suspect averaged over test-time augmentation {att.tta!r}"
     print(f"{test}; "
@@ -302,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "shift1 = every shift by -1..1 px, shift2 = -2..2 px, -flip = also "
                          "mirrored). Choose it before looking at the suspect: the p-values are "
                          "exact for one pre-declared choice, not for the best of several")
+    vp.add_argument("--signature", choices=["auto", "on", "off"], default="auto",
+                    help="also test the soft-label signature on the keys' logged inputs (with "
+                         "--db; auto: when the log's [watermark] config has signature > 0)")
+    vp.add_argument("--signature-knee", type=int, default=None,
+                    help="the signature's knee (default: the logged [watermark] signature_knee, "
+                         "else its knee)")
     vp.add_argument("--json", type=Path, default=None, help="also write the result here")
     vp.add_argument("--exit-code", action="store_true",
                     help="exit 2 when nothing is attributed")

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.types import Answer, NUM_CLASSES
 from service.defences.base import (MARK_OFFSET_RANGE, MARK_SELECT_RANGE, WM_SELECT_RANGE,
                                    InputDigests, PolicyContext, be_words, mark_digests, quantise)
+from service.defences.signature import Signature
 
 DEFAULT_RATE = 0.005
 DEFAULT_TTA = "none"      # verification's test-time augmentation (TTA_SETS); measured below
@@ -47,6 +48,8 @@ class WatermarkSpec(BaseModel):
     light_rate: float = Field(0.0, ge=0.0, le=0.5)
     min_confidence: float = Field(0.0, ge=0.0, lt=1.0)
     max_confidence: float = Field(1.0, gt=0.0, le=1.0)   # 1.0: no upper bound
+    signature: float = Field(0.0, ge=0.0, le=0.3)          # soft-label signature strength; 0: off
+    signature_knee: int | None = Field(None, ge=0)         # None: the marks' knee
 
     @model_validator(mode="after")
     def _band(self):
@@ -59,7 +62,8 @@ class WatermarkSpec(BaseModel):
 class Watermark:
     def __init__(self, key: bytes, rate: float = DEFAULT_RATE, *, knee: int = 0,
                  light_rate: float = 0.0, min_confidence: float = 0.0,
-                 max_confidence: float = 1.0):
+                 max_confidence: float = 1.0, signature: float = 0.0,
+                 signature_knee: int | None = None):
         if not key:
             raise ValueError("the watermark needs a non-empty key")
         if not 0.0 < rate <= 0.5:
@@ -82,6 +86,11 @@ class Watermark:
         self.light_rate = float(light_rate) if knee else 0.0
         self.min_confidence = float(min_confidence)
         self.max_confidence = float(max_confidence)
+        if not 0.0 <= signature <= 0.3:
+            raise ValueError(f"watermark signature must be in [0, 0.3] (0: off), got {signature}")
+        # the soft-label signature (signature.py), after its own knee (default: the marks')
+        self.signature = (Signature(key, signature, knee=self.knee if signature_knee is None
+                                    else int(signature_knee)) if signature else None)
         self.max_rate = max(self.rate, self.light_rate)
         self.threshold = int(round(2 ** 16 * self.max_rate))
         self._counts: dict[str, int] = {}
@@ -96,16 +105,25 @@ class Watermark:
         if not s.enabled:
             return None
         return cls(key, s.rate, knee=s.knee, light_rate=s.light_rate,
-                   min_confidence=s.min_confidence, max_confidence=s.max_confidence)
+                   min_confidence=s.min_confidence, max_confidence=s.max_confidence,
+                   signature=s.signature, signature_knee=s.signature_knee)
+
+    @property
+    def signature_strength(self) -> float:
+        return 0.0 if self.signature is None else self.signature.strength
 
     def spec(self) -> dict:
         return {"enabled": True, "rate": self.rate, "knee": self.knee,
                 "light_rate": self.light_rate, "min_confidence": self.min_confidence,
-                "max_confidence": self.max_confidence}
+                "max_confidence": self.max_confidence, "signature": self.signature_strength,
+                "signature_knee": None if self.signature is None else self.signature.knee}
 
     def __repr__(self) -> str:
         return (f"Watermark(rate={self.rate}, knee={self.knee}, light_rate={self.light_rate}, "
-                f"min_confidence={self.min_confidence}, max_confidence={self.max_confidence})")
+                f"min_confidence={self.min_confidence}, max_confidence={self.max_confidence}, "
+                f"signature={self.signature_strength}"
+                + ("" if self.signature is None else f", signature_knee={self.signature.knee}")
+                + ")")
 
     @property
     def banded(self) -> bool:
@@ -202,13 +220,19 @@ class Watermark:
         client = ctx.client_id if ctx is not None else ""
         n = len(answer.labels)
         if qn0 is None:
-            qn0 = self.next_qn0(client, n) if self.knee else 0
+            counted = self.knee or (self.signature is not None and self.signature.knee)
+            qn0 = self.next_qn0(client, n) if counted else 0
+        qn = qn0 + 1 + np.arange(n)
         conf = None
         if self.banded:
             src = probs if probs is not None else answer.probs
             conf = None if src is None else np.asarray(src).max(1)
-        sel, off = self.select(images, digests, client_id=client,
-                               qn=qn0 + 1 + np.arange(n), confidence=conf)
+        if self.signature is not None and answer.probs is not None:
+            # before the marks: a marked row's honest and wrong label then swap signed values
+            signed, _ = self.signature.sign(answer.probs, images, client, qn)
+            answer = Answer(answer.labels, signed, answer.kind, list(answer.model),
+                            answer.watermarked)
+        sel, off = self.select(images, digests, client_id=client, qn=qn, confidence=conf)
         prev = answer.watermarked if answer.watermarked is not None else np.zeros(len(sel), bool)
         if not sel.any():
             return Answer(answer.labels, answer.probs, answer.kind, list(answer.model), prev | sel)
@@ -407,6 +431,9 @@ class AttributionRow:
     mean_rank: float | None = None      # mean rank (1..9) of the wrong label among the 9
     #                                     classes other than the honest one (null: 5)
     p_rank: float | None = None         # exact tail of the rank sum (wrong_label_rank)
+    sig_cells: int | None = None        # soft-label signature: the unit's testable cells
+    sig_mean_rank: float | None = None  # mean rank (1..9) of the keyed class W (null: 5)
+    p_signature: float | None = None    # exact tail of the signature's rank sum
     p_adjusted: float = 1.0   # Holm (or Bonferroni) over the testable tests
     attributed: bool = False
     rank: int = 0
@@ -426,7 +453,7 @@ class Attribution:
     duplicates_dropped: int
     not_selected_dropped: int
     keyed: bool
-    test: str = "keyed"       # "keyed+rank" | "keyed" | "unconditional"
+    test: str = "keyed"       # "keyed+rank" | "keyed" | "unconditional" (+ "+signature")
     tta: str = "none"         # the test-time augmentation the suspect was queried with
     notes: list[str] = field(default_factory=list)
 
@@ -446,10 +473,12 @@ class Attribution:
 
     def table(self, limit: int | None = None) -> str:
         corr = "Holm p" if self.correction == "holm" else "Bonferroni p"
-        second = self.test == "keyed+rank"
+        second = self.test.startswith("keyed+rank")
+        sig = self.test.endswith("+signature")
         head = ["rank", "test", "kind", "keys", "records",
                 "matches/departures" if self.keyed else "matches",
-                *(["W 1st", "mean rank W"] if second else []), "p", corr, "verdict"]
+                *(["W 1st", "mean rank W"] if second else []),
+                *(["sig cells", "sig rank"] if sig else []), "p", corr, "verdict"]
         rows = []
         shown = self.rows if limit is None else self.rows[:limit]
         for r in shown:
@@ -460,6 +489,8 @@ class Attribution:
                          str(r.records), f"{r.matches}/{r.departures}" if self.keyed
                          else str(r.matches),
                          *([str(r.second_choice), f"{r.mean_rank:.2f}"] if second else []),
+                         *([str(r.sig_cells), "-" if not r.sig_cells else
+                            f"{r.sig_mean_rank:.2f}"] if sig else []),
                          f"{r.p_value:.3g}",
                          f"{r.p_adjusted:.3g}" if r.testable else "-", verdict])
         w = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h)
@@ -494,7 +525,8 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
               key: bytes | None, alpha: float = 1e-6, pools: list[list[str]] | None = None,
               groups: dict[str, list[str]] | None = None, correction: str = "holm",
               watermark: Watermark | None = None, qns=None, confidences=None,
-              include_all: bool = True, tta: str = DEFAULT_TTA) -> Attribution:
+              include_all: bool = True, tta: str = DEFAULT_TTA,
+              signature: Signature | None = None, signature_records=None) -> Attribution:
     """Test the suspect against every key's records, every linked group (``groups``: name ->
     members), every pool of keys named together (``pools``) and all records at once, and correct
     for the whole family (Holm's step-down, or Bonferroni).
@@ -516,6 +548,12 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
       puts W 2nd or 3rd (a copy trained with small shifts: measured in lab/attribution.py).
 
     With both, the unit's p-value is 2 x the smaller (Bonferroni over the two statistics).
+
+    ``signature`` and ``signature_records`` (``(images, target probabilities, client ids)``:
+    the keys' logged items after the knee): a third statistic, the soft-label signature's rank
+    sum over the unit's keys' cells (``signature.Signature.cell_scores``, exact under the null
+    that the suspect never learnt from this key's signed answers); the unit's p-value is then
+    3 x the smallest of the three (2 x the smaller without probabilities).
     Without the key only the unconditional test is possible: matches ~ Binomial(records, 1/9).
 
     ``tta``: query the suspect on a fixed set of transforms of each record image
@@ -544,7 +582,15 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
     if not (len(images) == len(labels_sent) == len(cids)):
         raise ValueError(f"{len(images)} images, {len(labels_sent)} labels and {len(cids)} "
                          "client ids: one of each per record")
-    known = set(cids.tolist())
+    sig_keys: list[str] = []
+    if signature_records is not None:
+        if key is None or signature is None:
+            raise ValueError("the signature test needs the key and the Signature")
+        s_images, s_target, s_cids = signature_records
+        s_images = np.asarray(s_images, np.float32)
+        s_cids = [str(c) for c in s_cids]
+        sig_keys = list(dict.fromkeys(s_cids))
+    known = set(cids.tolist()) | set(sig_keys)
     pools = [list(dict.fromkeys(p)) for p in (pools or [])]
     for p in pools:
         if len(p) < 2:
@@ -554,6 +600,13 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
             raise ValueError(f"pool {'+'.join(p)}: no watermark records for key(s) "
                              f"{', '.join(missing)} (known keys with records: "
                              f"{', '.join(sorted(known)[:20]) or 'none'})")
+    sig_ranks: dict[str, np.ndarray] = {}
+    if sig_keys:
+        s_probs = np.concatenate([np.asarray(predict(s_images[i:i + 4096]), np.float64)
+                                  for i in range(0, len(s_images), 4096)])
+        if s_probs.ndim != 2:
+            raise ValueError("the signature test needs a suspect that returns probabilities")
+        sig_ranks = signature.cell_scores(s_probs, s_target, s_images, s_cids)
     keep = _dedupe_index(images, cids)
     dup = len(images) - len(keep)
     images, labels_sent, cids = images[keep], labels_sent[keep], cids[keep]
@@ -592,17 +645,17 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
     else:
         depart = None
     mode = ("unconditional" if depart is None else
-            "keyed" if ranks is None else "keyed+rank")
+            "keyed" if ranks is None else "keyed+rank") + ("+signature" if sig_keys else "")
 
     tests: list[tuple[str, str, list[str]]] = []
-    for k in sorted(set(cids.tolist())):
+    for k in sorted(set(cids.tolist()) | set(sig_keys)):
         tests.append((k, "key", [k]))
     for name, members in sorted((groups or {}).items()):
         tests.append((f"group {name}", "group", sorted(members)))
     for p in pools:
         tests.append(("pool " + "+".join(p), "pool", p))
-    if include_all and len(set(cids.tolist())) > 1:
-        tests.append(("all keys", "all", sorted(set(cids.tolist()))))
+    if include_all and len(known) > 1:
+        tests.append(("all keys", "all", sorted(known)))
     rows = []
     score = np.asarray(RANK_SCORE, np.int64)
     for name, kind, members in tests:
@@ -624,8 +677,21 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
                 # two statistics of one test unit: the smaller p, Bonferroni-corrected (x2)
                 p = min(1.0, 2 * min(pd, pr))
                 smallest = 2 * max(NULL_RATE ** n, score_smallest_p(score, n))
-        testable = n > 0 and smallest < alpha
-        rows.append(AttributionRow(name, kind, members, n, d, k, sc, p, testable, pd, mr, pr))
+        nc = smr = ps = None
+        if sig_keys:
+            # a third statistic: the signature's rank sum over the members' cells
+            rr = np.concatenate([sig_ranks.get(x, np.zeros(0, np.int64)) for x in members])
+            nc = len(rr)
+            smr = float(rr.mean()) if nc else None
+            ps = score_tail(score, int(score[rr - 1].sum()), nc)
+            stats = 1 if depart is None else 2 if ranks is not None else 1
+            base = p if stats == 1 else min(pd, pr)
+            p = min(1.0, (stats + 1) * min(base, ps))
+            per = smallest / 2 if ranks is not None else smallest
+            smallest = (stats + 1) * min(per if n else 1.0, score_smallest_p(score, nc))
+        testable = (n > 0 or bool(nc)) and smallest < alpha
+        rows.append(AttributionRow(name, kind, members, n, d, k, sc, p, testable, pd, mr, pr,
+                                   nc, smr, ps))
     fam = [r for r in rows if r.testable]
     adj = (holm if correction == "holm" else bonferroni)([r.p_value for r in fam])
     for r, a in zip(fam, adj):
