@@ -22,9 +22,10 @@ the transport is skipped (it changes nothing the watermark sees and would cost m
    unwatermarked API and through a server with another secret.
 4. Every model is attributed exactly as ``python -m service.defences verify --db ... --pool
    sybil-1,sybil-2,sybil-3`` does (every key, every linked group, the pool and all keys at once;
-   Holm over the tests that can reach alpha). A model is *proven* when a key, group or pool it
-   was trained through is attributed, and every attributed test that names no key it was trained
-   through is a *false attribution*.
+   the label marks' two statistics and, with ``--signature`` > 0 (the shipped 0.1), the soft-label
+   signature's rank sum over each key's logged inputs; Holm over the tests that can reach
+   alpha). A model is *proven* when a key, group or pool it was trained through is attributed,
+   and every attributed test that names no key it was trained through is a *false attribution*.
 5. Honest cost: label accuracy of what honest keys received vs the target's own labels, overall
    and for keys under / at / over 1,000 queries.
 
@@ -51,14 +52,14 @@ def add_arguments(ap) -> None:
     ap.add_argument("--artifacts", type=Path,
                     default=Path(os.environ.get("MODELGUARD_ARTIFACTS", "artifacts")))
     ap.add_argument("--out", type=Path, default=Path("results/attribution"))
-    ap.add_argument("--rate", type=float, default=0.03, help="marking rate after the knee")
+    ap.add_argument("--rate", type=float, default=0.015, help="marking rate after the knee")
     ap.add_argument("--knee", type=int, default=1000, help="queries marked at --light-rate")
     ap.add_argument("--light-rate", type=float, default=0.0)
     ap.add_argument("--min-confidence", type=float, default=0.99,
                     help="only answers the target gives at least this top probability are marked")
     ap.add_argument("--max-confidence", type=float, default=1.0,
                     help="... and below this one (1: no upper bound)")
-    ap.add_argument("--signature", type=float, default=0.0,
+    ap.add_argument("--signature", type=float, default=0.1,
                     help="soft-label signature strength (service/defences/signature.py; 0: off)")
     ap.add_argument("--signature-knee", type=int, default=None,
                     help="queries before the signature starts (default: --knee)")

@@ -108,7 +108,7 @@ def test_shipped_watermark_rate_labels_and_determinism(shipped_server, small_tar
     # from the monitor's log (which flags every marked item) rather than from label changes
     from service.defences.__main__ import db_records
 
-    H = 3000
+    H = 5000          # the whole pool: enough marks at the shipped rate for the count check
     xh = data.attack_pool().x[:H]
     elig_h = wm.in_band(training.predict_proba(model, xh).max(1))
     ask_one(server.address, "heavy", xh)

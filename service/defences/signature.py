@@ -17,9 +17,11 @@ it as it learns the target's decision function, augmentation or not. Labels are 
   answers puts extra mass on W_k[L, b] for images of that cell.
 - **Test** (``cell_scores``): the suspect and the target are run on the key's logged images; on the
   confident ones (target top >= ``MIN_CONFIDENCE``), per cell with >= ``MIN_CELL`` images, the
-  suspect-minus-target probability of each of the 9 classes other than L is averaged and divided
-  by its standard error (a t statistic: the signature is consistent over the cell, a copy's own
-  errors are not), and W's rank among the 9 is taken (ties: lower class index first, a rule that
+  tempered log-ratio log(suspect + 0.001) - log(target + 0.001) of each of the 9 classes other
+  than L is averaged and divided by its standard error (a t statistic: the signature is
+  consistent over the cell, a copy's own errors are not; the tempering flattens a copy's large
+  relative deviations on probabilities far below the signature's), and W's rank among the 9 is
+  taken (ties: lower class index first, a rule that
   never looks at W). **Null** (the suspect was not trained on this key's signed answers): the
   suspect, the target and the images are independent of the key's table, and W is uniform over
   the 9 classes other than L, independently across cells, so each rank is uniform on 1..9 and the
@@ -45,6 +47,7 @@ EDGES = np.array([0.12, 0.16, 0.20, 0.24, 0.28, 0.33, 0.40])
 NBINS = len(EDGES) + 1
 MIN_CONFIDENCE = 0.99      # the test uses images the target answers at least this confidently
 MIN_CELL = 5               # ... in cells holding at least this many of them
+LOG_EPS = 1e-3             # the test compares log(p + LOG_EPS): tempered log-probabilities
 PERSON = b"modelguard/sig1"
 _CACHE_MAX = 4096
 
@@ -139,24 +142,26 @@ class Signature:
         conf = tp.max(1) >= MIN_CONFIDENCE
         lab = tp.argmax(1)
         cell = lab * NBINS + bins(images)
-        diff = sp - tp
+        # tempered log-ratio: a copy's large systematic deviations on tiny probabilities
+        # (below LOG_EPS) are flattened, the signature's s-sized bump is not
+        diff = np.log(sp + LOG_EPS) - np.log(tp + LOG_EPS)
+        from service.defences.watermark import wrong_label_rank  # (it imports this module)
+
         out: dict[str, np.ndarray] = {}
         for k in dict.fromkeys(cids.tolist()):
             m = np.flatnonzero((cids == k) & conf)
             t = self.table(k)
-            ranks = []
+            zs, labs, ws = [], [], []
             for c in np.unique(cell[m]):
                 rows = m[cell[m] == c]
                 if len(rows) < MIN_CELL:
                     continue
                 d = diff[rows]
-                se = d.std(0) / np.sqrt(len(rows))
-                z = d.mean(0) / (se + 1e-12)
+                zs.append(d.mean(0) / (d.std(0) / np.sqrt(len(rows)) + 1e-12))
                 a, b = divmod(int(c), NBINS)
-                w = int(t[a, b])
-                cls = np.arange(NUM_CLASSES)
-                before = (z > z[w]) | ((z == z[w]) & (cls < w))
-                before[a] = False
-                ranks.append(1 + int(before.sum()))
-            out[k] = np.asarray(ranks, np.int64)
+                labs.append(a)
+                ws.append(int(t[a, b]))
+            # W's rank among the 9 classes other than L (ties: lower class index first)
+            out[k] = (wrong_label_rank(np.array(zs), np.array(labs), np.array(ws)) if zs
+                      else np.zeros(0, np.int64))
         return out
