@@ -8,7 +8,7 @@ import pytest
 
 from common.types import Answer, AnswerKind
 from service.defences import PolicyContext, Watermark
-from service.defences.signature import MIN_CELL, NBINS, Signature, bins
+from service.defences.signature import NBINS, Signature, bins
 from service.defences.watermark import RANK_SCORE, attribute, score_tail
 
 KEY = b"signature-test-key"
@@ -146,9 +146,11 @@ def test_the_watermark_signs_after_its_knee_and_marks_still_swap_labels():
         Watermark.from_spec({"enabled": True, "signature": -0.1}, KEY)
 
 
-def test_verify_reads_the_logs_items_after_the_knee_with_probabilities(tmp_path):
+def test_verify_reads_the_logs_items_after_the_knee_with_probabilities(tmp_path, monkeypatch,
+                                                                       capsys):
     """db_signature_records: items after each key's knee, answered with probabilities, inputs
-    kept; the per-key cap holds."""
+    kept; the per-key cap holds; verify --client tests a key that holds signature records but
+    no label marks (instead of refusing it)."""
     from common.types import Level
     from monitor import Monitor
     from monitor.config import load_config
@@ -162,7 +164,7 @@ def test_verify_reads_the_logs_items_after_the_knee_with_probabilities(tmp_path)
         def predict_proba(self, x):
             return confident(len(x), int(x.sum() * 1000) % 2 ** 31).astype(np.float32)
 
-    spec = {"enabled": True, "rate": 0.01, "knee": 30, "signature": 0.1}
+    spec = {"enabled": True, "rate": 1e-6, "knee": 30, "signature": 0.1}
     cfg = load_config(None).model_copy(update={
         "policies": {lvl: {"policy": "identity"} for lvl in Level if lvl != Level.BLOCK},
         "watermark": spec})
@@ -179,4 +181,18 @@ def test_verify_reads_the_logs_items_after_the_knee_with_probabilities(tmp_path)
     np.testing.assert_allclose(sx, x[30:80], atol=1e-3)
     assert sp.shape == (50, 10) and np.allclose(sp.sum(1), 1, atol=1e-4)
     assert db_signature_records(db, 30, max_per_key=7)[2] == ["a"] * 7
-    assert MIN_CELL >= 2
+
+    import torch
+
+    from common import nets, training
+    from service.defences.__main__ import main
+
+    torch.manual_seed(0)
+    ck = tmp_path / "suspect.pt"
+    training.save_checkpoint(ck, nets.build("mlp", hidden=16), "mlp", {"hidden": 16}, {})
+    monkeypatch.setenv("MODELGUARD_SECRET", KEY.decode())
+    main(["verify", "--suspect", str(ck), "--db", str(db), "--client", "a"])
+    out = capsys.readouterr().out
+    assert "0 watermark records" in out and "sig cells" in out, out
+    with pytest.raises(SystemExit, match="no watermark records for client 'b'"):
+        main(["verify", "--suspect", str(ck), "--db", str(db), "--client", "b"])

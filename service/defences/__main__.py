@@ -200,9 +200,7 @@ def cmd_verify(args) -> int:
         raise SystemExit(f"cannot load the suspect {args.suspect}: {exc}") from None
     rec = _npz_records(args.records) if args.records else db_records(args.db)
     if args.client is not None:
-        if args.client not in set(rec.cids):
-            raise SystemExit(f"no watermark records for client {args.client!r}")
-        rec = rec.only(args.client)
+        rec = rec.only(args.client)     # (a client may hold signature records and no marks)
     predict = lambda x: training.predict_proba(model, x)  # noqa: E731
     key = None if args.no_key else os.environ.get(args.key_env, "").encode() or None
     if key is None and not args.no_key:
@@ -249,6 +247,8 @@ def cmd_verify(args) -> int:
             keep = [i for i, c in enumerate(sc) if c == args.client]
             sx, sp, sc = sx[keep], sp[keep], [sc[i] for i in keep]
         sig_records = (sx, sp, sc)
+    if args.client is not None and not len(rec.labels) and not (sig_records and sig_records[2]):
+        raise SystemExit(f"no watermark records for client {args.client!r}")
     try:
         att = attribute(rec.images, rec.labels, rec.cids, predict=predict, key=key,
                         alpha=args.alpha, pools=pools, groups=groups,
