@@ -227,5 +227,8 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
              " ".join(f"{k}={v}" for k, v in privacy_parameters(model.meta).items()),
              "on" if cfg.monitor else "OFF (--no-monitor)",
              {lvl.name: p.name for lvl, p in policies.items()},
-             "off" if wm is None else f"rate {wm.rate}", DIGEST_SCHEME.split(":")[0])
+             "off" if wm is None else f"rate {wm.rate} after query {wm.knee}" + (
+                 "" if wm.signature is None else
+                 f", signature {wm.signature.strength} after query {wm.signature.knee}"),
+             DIGEST_SCHEME.split(":")[0])
     return DataPlane(model, mon, policies, wm, key, cfg.max_batch, cfg.compute_slots)
