@@ -662,33 +662,34 @@ def attribute(images: np.ndarray, labels_sent: np.ndarray, client_ids, *, predic
         m = np.isin(cids, members)
         n, k = int(m.sum()), int(match[m].sum())
         d = sc = pd = pr = mr = None
+        pvals, floors = [], []    # the unit's statistics and the smallest p each can give
         if depart is None:
-            p = _binom_p(k, n, NULL_RATE)
-            smallest = NULL_RATE ** n
+            pvals.append(_binom_p(k, n, NULL_RATE))
+            floors.append(NULL_RATE ** n)
         else:
             d = int(depart[m].sum())
-            p = pd = _binom_p(k, d, NULL_RATE)
-            smallest = NULL_RATE ** n
+            pd = _binom_p(k, d, NULL_RATE)
+            pvals.append(pd)
+            floors.append(NULL_RATE ** n)
             if ranks is not None:
                 r = ranks[m]
                 sc = int(np.sum(r == 1))
                 mr = float(r.mean()) if n else math.nan
                 pr = score_tail(score, int(score[r - 1].sum()), n)
-                # two statistics of one test unit: the smaller p, Bonferroni-corrected (x2)
-                p = min(1.0, 2 * min(pd, pr))
-                smallest = 2 * max(NULL_RATE ** n, score_smallest_p(score, n))
+                pvals.append(pr)
+                floors.append(score_smallest_p(score, n))
         nc = smr = ps = None
         if sig_keys:
-            # a third statistic: the signature's rank sum over the members' cells
+            # the signature's rank sum over the members' cells
             rr = np.concatenate([sig_ranks.get(x, np.zeros(0, np.int64)) for x in members])
             nc = len(rr)
             smr = float(rr.mean()) if nc else None
             ps = score_tail(score, int(score[rr - 1].sum()), nc)
-            stats = 1 if depart is None else 2 if ranks is not None else 1
-            base = p if stats == 1 else min(pd, pr)
-            p = min(1.0, (stats + 1) * min(base, ps))
-            per = smallest / 2 if ranks is not None else smallest
-            smallest = (stats + 1) * min(per if n else 1.0, score_smallest_p(score, nc))
+            pvals.append(ps)
+            floors.append(score_smallest_p(score, nc))
+        # several statistics of one test unit: the smallest p, Bonferroni-corrected
+        p = min(1.0, len(pvals) * min(pvals))
+        smallest = len(pvals) * min(floors)
         testable = (n > 0 or bool(nc)) and smallest < alpha
         rows.append(AttributionRow(name, kind, members, n, d, k, sc, p, testable, pd, mr, pr,
                                    nc, smr, ps))
