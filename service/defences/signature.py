@@ -11,21 +11,21 @@ it as it learns the target's decision function, augmentation or not. Labels are 
 - **Keyed class**: each key k has its own table W_k[L, b], a class other than L drawn from a keyed
   BLAKE2b of (client id, L, b) (``table``): uniform over the 9 classes other than L, independent
   across cells and keys.
-- **Signing** (``sign``): after the key's ``knee`` queries (the label marks' knee), an answer in
-  cell (L, b) gets ``p' = (1 - s) p + s e_W``, s the strength, when that keeps L on top with room
-  to spare (p_L - p_W > s / (1 - s)); otherwise it is left alone. A copy trained on those
-  answers puts extra mass on W_k[L, b] for images of that cell.
+- **Signing** (``sign``): after the key's ``knee`` queries (``signature_knee``; by default the
+  label marks' knee), an answer in cell (L, b) gets ``p' = (1 - s) p + s e_W``, s the strength,
+  when that keeps L on top with room to spare (p_L - p_W > s / (1 - s)); otherwise it is left
+  alone. A copy trained on those answers puts extra mass on W_k[L, b] for images of that cell.
 - **Test** (``cell_scores``): the suspect and the target are run on the key's logged images; on the
   confident ones (target top >= ``MIN_CONFIDENCE``), per cell with >= ``MIN_CELL`` images, the
   tempered log-ratio log(suspect + 0.001) - log(target + 0.001) of each of the 9 classes other
   than L is averaged and divided by its standard error (a t statistic: the signature is
   consistent over the cell, a copy's own errors are not; the tempering flattens a copy's large
   relative deviations on probabilities far below the signature's), and W's rank among the 9 is
-  taken (ties: lower class index first, a rule that
-  never looks at W). **Null** (the suspect was not trained on this key's signed answers): the
-  suspect, the target and the images are independent of the key's table, and W is uniform over
-  the 9 classes other than L, independently across cells, so each rank is uniform on 1..9 and the
-  rank sum has the exact law ``watermark.score_tail`` computes, as for the label marks' rank sum.
+  taken (ties: lower class index first, a rule that never looks at W). **Null** (the suspect was
+  not trained on this key's signed answers): the suspect, the target and the images are
+  independent of the key's table, and W is uniform over the 9 classes other than L,
+  independently across cells, so each rank is uniform on 1..9 and the rank sum has the exact law
+  ``watermark.score_tail`` computes, as for the label marks' rank sum.
   Keys hold independent tables, so a pool's or group's statistic is the sum over its keys' cells.
 
 Strength, bins and the statistic were chosen from measurements (lab/attribution.py,
