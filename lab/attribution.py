@@ -269,7 +269,8 @@ def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     pool, ev = data.attack_pool(), data.eval_set()
     target, target_meta = training.load_checkpoint(args.artifacts / "target.pt")
-    target_pool = training.predict_proba(target, pool.x).argmax(1)
+    tp_pool = training.predict_proba(target, pool.x)     # the target's answers, once
+    target_pool = tp_pool.argmax(1)
     spec = {"enabled": True, "rate": args.rate, "knee": args.knee, "light_rate": args.light_rate,
             "min_confidence": args.min_confidence, "max_confidence": args.max_confidence,
             "signature": args.signature, "signature_knee": args.signature_knee}
@@ -279,7 +280,7 @@ def run(args) -> int:
         wm_check = Watermark.from_spec(spec, KEY)
     except ValueError as exc:
         raise SystemExit(f"lab.attribution: {exc}") from None
-    eligible = float(np.mean(wm_check.in_band(training.predict_proba(target, pool.x).max(1))))
+    eligible = float(np.mean(wm_check.in_band(tp_pool.max(1))))
     _log(t0, f"watermark {spec}; {eligible:.1%} of the pool images are in the confidence band")
 
     # 1. traffic through the data plane, logged by the monitor
@@ -301,7 +302,7 @@ def run(args) -> int:
         if not key.startswith(HONEST_PREFIXES):
             continue
         labels, sent = got[key]
-        tprobs = training.predict_proba(target, pool.x[idx])
+        tprobs = tp_pool[idx]
         cost_rows.append({"key": key, "queries": len(idx),
                           "prob_l1": float(np.abs(sent - tprobs).sum(1).sum()),
                           "top_drop": float((tprobs.max(1) - sent.max(1)).sum()),

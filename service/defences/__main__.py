@@ -241,6 +241,7 @@ def cmd_verify(args) -> int:
         knee = (args.signature_knee if args.signature_knee is not None else
                 int(logged["signature_knee"]) if logged.get("signature_knee") is not None
                 else int(logged.get("knee") or 0))
+        # the test needs the key's tables only: the strength never enters it (any valid one)
         sig = Signature(key, float(logged.get("signature") or 0.1), knee=knee)
         sx, sp, sc = db_signature_records(args.db, knee)
         if args.client is not None:
