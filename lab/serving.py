@@ -12,7 +12,8 @@ real server. Sections (all of them when none is chosen):
                commit), fast (default with ``[log] durability = "fast"``), strict
                (monitor/strict.toml), async
                (default + ``[execution] mode = "async"``; skipped when the monitor config does
-               not know that key). Ratio = the profile's img/s / the echo's img/s in that cell.
+               not know that key), async-lag (async with ``max_lag = 64``: a client's
+               requests that wait together are run through the detectors as one step). Ratio = the profile's img/s / the echo's img/s in that cell.
 ``--history-latency``  unary (batch 1) p50/p99 for 4 clients, fresh and after each sent 100k
                queries (default profile), with the echo's for reference.
 ``--crash``    32 clients x ~5,000 queries (batch 64); ``kill -9`` of the server during the
@@ -55,7 +56,8 @@ from lab.loadgen import FORMATS, ClientPool
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
-PROFILES = ("monitor-off", "detectors-off", "default", "fast", "strict", "async")
+PROFILES = ("monitor-off", "detectors-off", "default", "fast", "strict", "async", "async-lag")
+ASYNC_LAG = 64      # the async-lag profile's [execution] max_lag
 READY_KEY = (("x-api-key", "bench-readiness"),)
 
 
@@ -296,15 +298,17 @@ def prepare_profiles(names: list[str], workdir: Path) -> tuple[dict[str, list[st
             d = copy.deepcopy(base)
             d.setdefault("log", {})["durability"] = "fast"
             out[name] = ["--monitor-config", str(write(name, d))]
-        elif name == "async":
+        elif name in ("async", "async-lag"):
             d = copy.deepcopy(base)
             d["execution"] = {"mode": "async"}
+            if name == "async-lag":
+                d["execution"]["max_lag"] = ASYNC_LAG
             try:
                 out[name] = ["--monitor-config", str(write(name, d))]
             except ConfigError as exc:
                 first = str(exc).splitlines()[1:2]
-                notes.append(f"async skipped: the monitor config rejects [execution] mode = "
-                             f"\"async\" ({first[0].strip() if first else exc})")
+                notes.append(f"{name} skipped: the monitor config rejects "
+                             f"{d['execution']} ({first[0].strip() if first else exc})")
         else:
             raise SystemExit(f"unknown profile {name!r}; expected echo or one of {PROFILES}")
     return out, notes

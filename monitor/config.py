@@ -340,6 +340,20 @@ class ExecutionConfig(_Strict):
                               "absorbs what requests allocate between two readings")
     queue_limit: int = Field(64, ge=1, description="async: requests waiting for the detectors "
                                                    "before observe() blocks (back-pressure)")
+    max_lag: int = Field(0, ge=0, description="async: how many of a client's queries may still "
+                         "wait for the detectors when its next request is answered (0: none, a "
+                         "new level applies from the next request). Above 0, consecutive "
+                         "requests of one client that wait together are run through the "
+                         "detectors as one step and logged as one row (up to 256 items): small "
+                         "requests cost far less per item, and a new level applies at most "
+                         "max_lag queries plus one request later")
+
+    @model_validator(mode="after")
+    def _lag_needs_async(self):
+        if self.max_lag and self.mode != "async":
+            raise ValueError(f"execution.max_lag = {self.max_lag} needs execution.mode = "
+                             f"\"async\" (in sync mode every answer waits for the detectors)")
+        return self
 
 
 class MonitorConfig(_Strict):

@@ -30,6 +30,9 @@ OTHER_WINDOW_S = 10.0     # fit_memory: how long a peak of the non-state memory 
 # request's observe(): requests of at most this many items, for at most this many clients
 PREPARED_MAX_ITEMS = 16
 PREPARED_MAX_CLIENTS = 64
+# async with execution.max_lag > 0: consecutive queued requests of one client are run through
+# the detectors as one step of at most this many items
+MERGE_MAX_ITEMS = 256
 
 
 class Monitor:
@@ -109,6 +112,8 @@ class Monitor:
         self._worker: threading.Thread | None = None
         self._worker_error: BaseException | None = None
         self._pending: dict[str, int] = {}     # async: requests queued per client
+        self._pending_items: dict[str, int] = {}   # async: their items
+        self._max_lag = self._exec.max_lag
         self._idle = threading.Condition()
         if self._exec.mode == "async":
             self._queue = queue.Queue(maxsize=self._exec.queue_limit)
@@ -442,11 +447,12 @@ class Monitor:
                 self._must_commit[client_id] = ticket
 
     def _own_level(self, client_id: str) -> Level:
-        if self._queue is not None and self._pending.get(client_id):
-            # async: a request's level reflects all of the client's earlier requests (its
-            # previous answer did not wait for the detectors; this one waits for them instead)
+        if self._queue is not None and self._lagging(client_id):
+            # async: a request's level reflects all of the client's earlier requests but at
+            # most max_lag queries (its previous answer did not wait for the detectors; this
+            # one waits for them instead)
             with self._idle:
-                while self._pending.get(client_id) and self._worker_error is None:
+                while self._lagging(client_id) and self._worker_error is None:
                     self._idle.wait(1.0)
         eng = self._engines.get(client_id)
         if eng is None:
@@ -455,6 +461,13 @@ class Monitor:
         if self.linker is not None:
             return max(eng.level, self.linker.floor(client_id))
         return eng.level
+
+    def _lagging(self, client_id: str) -> bool:
+        """async: more of the client's queries wait for the detectors than execution.max_lag
+        allows (with max_lag 0: any request of it)."""
+        if not self._pending.get(client_id):
+            return False
+        return self._max_lag == 0 or self._pending_items.get(client_id, 0) > self._max_lag
 
     def observe(self, client_id: str, request_id: str, images: np.ndarray,
                 target_probs: np.ndarray, answer: Answer, level: Level, *,
@@ -476,6 +489,7 @@ class Monitor:
             raise RuntimeError(f"monitor worker failed: {self._worker_error!r}")
         with self._idle:
             self._pending[client_id] = self._pending.get(client_id, 0) + 1
+            self._pending_items[client_id] = self._pending_items.get(client_id, 0) + n
         self._queue.put(job)
         eng = self._engines.get(client_id)
         return level if eng is None else eng.level
@@ -534,9 +548,10 @@ class Monitor:
                 self._ckpt_due.add(client_id)
                 self._ckpt_queue.put(client_id)
             level_after = eng.level
-        if self._durable:
+        if self._durable and not self._max_lag:
             # sync: this answer waits for its own rows (group commit); async: the client's
-            # next answer does
+            # next answer does; async with max_lag: only level changes are waited for (in
+            # _log), the rows of the queries the lag allows are not
             self._needs_commit(client_id, last)
             if self._queue is None and wait:
                 self._await_commit(client_id)
@@ -584,28 +599,50 @@ class Monitor:
 
     def _run_async(self) -> None:
         q = self._queue
-        while True:
-            job = q.get()
-            try:
-                if job is _STOP:
-                    return
-                self._process(job)
-            except Exception:  # noqa: BLE001 - one request's detectors failed: log it, go on
-                log.exception("monitor: detectors failed on a request of client %s; its state "
-                              "is restored from the log on its next request", job[0])
-            except BaseException as exc:  # surfaced by observe()/flush()/close()
-                self._worker_error = exc
-                log.exception("monitor worker failed")
-            finally:
-                if job is not _STOP:
-                    with self._idle:
-                        left = self._pending.get(job[0], 1) - 1
-                        if left:
-                            self._pending[job[0]] = left
-                        else:
-                            self._pending.pop(job[0], None)
-                        self._idle.notify_all()
-                q.task_done()
+        stop = False
+        while not stop:
+            jobs = [q.get()]
+            if self._max_lag:
+                # what else waits already (never waits for more): merged per client below
+                while jobs[-1] is not _STOP and len(jobs) < q.maxsize:
+                    try:
+                        jobs.append(q.get_nowait())
+                    except queue.Empty:
+                        break
+            if jobs[-1] is _STOP:
+                stop = True
+                jobs.pop()
+            for step in _merge_runs(jobs) if self._max_lag else [[j] for j in jobs]:
+                self._run_step(step)
+                for _ in step:
+                    q.task_done()
+        q.task_done()        # the stop marker
+
+    def _run_step(self, jobs: list) -> None:
+        """One detector step of the async worker: one request, or consecutive requests of one
+        client merged into one (see _merge_runs)."""
+        job = jobs[0] if len(jobs) == 1 else _merged_job(jobs)
+        try:
+            self._process(job)
+        except Exception:  # noqa: BLE001 - one request's detectors failed: log it, go on
+            log.exception("monitor: detectors failed on a request of client %s; its state "
+                          "is restored from the log on its next request", job[0])
+        except BaseException as exc:  # surfaced by observe()/flush()/close()
+            self._worker_error = exc
+            log.exception("monitor worker failed")
+        finally:
+            with self._idle:
+                for j in jobs:
+                    c = j[0]
+                    left = self._pending.get(c, 1) - 1
+                    items = self._pending_items.get(c, 0) - len(j[3])
+                    if left:
+                        self._pending[c] = left
+                        self._pending_items[c] = items
+                    else:
+                        self._pending.pop(c, None)
+                        self._pending_items.pop(c, None)
+                self._idle.notify_all()
 
     def flush(self) -> None:
         """Wait until everything observed so far is processed and committed (checkpoints that
@@ -652,3 +689,44 @@ class Monitor:
     def __exit__(self, *a):
         self.close()
 
+
+
+def _merge_runs(jobs: list) -> list[list]:
+    """Group queued async jobs into detector steps: each client's jobs keep their order, and
+    consecutive ones of a client (others' in between do not matter: clients' engines are
+    separate, and the log, which replay follows, records the steps in the order they ran) are
+    merged while they were answered at the same level and kind, up to MERGE_MAX_ITEMS items.
+    Steps run in the order of their first job."""
+    steps: list[list] = []
+    open_: dict[str, tuple[list, int]] = {}     # client -> (its current step, items in it)
+    for job in jobs:
+        client, n, answer, level = job[0], len(job[3]), job[5], job[6]
+        cur = open_.get(client)
+        if cur is not None:
+            step, items = cur
+            first = step[0]
+            if (items + n <= MERGE_MAX_ITEMS and first[6] == level
+                    and first[5].kind == answer.kind
+                    and (first[5].probs is None) == (answer.probs is None)):
+                step.append(job)
+                open_[client] = (step, items + n)
+                continue
+        step = [job]
+        steps.append(step)
+        open_[client] = (step, n)
+    return steps
+
+
+def _merged_job(jobs: list) -> tuple:
+    """One observe job for consecutive jobs of one client (same level and answer kind): the
+    items concatenated in order, the request ids joined with commas, the last one's time."""
+    client, level = jobs[0][0], jobs[0][6]
+    images = np.concatenate([np.asarray(j[3], np.float32).reshape(-1, 28, 28) for j in jobs])
+    probs = np.concatenate([np.asarray(j[4], np.float32).reshape(len(j[3]), -1) for j in jobs])
+    answers = [j[5] for j in jobs]
+    answer = Answer(np.concatenate([a.labels for a in answers]),
+                    None if answers[0].probs is None
+                    else np.concatenate([a.probs for a in answers]),
+                    answers[0].kind, [m for a in answers for m in a.model],
+                    np.concatenate([np.asarray(a.watermarked, bool) for a in answers]))
+    return (client, ",".join(j[1] for j in jobs), jobs[-1][2], images, probs, answer, level)

@@ -184,12 +184,71 @@ def test_async_mode_decides_the_same_and_applies_levels_from_the_next_request(st
     assert levels["jbda"][0] == Level.NORMAL and levels["jbda"][-1] > Level.NORMAL
 
 
+def test_async_lag_merges_waiting_requests_with_the_same_decisions(streams, reference,
+                                                                   tmp_path, monkeypatch):
+    """execution.max_lag: requests of a client that wait together run as one detector step and
+    one log row; every item's scores and every transition are those of the synchronous run,
+    replay of the merged log reproduces them, and no answer lags more than max_lag queries."""
+    from monitor.replay import replay
+    real = Monitor._run_step
+    slow = {"n": 0}
+
+    def run_step(self, jobs):          # the worker falls behind now and then: requests queue
+        slow["n"] += 1
+        if slow["n"] % 10 == 1:
+            time.sleep(0.3)
+        return real(self, jobs)
+
+    monkeypatch.setattr(Monitor, "_run_step", run_step)
+    db = tmp_path / "m.db"
+    cfg = _cfg(mode="async", max_lag=90)
+    with Monitor(cfg, db, clock=FakeClock()) as mon:
+        levels = _run(mon, streams, batch=10)
+        mon.flush()
+    _same(_decisions(db), reference)
+    with QueryLog(db) as q:
+        rows = list(q.requests("jbda"))
+        merged = [n for n in (len(x) for _, _, x, _ in rows) if n > 10]
+        assert merged and max(merged) <= 100           # merged, within max_lag + one request
+        assert len(rows) < 90
+    for c, trs in replay(db, cfg, list(streams)).items():
+        assert [(t.qn, int(t.to_level)) for t in trs["transitions"]] == \
+            [(qn, to) for qn, _, to, _ in reference[c][1]], c
+    # each request is answered at a level the synchronous monitor reached at most 90 queries
+    # (9 requests of 10) earlier, never higher than the level it had reached by then
+    with Monitor(_cfg(), None, clock=FakeClock()) as ref:
+        sync_levels = _run(ref, streams, batch=10)
+    for c in streams:
+        for i, lvl in enumerate(levels[c]):
+            assert sync_levels[c][max(0, i - 9)] <= lvl <= sync_levels[c][i], (c, i)
+    assert levels["jbda"][-1] > Level.NORMAL
+
+
+def test_merge_runs_keeps_each_clients_order_and_level():
+    from monitor.core import _merge_runs
+    p = np.full((10, 10), 0.1, np.float32)
+
+    def job(c, rid, n=10, level=Level.NORMAL, kind=AnswerKind.PROBABILITIES):
+        ans = Answer(p[:n].argmax(1), p[:n] if kind == AnswerKind.PROBABILITIES else None, kind)
+        return (c, rid, 0.0, np.zeros((n, 28, 28), np.float32), p[:n], ans, level)
+
+    jobs = [job("a", "1"), job("b", "2"), job("a", "3"), job("a", "4", level=Level.NOISE),
+            job("a", "5", level=Level.NOISE), job("b", "6", kind=AnswerKind.LABEL_ONLY)]
+    assert [[j[1] for j in s] for s in _merge_runs(jobs)] == [["1", "3"], ["2"], ["4", "5"],
+                                                              ["6"]]
+    big = [job("a", str(i), n=100) for i in range(4)]     # at most MERGE_MAX_ITEMS per step
+    steps = _merge_runs(big)
+    assert [sum(len(j[3]) for j in s) for s in steps] == [200, 200]
+
+
 def test_execution_keys_are_validated():
     from monitor.config import ConfigError
     with pytest.raises(ConfigError, match="execution.mode"):
         _cfg(mode="threads")
     with pytest.raises(ConfigError, match="execution.max_clients"):
         _cfg(max_clients=0)
+    with pytest.raises(ConfigError, match="max_lag.*async"):
+        _cfg(max_lag=64)
 
 
 def test_warm_start_restores_recent_clients_before_ready(streams, tmp_path):
