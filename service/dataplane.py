@@ -22,7 +22,7 @@ import torch
 from common import training
 from common.types import CLASS_NAMES, Answer, AnswerKind, Level
 from service.defences import DIGEST_SCHEME, PolicyContext, Watermark, build_policy
-from service.errors import NotReady, PermissionDenied
+from service.errors import InvalidInput, NotReady, PermissionDenied
 from monitor.log import LogUnavailable
 from service.train import privacy_parameters
 
@@ -140,6 +140,14 @@ class DataPlane:
                 want_probabilities: bool = True) -> PredictResult:
         if not self._ready.is_set():
             raise NotReady("the server is not ready (starting up or shutting down)")
+        if not isinstance(images, np.ndarray) or images.dtype != np.float32 \
+                or images.ndim != 3 or images.shape[1:] != (28, 28):
+            # what service.codec.decode_images returns; anything else would fail deep inside
+            # the model or the monitor
+            raise InvalidInput(f"predict takes float32 images of shape (N, 28, 28) in [0, 1] "
+                               f"(service.codec.decode_images), not "
+                               f"{getattr(images, 'dtype', type(images).__name__)} "
+                               f"{getattr(images, 'shape', '')}")
         request_id = request_id or self._next_id()
         clock = time.perf_counter   # stage timings for the metrics (~0.1 us a reading)
         t0 = clock()

@@ -104,6 +104,17 @@ def test_label_only_answers_carry_no_probabilities():
     np.testing.assert_array_equal(r.answer.labels, FakeModel().predict_proba(x).argmax(1))
 
 
+def test_images_not_in_the_decoded_form_are_refused_before_anything_runs():
+    from service.errors import InvalidInput
+    p, mon = plane()
+    x = images(4)
+    for bad in ((x * 255).astype(np.uint8), x.astype(np.float64), x.reshape(4, 784), x[0]):
+        with pytest.raises(InvalidInput, match=r"float32 images of shape \(N, 28, 28\)"):
+            p.predict("c", "r1", bad)
+    assert p.model.calls == 0 and mon.seen == []
+    assert p.predict("c", "r1", x).level == Level.NORMAL     # the decoded form still passes
+
+
 def test_blocked_client_is_refused_before_the_model_runs():
     p, mon = plane(Level.BLOCK)
     with pytest.raises(PermissionDenied, match="blocked"):
