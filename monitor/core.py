@@ -113,6 +113,9 @@ class Monitor:
         self._worker_error: BaseException | None = None
         self._pending: dict[str, int] = {}     # async: requests queued per client
         self._pending_items: dict[str, int] = {}   # async: their items
+        # async: per client with requests queued, its query count including them (processing
+        # moves queries from queued to counted: the sum does not change until it is dropped)
+        self._accepted: dict[str, int] = {}
         self._max_lag = self._exec.max_lag
         self._idle = threading.Condition()
         if self._exec.mode == "async":
@@ -415,7 +418,13 @@ class Monitor:
     def queries(self, client_id: str) -> int:
         """The client's query count so far (its detectors' count: restored after a restart).
         Concurrent requests of one client may read the same count; the logged query numbers
-        are assigned later, in order, and are never lower."""
+        are assigned later, in order, and are never lower. In async mode the client's queries
+        still queued for the detectors are counted too."""
+        if self._queue is not None:
+            with self._idle:
+                accepted = self._accepted.get(client_id)
+            if accepted is not None:
+                return accepted
         eng = self._engines.get(client_id)
         if eng is not None:
             return eng.qn
@@ -488,6 +497,16 @@ class Monitor:
         if self._worker_error is not None:
             raise RuntimeError(f"monitor worker failed: {self._worker_error!r}")
         with self._idle:
+            if not self._pending.get(client_id):     # nothing of it queued: its count is final
+                eng = self._engines.get(client_id)
+                base = eng.qn if eng is not None else None
+            else:
+                base = self._accepted[client_id]
+        if base is None:                # not resident (evicted meanwhile): load it
+            with self._lock(client_id):
+                base = self._engine(client_id).qn
+        with self._idle:
+            self._accepted[client_id] = self._accepted.get(client_id, base) + n
             self._pending[client_id] = self._pending.get(client_id, 0) + 1
             self._pending_items[client_id] = self._pending_items.get(client_id, 0) + n
         self._queue.put(job)
@@ -642,6 +661,7 @@ class Monitor:
                     else:
                         self._pending.pop(c, None)
                         self._pending_items.pop(c, None)
+                        self._accepted.pop(c, None)
                 self._idle.notify_all()
 
     def flush(self) -> None:

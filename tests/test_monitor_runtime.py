@@ -34,13 +34,16 @@ def _answer(p):
     return Answer(p.argmax(1), p, AnswerKind.PROBABILITIES)
 
 
-def _run(mon, streams, batch=30, upto=900, start=0):
+def _run(mon, streams, batch=30, upto=900, start=0, counts=False):
     """Interleave the clients request by request (the order a busy server sees). Returns, per
-    client, the level each request was answered at (what the data plane asks before answering)."""
+    client, the level each request was answered at (what the data plane asks before answering).
+    counts: also check that the monitor counts every query sent before each request."""
     out = {c: [] for c in streams}
     for i in range(start, upto, batch):
         for c, (x, p) in streams.items():
             lvl = mon.level(c)
+            if counts:
+                assert mon.queries(c) == i, (c, i)
             out[c].append(lvl)
             mon.observe(c, f"{c}-{i}", x[i:i + batch], p[i:i + batch], _answer(p[i:i + batch]),
                         lvl)
@@ -203,7 +206,7 @@ def test_async_lag_merges_waiting_requests_with_the_same_decisions(streams, refe
     db = tmp_path / "m.db"
     cfg = _cfg(mode="async", max_lag=90)
     with Monitor(cfg, db, clock=FakeClock()) as mon:
-        levels = _run(mon, streams, batch=10)
+        levels = _run(mon, streams, batch=10, counts=True)   # the watermark's knee reads it
         mon.flush()
     _same(_decisions(db), reference)
     with QueryLog(db) as q:
