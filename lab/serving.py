@@ -387,7 +387,8 @@ def md_table(header: list[str], rows: list[list]) -> list[str]:
 
 
 MATRIX_HEADER = ["server", "format", "batch", "clients", "requests", "images", "img/s",
-                 "p50 ms", "p99 ms", "× echo", "server CPU %", "drain s", "answers", "errors"]
+                 "p50 ms", "p99 ms", "× echo", "× monitor-off", "server CPU %", "drain s",
+                 "answers", "errors"]
 
 
 def matrix_cells(r: dict) -> list:
@@ -395,6 +396,7 @@ def matrix_cells(r: dict) -> list:
     return [r["profile"], r["format"], r["batch"], r["clients"], r["requests"], r["images"],
             r["img_s"], r["p50_ms"], r["p99_ms"], "1" if r["profile"] == "echo" else
             (None if ratio is None else f"{ratio:.3f}"),
+            None if r.get("ratio_to_monitor_off") is None else f"{r['ratio_to_monitor_off']:.3f}",
             r.get("server_cpu_pct"), r.get("drain_s"),
             " ".join(f"{k}:{v}" for k, v in sorted(r["answers"].items())) or None,
             " ".join(f"{k}:{v}" for k, v in sorted(r["errors"].items())) or ""]
@@ -429,7 +431,8 @@ class Report:
 
 # --- section: matrix ----------------------------------------------------------------------------
 def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, rep: Report) -> None:
-    profiles = [p for p in args.profiles if p != "echo"]
+    # monitor-off right after the echo in every cell: the others are also given as a ratio to it
+    profiles = sorted((p for p in args.profiles if p != "echo"), key=lambda p: p != "monitor-off")
     extras, notes = prepare_profiles(profiles, workdir)
     for n in notes:
         rep.note(n)
@@ -459,13 +462,15 @@ def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, r
             f"pre-serialized UINT8 requests from the attack pool); server: {args.workers} gRPC "
             f"workers, {_slots(args)}, 1 torch thread. img/s counts images whose response "
             f"arrived in the window; × echo = the profile's img/s / the echo's img/s in the "
-            f"same cell (measured just before). server CPU % = server process CPU time / window (100 = "
+            f"same cell (measured just before); × monitor-off = the profile's img/s / the "
+            f"server's without its monitor in the same cell (what the monitor leaves). "
+            f"server CPU % = server process CPU time / window (100 = "
             f"one core). drain s = time until the server was idle again after the cell. "
             f"answers = the answer kind each client last received.", ""]
         sec += md_table(MATRIX_HEADER, [])
         rep.data["matrix"] = rows
         for b, c, fmt in cells:
-            echo_img_s = None
+            echo_img_s = off_img_s = None
             for name, s in servers.items():
                 if not s.alive():
                     rep.note(f"{name} server died (code {s.proc.returncode}); its remaining "
@@ -484,6 +489,12 @@ def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, r
                     echo_img_s = r["img_s"]
                 r["ratio_to_echo"] = (round(r["img_s"] / echo_img_s, 4)
                                       if echo_img_s else None)
+                # what the monitor leaves of the server without it (same cell, measured first)
+                if name == "monitor-off":
+                    off_img_s = r["img_s"]
+                r["ratio_to_monitor_off"] = (round(r["img_s"] / off_img_s, 4)
+                                             if off_img_s and name not in ("echo", "monitor-off")
+                                             else None)
                 if r["responses_ok"] is False:
                     rep.note(f"{name} b{b} c{c} {fmt}: a response failed the shape check")
                 if r["errors"]:
