@@ -92,6 +92,8 @@ class Monitor:
         self.store.set_meta("config", config.model_dump_json())
         self._engines: OrderedDict[str, ClientEngine] = OrderedDict()
         self._saved_qn: dict[str, int] = {}
+        # the store ticket of the checkpoint _saved_qn refers to (absent: read from the store)
+        self._saved_ticket: dict[str, int] = {}
         # evicted clients whose checkpoint the store has not committed yet: (ticket, engine)
         self._evicted: dict[str, tuple[int, ClientEngine]] = {}
         # per-client mutual exclusion without a per-client object that outlives the client:
@@ -164,6 +166,8 @@ class Monitor:
             pending = self._evicted.pop(client, None)
         if pending is not None:
             self._saved_qn[client] = pending[1].qn
+            # its checkpoint may still be on its way: evicting it again must wait for it too
+            self._saved_ticket[client] = pending[0]
             return pending[1]
         st = self.store
         max_qn = st.max_qn(client)
@@ -178,6 +182,7 @@ class Monitor:
         if eng is None:
             eng = ClientEngine(self.config, client)
         self._saved_qn[client] = eng.qn
+        self._saved_ticket.pop(client, None)
         if eng.qn < max_qn:
             start = eng.qn
             try:
@@ -214,6 +219,7 @@ class Monitor:
         ticket = self.store.put_state(client, eng.qn, int(eng.level), self._hash,
                                       pickle_state(eng), time.time())
         self._saved_qn[client] = eng.qn
+        self._saved_ticket[client] = ticket
         return ticket
 
     def _run_checkpoints(self) -> None:
@@ -258,12 +264,18 @@ class Monitor:
                 eng = self._engines.get(victim)
                 if eng is not None:
                     ticket = self._checkpoint(victim, eng)
+                    if ticket is None:
+                        # its state is saved already, but maybe not committed yet (put by the
+                        # checkpointer, or it came back from _evicted and did nothing since):
+                        # until it is, a reload must get this engine, not the store's state
+                        ticket = self._saved_ticket.get(victim)
                     with self._global:
                         self._engines.pop(victim, None)
                         self._resident_bytes -= self._bytes.pop(victim, 0)
                         if ticket is not None:
                             self._evicted[victim] = (ticket, eng)
                     self._saved_qn.pop(victim, None)
+                    self._saved_ticket.pop(victim, None)
                     dropped += 1
             finally:
                 lk.release()
@@ -543,6 +555,7 @@ class Monitor:
                     self._engines.pop(client_id, None)
                     self._resident_bytes -= self._bytes.pop(client_id, 0)
                 self._saved_qn.pop(client_id, None)
+                self._saved_ticket.pop(client_id, None)
                 try:  # the reload must see every request of this client logged so far
                     self.store.flush()
                 except Exception:  # noqa: BLE001 - the writer's own error surfaces elsewhere

@@ -227,6 +227,18 @@ def test_async_lag_merges_waiting_requests_with_the_same_decisions(streams, refe
     assert levels["jbda"][-1] > Level.NORMAL
 
 
+def test_async_lag_with_eviction_decides_the_same(streams, reference, tmp_path):
+    """Merged steps and eviction together: one client resident at a time (every switch
+    checkpoints and restores), up to 90 queries of lag: the same per-item decisions."""
+    db = tmp_path / "m.db"
+    with Monitor(_cfg(mode="async", max_lag=90, max_clients=1, checkpoint_every=100000), db,
+                 clock=FakeClock()) as mon:
+        _run(mon, streams, batch=10, counts=True)
+        mon.flush()
+        assert mon.resident_clients() == 1
+    _same(_decisions(db), reference)
+
+
 def test_merge_runs_keeps_each_clients_order_and_level():
     from monitor.core import _merge_runs
     p = np.full((10, 10), 0.1, np.float32)
