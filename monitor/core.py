@@ -723,7 +723,6 @@ class Monitor:
         self.close()
 
 
-
 def _merge_runs(jobs: list) -> list[list]:
     """Group queued async jobs into detector steps: each client's jobs keep their order, and
     consecutive ones of a client (others' in between do not matter: clients' engines are
