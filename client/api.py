@@ -152,12 +152,10 @@ class ModelClient:
             raise ValueError("no images to predict")
         if len(parts) == 1:
             return parts[0]
-        labels = np.concatenate([a.labels for a in parts])
         if all(a.probs is not None for a in parts):
-            return Answer(labels, np.concatenate([a.probs for a in parts]),
-                          AnswerKind.PROBABILITIES)
+            return Answer.concat(parts)
         # mixed: the defence changed mid-way; label-only for all keeps the type honest
-        return Answer(labels, None, AnswerKind.LABEL_ONLY)
+        return Answer(np.concatenate([a.labels for a in parts]), None, AnswerKind.LABEL_ONLY)
 
 
 class RemoteOracle(Oracle):

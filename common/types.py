@@ -76,3 +76,17 @@ class Answer:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @classmethod
+    def concat(cls, parts: "list[Answer]") -> "Answer":
+        """The answers of consecutive requests as one, items in order (all of one kind: with
+        probabilities or without)."""
+        if not parts:
+            raise ValueError("no answers to concatenate")
+        kinds = {(a.kind, a.probs is None) for a in parts}
+        if len(kinds) > 1:
+            raise ValueError(f"answers of different kinds cannot be concatenated: {kinds}")
+        return cls(np.concatenate([a.labels for a in parts]),
+                   None if parts[0].probs is None else np.concatenate([a.probs for a in parts]),
+                   parts[0].kind, [m for a in parts for m in a.model],
+                   np.concatenate([np.asarray(a.watermarked, bool) for a in parts]))

@@ -755,10 +755,5 @@ def _merged_job(jobs: list) -> tuple:
     client, level = jobs[0][0], jobs[0][6]
     images = np.concatenate([np.asarray(j[3], np.float32).reshape(-1, 28, 28) for j in jobs])
     probs = np.concatenate([np.asarray(j[4], np.float32).reshape(len(j[3]), -1) for j in jobs])
-    answers = [j[5] for j in jobs]
-    answer = Answer(np.concatenate([a.labels for a in answers]),
-                    None if answers[0].probs is None
-                    else np.concatenate([a.probs for a in answers]),
-                    answers[0].kind, [m for a in answers for m in a.model],
-                    np.concatenate([np.asarray(a.watermarked, bool) for a in answers]))
+    answer = Answer.concat([j[5] for j in jobs])
     return (client, ",".join(j[1] for j in jobs), jobs[-1][2], images, probs, answer, level)

@@ -251,6 +251,17 @@ def test_merge_runs_keeps_each_clients_order_and_level():
             job("a", "5", level=Level.NOISE), job("b", "6", kind=AnswerKind.LABEL_ONLY)]
     assert [[j[1] for j in s] for s in _merge_runs(jobs)] == [["1", "3"], ["2"], ["4", "5"],
                                                               ["6"]]
+    from monitor.core import _merged_job
+    a1 = job("a", "1", n=3)
+    a2 = job("a", "2", n=2)
+    a2[5].watermarked[1] = True
+    a2[5].model[0] = "pool-cnn"
+    m = _merged_job([a1, a2])
+    assert m[1] == "1,2" and m[3].shape == (5, 28, 28) and m[4].shape == (5, 10)
+    assert m[5].model == ["target"] * 3 + ["pool-cnn", "target"] and \
+        m[5].watermarked.tolist() == [False] * 4 + [True]
+    with pytest.raises(ValueError, match="different kinds"):
+        Answer.concat([a1[5], job("a", "3", kind=AnswerKind.LABEL_ONLY)[5]])
     big = [job("a", str(i), n=100) for i in range(4)]     # at most MERGE_MAX_ITEMS per step
     steps = _merge_runs(big)
     assert [sum(len(j[3]) for j in s) for s in steps] == [200, 200]
