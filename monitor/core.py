@@ -490,6 +490,21 @@ class Monitor:
             return False
         return self._max_lag == 0 or self._pending_items.get(client_id, 0) > self._max_lag
 
+    def _enqueued(self, client_id: str, n: int) -> bool:
+        """async: count a request of ``n`` items as queued for the client; False (nothing
+        counted) when its query count is unknown here: nothing of it queued and not resident."""
+        with self._idle:
+            base = self._accepted.get(client_id)
+            if not self._pending.get(client_id):    # nothing of it queued: its count is final
+                eng = self._engines.get(client_id)
+                if eng is None:
+                    return False
+                base = eng.qn
+            self._accepted[client_id] = base + n
+            self._pending[client_id] = self._pending.get(client_id, 0) + 1
+            self._pending_items[client_id] = self._pending_items.get(client_id, 0) + n
+        return True
+
     def observe(self, client_id: str, request_id: str, images: np.ndarray,
                 target_probs: np.ndarray, answer: Answer, level: Level, *,
                 wait: bool = True) -> Level:
@@ -508,19 +523,9 @@ class Monitor:
             return self._process(job, wait)
         if self._worker_error is not None:
             raise RuntimeError(f"monitor worker failed: {self._worker_error!r}")
-        with self._idle:
-            if not self._pending.get(client_id):     # nothing of it queued: its count is final
-                eng = self._engines.get(client_id)
-                base = eng.qn if eng is not None else None
-            else:
-                base = self._accepted[client_id]
-        if base is None:                # not resident (evicted meanwhile): load it
+        while not self._enqueued(client_id, n):   # not resident (evicted meanwhile): load it
             with self._lock(client_id):
-                base = self._engine(client_id).qn
-        with self._idle:
-            self._accepted[client_id] = self._accepted.get(client_id, base) + n
-            self._pending[client_id] = self._pending.get(client_id, 0) + 1
-            self._pending_items[client_id] = self._pending_items.get(client_id, 0) + n
+                self._engine(client_id)
         self._queue.put(job)
         eng = self._engines.get(client_id)
         return level if eng is None else eng.level
