@@ -91,9 +91,9 @@ class Monitor:
         # the thresholds in force, for `python -m monitor plot/show`
         self.store.set_meta("config", config.model_dump_json())
         self._engines: OrderedDict[str, ClientEngine] = OrderedDict()
-        self._saved_qn: dict[str, int] = {}
-        # the store ticket of the checkpoint _saved_qn refers to (absent: read from the store)
-        self._saved_ticket: dict[str, int] = {}
+        # per resident client: (query count its stored state holds, the store ticket of that
+        # checkpoint, or None when the state was read from the store)
+        self._saved: dict[str, tuple[int, int | None]] = {}
         # evicted clients whose checkpoint the store has not committed yet: (ticket, engine)
         self._evicted: dict[str, tuple[int, ClientEngine]] = {}
         # per-client mutual exclusion without a per-client object that outlives the client:
@@ -165,9 +165,8 @@ class Monitor:
         with self._global:
             pending = self._evicted.pop(client, None)
         if pending is not None:
-            self._saved_qn[client] = pending[1].qn
             # its checkpoint may still be on its way: evicting it again must wait for it too
-            self._saved_ticket[client] = pending[0]
+            self._saved[client] = (pending[1].qn, pending[0])
             return pending[1]
         st = self.store
         max_qn = st.max_qn(client)
@@ -181,8 +180,7 @@ class Monitor:
                 log.warning("client %s: stored state unusable (%r); rebuilding", client, exc)
         if eng is None:
             eng = ClientEngine(self.config, client)
-        self._saved_qn[client] = eng.qn
-        self._saved_ticket.pop(client, None)
+        self._saved[client] = (eng.qn, None)
         if eng.qn < max_qn:
             start = eng.qn
             try:
@@ -214,12 +212,11 @@ class Monitor:
     def _checkpoint(self, client: str, eng: ClientEngine) -> int | None:
         """Store the engine's state (caller holds the client's lock); returns the store's
         ticket, or None when the stored state is already current."""
-        if self._saved_qn.get(client) == eng.qn:
+        if self._saved.get(client, (None,))[0] == eng.qn:
             return None
         ticket = self.store.put_state(client, eng.qn, int(eng.level), self._hash,
                                       pickle_state(eng), time.time())
-        self._saved_qn[client] = eng.qn
-        self._saved_ticket[client] = ticket
+        self._saved[client] = (eng.qn, ticket)
         return ticket
 
     def _run_checkpoints(self) -> None:
@@ -268,14 +265,13 @@ class Monitor:
                         # its state is saved already, but maybe not committed yet (put by the
                         # checkpointer, or it came back from _evicted and did nothing since):
                         # until it is, a reload must get this engine, not the store's state
-                        ticket = self._saved_ticket.get(victim)
+                        ticket = self._saved.get(victim, (0, None))[1]
                     with self._global:
                         self._engines.pop(victim, None)
                         self._resident_bytes -= self._bytes.pop(victim, 0)
                         if ticket is not None:
                             self._evicted[victim] = (ticket, eng)
-                    self._saved_qn.pop(victim, None)
-                    self._saved_ticket.pop(victim, None)
+                    self._saved.pop(victim, None)
                     dropped += 1
             finally:
                 lk.release()
@@ -559,8 +555,7 @@ class Monitor:
                 with self._global:
                     self._engines.pop(client_id, None)
                     self._resident_bytes -= self._bytes.pop(client_id, 0)
-                self._saved_qn.pop(client_id, None)
-                self._saved_ticket.pop(client_id, None)
+                self._saved.pop(client_id, None)
                 try:  # the reload must see every request of this client logged so far
                     self.store.flush()
                 except Exception:  # noqa: BLE001 - the writer's own error surfaces elsewhere
@@ -579,7 +574,7 @@ class Monitor:
             self._sized(client_id, eng)
             if self._resident_bytes > self._budget:
                 self._evict(client_id)
-            if eng.qn - self._saved_qn.get(client_id, 0) >= self._exec.checkpoint_every and \
+            if eng.qn - self._saved.get(client_id, (0,))[0] >= self._exec.checkpoint_every and \
                     client_id not in self._ckpt_due:
                 # pickled by the checkpointer thread (under this client's lock), not here
                 self._ckpt_due.add(client_id)

@@ -820,7 +820,7 @@ class SharedMonitor(Monitor):
                 raise
             log.warning("client %s: store unreachable; starting it empty (fail-open)", client)
             eng = ClientEngine(self.config, client)
-            self._saved_qn[client] = 0
+            self._saved[client] = (0, None)
             return eng
 
     def level(self, client_id, images=None):
@@ -845,7 +845,7 @@ class SharedMonitor(Monitor):
                 gone = self._engines.pop(client, None)
                 self._evicted.pop(client, None)
                 self._resident_bytes -= self._bytes.pop(client, 0)
-            self._saved_qn.pop(client, None)
+            self._saved.pop(client, None)
         if gone is not None:
             self.handovers += 1
             log.info("client %s: now served by another replica; local state dropped",
