@@ -643,3 +643,28 @@ def test_items_norms_and_total_variation_match_their_definitions(fashion, monkey
             ring.add_items(Items.make(v[i:i + 1], probs[i:i + 1]))
         rings[fast] = [_bits(a) for a in ring.cols.values()] + [ring.n, ring.nbytes()]
     assert rings[True] == rings[False]
+
+
+def test_pixel_ring_pickles_its_items_compactly_and_restores_them_bit_for_bit(fashion):
+    """A checkpoint stores the on-grid items as uint8 (rint(v * 255)) and the others as float32,
+    converted in chunks; restored bit for bit, also after the ring wrapped around."""
+    import pickle
+
+    from monitor.detectors import PixelRing
+    xs, probs = _mixed_stream(fashion, n=700)
+    v = xs.reshape(len(xs), -1)
+    for size, n in ((1000, 0), (1000, 700), (300, 700)):     # empty, growing, wrapped
+        ring = PixelRing(size)
+        for i in range(0, n, 97):
+            ring.add_items(Items.make(v[i:i + 97], probs[i:i + 97]))
+        m = ring.m
+        st = ring.__getstate__()
+        vv, g = ring.cols["v"][:m], ring.cols["g"][:m]
+        assert 0 < g.sum() < m or n == 0               # the stream holds both kinds
+        want = np.rint(vv[g] * np.float32(255.0)).astype(np.uint8)
+        assert _bits(st["v_u8"]) == _bits(want)
+        assert _bits(st["v_f32"]) == _bits(vv[~g])
+        back = pickle.loads(pickle.dumps(ring))
+        assert back.n == ring.n
+        for c in ring.cols:
+            assert _bits(back.cols[c][:m]) == _bits(ring.cols[c][:m]), c
