@@ -176,16 +176,20 @@ class LinkIndex:
         self.nslots = 1 << max(10, int(math.ceil(math.log2(max(1, cfg.horizon // 4)))))
         self.table = np.full((cfg.tables, self.nslots, cfg.bucket), -1, np.int64)
         self.ptr = np.zeros((cfg.tables, self.nslots), np.int64)
-        self.enc = np.zeros((0, DIM), np.float32)
-        self.res = np.zeros(0, np.float32)
-        self.tv = np.zeros(0, np.int64)
-        self.pix = np.zeros((0, 784), np.uint8)
+        # allocated at the horizon at once (np.zeros: pages become resident as they are first
+        # written), never regrown: a regrowth copied up to ~35 MB under the linking lock, a
+        # 30-70 ms stall of every client's request
+        h = self.size
+        self.enc = np.zeros((h, DIM), np.float32)
+        self.res = np.zeros(h, np.float32)
+        self.tv = np.zeros(h, np.int64)
+        self.pix = np.zeros((h, 784), np.uint8)
         # each entry's content digest: exact copies of one image (popular images asked by many
         # keys) are verified once per request item (LinkIndex keys: random, never stored)
         self.digest_key = np.random.default_rng().integers(0, 2**63, 784 // 8, dtype=np.uint64)
-        self.digest = np.zeros(0, np.uint64)
-        self.qn = np.zeros(0, np.int64)
-        self.kid = np.zeros(0, np.int64)
+        self.digest = np.zeros(h, np.uint64)
+        self.qn = np.zeros(h, np.int64)
+        self.kid = np.zeros(h, np.int64)
         self.n = 0                      # items ever added (the next item's sequence number)
 
     def slots(self, enc: np.ndarray) -> np.ndarray:
@@ -196,17 +200,6 @@ class LinkIndex:
             h = (c * self.mult).sum(-1)
         h ^= h >> 29
         return h & (self.nslots - 1)
-
-    def _grow(self, need: int) -> None:
-        cur = len(self.res)
-        if need <= cur or cur >= self.size:
-            return
-        cap = min(self.size, max(256, 2 * cur, need))
-        for name in ("enc", "res", "tv", "pix", "digest", "qn", "kid"):
-            a = getattr(self, name)
-            b = np.zeros((cap,) + a.shape[1:], a.dtype)
-            b[:cur] = a
-            setattr(self, name, b)
 
     def candidates(self, slots: np.ndarray, kid: int) -> tuple[np.ndarray, np.ndarray]:
         """(item index, ring slot) of every indexed entry of another key that shares an LSH
@@ -241,7 +234,6 @@ class LinkIndex:
         k = len(enc)
         if k == 0:
             return
-        self._grow(min(self.size, self.n + k))
         seq = self.n + np.arange(k)
         keep = slice(max(0, k - self.size), k)      # a request longer than the horizon
         ring = seq[keep] % self.size
@@ -278,8 +270,11 @@ class LinkIndex:
         self.n += k
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.table, self.ptr, self.enc, self.res, self.tv,
-                                      self.pix, self.digest, self.qn, self.kid))
+        """Bytes written so far (the entry arrays' pages become resident as they fill)."""
+        m = min(self.n, self.size)
+        return self.table.nbytes + self.ptr.nbytes + sum(
+            a[:m].nbytes for a in (self.enc, self.res, self.tv, self.pix, self.digest, self.qn,
+                                   self.kid))
 
 
 @dataclass
