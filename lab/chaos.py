@@ -53,6 +53,7 @@ import numpy as np
 
 from lab.loadgen import PREDICT, encode_request
 from lab.serving import HOST, REPO, ServerProcess, free_port, log
+from monitor.checkpoints import checkpoint_path
 
 SECRET = "chaos-" + "5e" * 29          # 64 bytes: a production-length secret, fixed for replay
 SECTIONS = ("kill9", "diskfull", "sigterm", "churn", "fuzz", "writeamp")
@@ -188,6 +189,9 @@ def log_facts(db: Path, keys: list[str]) -> dict:
     database's integrity check. Read in a fresh connection (read-only)."""
     con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     out = {"integrity": con.execute("PRAGMA integrity_check").fetchone()[0], "keys": {}}
+    cpath = checkpoint_path(db)
+    ck = sqlite3.connect(f"{cpath.resolve().as_uri()}?mode=ro", uri=True, timeout=30) \
+        if cpath.exists() else None
     for k in keys:
         c = client_id(k)
         logged = con.execute("SELECT coalesce(max(qn0 + n), 0) FROM requests WHERE client=?",
@@ -196,11 +200,14 @@ def log_facts(db: Path, keys: list[str]) -> dict:
                           (c,)).fetchone()[0]
         last = con.execute("SELECT to_level FROM transitions WHERE client=? ORDER BY id DESC "
                            "LIMIT 1", (c,)).fetchone()
-        ckpt = con.execute("SELECT qn FROM client_state WHERE client=?", (c,)).fetchone()
+        ckpt = None if ck is None else ck.execute(
+            "SELECT qn FROM client_state WHERE client=?", (c,)).fetchone()
         out["keys"][k] = {"logged": int(logged), "answered_level_max": int(top),
                           "last_transition": int(last[0]) if last else 0,
                           "checkpoint_qn": int(ckpt[0]) if ckpt else None}
     con.close()
+    if ck is not None:
+        ck.close()
     return out
 
 
@@ -624,7 +631,7 @@ def section_writeamp(args, pool, workdir: Path, res: dict) -> None:
     s.wait_ready()
 
     def size() -> int:
-        return sum(f.stat().st_size for f in workdir.glob("writeamp.db*"))
+        return sum(f.stat().st_size for f in workdir.glob("writeamp.*"))   # log, checkpoints
 
     ch = grpc.insecure_channel(s.address, options=[("grpc.max_send_message_length", 8 << 20),
                                                     ("grpc.max_receive_message_length", 8 << 20)])
@@ -642,6 +649,9 @@ def section_writeamp(args, pool, workdir: Path, res: dict) -> None:
     s.stop()
     con = sqlite3.connect(db)
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # what stays on disk, counted once
+    con.close()
+    con = sqlite3.connect(checkpoint_path(db))
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     ckpt = con.execute("SELECT coalesce(sum(length(state)), 0), count(*) FROM client_state"
                        ).fetchone()
     con.close()

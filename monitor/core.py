@@ -236,9 +236,9 @@ class Monitor:
                 self._ckpt_queue.task_done()
 
     def _forget_committed(self) -> None:
-        done = self.store.committed()
+        done = self.store.is_committed
         with self._global:
-            for c in [c for c, (tk, _) in self._evicted.items() if tk <= done]:
+            for c in [c for c, (tk, _) in self._evicted.items() if done(tk)]:
                 del self._evicted[c]
 
     def _evict(self, keep: str | None) -> int:
@@ -445,7 +445,7 @@ class Monitor:
             return
         st = self.store
         deadline = time.monotonic() + self._commit_timeout
-        while st.committed() < ticket:
+        while not st.is_committed(ticket):
             if self._fail_open and st.failure() is not None:
                 break   # fail-open: answer without waiting for a log that cannot be written
             left = deadline - time.monotonic()

@@ -6,7 +6,7 @@ Tables
                sent, detector scores, levels after each item, inputs kept compactly)
   transitions  every level change with time, query count and evidence (JSON)
   pairs        cross-client linking's evidence: attack-like near-copies between two keys
-  client_state pickled detector/ladder checkpoints per client
+  client_state checkpoints of logs written before the checkpoint file (monitor.checkpoints)
   meta         schema version, the config the monitor ran with
 
 One row per request, not per item: the writer's work is one INSERT per request (measured
@@ -403,7 +403,7 @@ def take_batch(q: queue.Queue, first, batch_size: int, seconds: float) -> list:
 
 
 class Writer(threading.Thread):
-    """Background writer: takes Batch / Transition / state items from a queue, commits in
+    """Background writer: takes Batch / Transition / pairs items from a queue, commits in
     transactions of up to ``batch_size`` items or every ``flush_seconds`` (group commit: one
     transaction holds whatever was queued while the previous one committed).
 
@@ -424,12 +424,11 @@ class Writer(threading.Thread):
         super().__init__(name="monitor-log-writer", daemon=True)
         self.path = Path(path)
         try:
-            self.con = connect(path)
+            self.con = self._open()
         except (sqlite3.Error, OSError) as exc:
             raise LogUnavailable(f"cannot open the monitor log {self.path} for writing: {exc} "
                                  f"(full or read-only disk? point --monitor-db elsewhere)"
                                  ) from exc
-        self.layout = layout_id(self.con)      # the score columns this version writes
         self.q: queue.Queue = queue.Queue()
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
@@ -445,6 +444,8 @@ class Writer(threading.Thread):
         self._last_retention = float("-inf")   # never (time.monotonic() starts near 0 at boot)
         self._last_cap = float("-inf")
         self._seq = itertools.count(1)
+        self._put_lock = threading.Lock()   # tickets enter the queue in ticket order
+        self.issued = 0                     # the last ticket put
         self._cv = threading.Condition()
         self._abandon = threading.Event()
         self.committed = 0      # every item put with a ticket <= this is committed
@@ -461,9 +462,16 @@ class Writer(threading.Thread):
                 log.error("monitor log: %d items waiting; %d request rows/checkpoints dropped so "
                           "far (log.max_queue)", self.q.qsize(), self.dropped)
             return next(self._seq)
-        seq = next(self._seq)
-        self.q.put((seq, item))
+        with self._put_lock:
+            seq = next(self._seq)
+            self.q.put((seq, item))
+            self.issued = seq
         return seq
+
+    def _open(self) -> sqlite3.Connection:
+        con = connect(self.path)
+        self.layout = layout_id(con)      # the score columns this version writes
+        return con
 
     def wait_committed(self, ticket: int, timeout: float | None) -> bool:
         """Block until ``ticket`` is committed; False after ``timeout`` seconds, or at once if
@@ -543,9 +551,6 @@ class Writer(threading.Thread):
                         "peak) VALUES (?,?,?,?,?,?,?,?)",
                         [(p.t, p.client, p.qn, p.other, p.other_qn, p.dist, p.dense,
                           p.peak) for p in it[1]])
-                elif isinstance(it, tuple) and it[0] == "state":
-                    con.execute("INSERT OR REPLACE INTO client_state VALUES (?,?,?,?,?,?)",
-                                it[1:])
                 else:  # Transition
                     con.execute("INSERT INTO transitions (client, t, qn, from_level, "
                                 "to_level, rule, evidence) VALUES (?,?,?,?,?,?,?)",
@@ -676,12 +681,15 @@ class QueryLog:
         self.path = Path(path)
         self.con = connect(self.path, create=create)
         self.con.row_factory = sqlite3.Row
+        from monitor.checkpoints import CheckpointReader   # (it imports this module)
+        self.checkpoints = CheckpointReader(self.con, self.path, create)
         self.layouts = read_layouts(self.con)   # score layouts of the rows (schema 3)
         self._has_layout = any(r[1] == "layout" for r in
                                self.con.execute("PRAGMA table_info(requests)"))
 
     def close(self) -> None:
         self.con.close()
+        self.checkpoints.close()
 
     def __enter__(self):
         return self
@@ -691,15 +699,15 @@ class QueryLog:
 
     # --- per-client summaries -------------------------------------------------------------------
     def client_ids(self) -> list[str]:
-        return [r[0] for r in self.con.execute(
-            "SELECT client FROM requests GROUP BY client UNION SELECT client FROM transitions "
-            "UNION SELECT client FROM client_state ORDER BY 1")]
+        ids = {r[0] for r in self.con.execute(
+            "SELECT client FROM requests GROUP BY client UNION SELECT client FROM transitions")}
+        return sorted(ids | self.checkpoints.clients())
 
     def has_client(self, client: str) -> bool:
         return bool(self.con.execute(
             "SELECT 1 FROM requests WHERE client=? UNION SELECT 1 FROM transitions WHERE "
-            "client=? UNION SELECT 1 FROM client_state WHERE client=? LIMIT 1",
-            (client, client, client)).fetchone())
+            "client=? LIMIT 1", (client, client)).fetchone()) or \
+            self.load_state(client) is not None
 
     def max_qn(self, client: str) -> int:
         r = self.con.execute("SELECT qn0 + n FROM requests WHERE client=? ORDER BY qn0 DESC "
@@ -825,12 +833,12 @@ class QueryLog:
         return recent_items_of(page, lambda r: Decoded(r, raw=True, layouts=self.layouts), limit)
 
     def load_state(self, client: str):
-        r = self.con.execute("SELECT qn, level, config_hash, state FROM client_state WHERE "
-                             "client=?", (client,)).fetchone()
-        if not r:
-            return None
-        return {"qn": r["qn"], "level": Level(r["level"]), "config_hash": r["config_hash"],
-                "state": r["state"]}
+        """The client's last checkpoint: {"qn", "level", "config_hash", "state"} or None."""
+        return self.checkpoints.load(client)
+
+    def recent_clients(self, limit: int) -> list[str]:
+        """Clients with a checkpoint, most recently checkpointed first."""
+        return self.checkpoints.recent(limit)
 
     # --- watermark verifier ---------------------------------------------------------------------
     def watermark_records(self, client_id: str | None = None

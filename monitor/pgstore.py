@@ -3,7 +3,8 @@
 :class:`PgStore` implements :class:`monitor.store.MonitorStore` with the semantics of the
 embedded SQLite store: ``put_*`` return at once and are applied in order by one writer thread in
 batched transactions; ``flush`` waits until everything put before is committed; ``put_state``
-returns a ticket that ``committed()`` reaches once it is durable; reads come from any thread
+returns a ticket that ``is_committed`` accepts once it is durable (one ordered lane here: a
+ticket is durable with everything put before it); reads come from any thread
 (one autocommit connection per reading thread). The tables have the SQLite log's columns (a
 request's per-item arrays as ``bytea``: uint8 inputs, float32 probabilities, ...), so rows
 decode with the same :class:`monitor.log.Decoded`, plus the replica that wrote each row.
@@ -551,8 +552,8 @@ class PgStore(MonitorStore):
     def set_meta(self, key, value):
         self._writer.put(("meta", key, value))
 
-    def committed(self):
-        return self._writer.committed
+    def is_committed(self, ticket):
+        return self._writer.committed >= ticket
 
     def queue_depth(self):
         return self._writer.q.qsize()

@@ -1,10 +1,12 @@
 """Where the monitor keeps its state: the one small interface between the monitor and storage.
 
 A store holds the query log, the level transitions, the per-client detector checkpoints,
-cross-client linking's pairs and a little metadata. Writes are asynchronous and ordered (``put_*`` return at once; ``flush`` waits
-until everything put before is durable); reads may come from any thread. :class:`SQLiteStore`
-(one file, WAL mode, a background writer thread) is the embedded default; a shared store for
-several server replicas implements the same methods.
+cross-client linking's pairs and a little metadata. Writes are asynchronous (``put_*`` return
+at once; ``flush`` waits until everything put before is durable); log items (request rows,
+transitions, pairs) are durable in the order put, and a checkpoint only after every log item
+put before it. Reads may come from any thread. :class:`SQLiteStore` (the log in one SQLite
+file, the checkpoints in another, WAL mode, one writer thread each) is the embedded default; a
+shared store for several server replicas implements the same methods.
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ from pathlib import Path
 from typing import Iterator
 
 from common.types import Level
+from monitor.checkpoints import CheckpointWriter, checkpoint_path
 from monitor.log import Batch, QueryLog, Writer
 
 
 class MonitorStore(ABC):
     # --- writes: asynchronous, applied in the order they were put ----------------------------
-    # Every put_* returns a ticket: the item is durable once committed() >= its ticket.
+    # Every put_* returns a ticket for is_committed / wait_committed; the tickets of log items
+    # grow in the order they were put (a checkpoint's ticket compares with nothing).
     @abstractmethod
     def put_batch(self, batch: Batch) -> int:
         """One request's items with the scores and levels after each."""
@@ -36,12 +40,14 @@ class MonitorStore(ABC):
     @abstractmethod
     def put_state(self, client: str, qn: int, level: int, config_hash: str, blob: bytes,
                   t: float) -> int:
-        """A checkpoint of the client's detector state after its query ``qn``; returns a ticket
-        that :meth:`committed` reaches once it (and everything put before it) is durable."""
+        """A checkpoint of the client's detector state after its query ``qn``. It becomes
+        durable only after every log item put before it; log items put after it need not wait
+        for it (a checkpoint is megabytes, a request's rows must not queue behind one)."""
 
     @abstractmethod
-    def committed(self) -> int:
-        """The highest ticket such that it and everything put before it are durable."""
+    def is_committed(self, ticket) -> bool:
+        """The item of this ticket is durable, and so is every log item (request rows,
+        transitions, pairs) put before it."""
 
     @abstractmethod
     def set_meta(self, key: str, value: str) -> None: ...
@@ -56,7 +62,7 @@ class MonitorStore(ABC):
     def wait_committed(self, ticket: int, timeout: float | None) -> bool:
         """Block until ``ticket`` is durable; False if ``timeout`` seconds pass first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.committed() < ticket:
+        while not self.is_committed(ticket):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(0.001)
@@ -109,9 +115,11 @@ class MonitorStore(ABC):
 
 
 class SQLiteStore(MonitorStore):
-    """The embedded store: a SQLite file in WAL mode. Writes go through one background writer
-    thread (batched transactions); each reading thread has its own connection, so readers never
-    wait on each other or on a global lock."""
+    """The embedded store: the log in a SQLite file in WAL mode, the checkpoints in a second one
+    beside it (:mod:`monitor.checkpoints`). Each file has its own background writer thread
+    (batched transactions), so a request's rows never wait for a checkpoint's megabytes; each
+    reading thread has its own connections, so readers never wait on each other or on a global
+    lock. Tickets: ``2 * seq`` for the log writer's items, ``2 * seq + 1`` for checkpoints."""
 
     def __init__(self, path: str | Path, batch_size: int = 512, flush_seconds: float = 0.2,
                  retention_days: float = 0.0, max_mb: float = 0.0, max_queue: int = 0,
@@ -119,6 +127,13 @@ class SQLiteStore(MonitorStore):
         self.path = Path(path)
         self._writer = Writer(self.path, batch_size, flush_seconds, retention_days, max_mb,
                               max_queue)
+        try:
+            self._ckpt_writer = CheckpointWriter(checkpoint_path(self.path), self._writer,
+                                                 batch_size=8, flush_seconds=flush_seconds,
+                                                 max_queue=max_queue)
+        except BaseException:
+            self._writer.close(close_timeout)
+            raise
         self._close_timeout = close_timeout
         self._local = threading.local()
         self._readers: list[QueryLog] = []
@@ -135,38 +150,49 @@ class SQLiteStore(MonitorStore):
         return q
 
     def put_batch(self, batch):
-        return self._writer.put(batch)
+        return 2 * self._writer.put(batch)
 
     def put_transition(self, tr):
-        return self._writer.put(tr)
+        return 2 * self._writer.put(tr)
 
     def put_pairs(self, pairs):
-        return self._writer.put(("pairs", list(pairs)))
+        return 2 * self._writer.put(("pairs", list(pairs)))
 
     def put_state(self, client, qn, level, config_hash, blob, t):
-        return self._writer.put(("state", client, qn, level, config_hash, blob, t))
+        # after every log item put so far: the client's rows up to qn among them
+        return 2 * self._ckpt_writer.put(("state", client, qn, level, config_hash, blob, t,
+                                          self._writer.issued)) + 1
 
-    def committed(self):
-        return self._writer.committed
+    def _lane(self, ticket) -> tuple[Writer, int]:
+        return (self._ckpt_writer if ticket % 2 else self._writer), ticket // 2
+
+    def is_committed(self, ticket):
+        w, seq = self._lane(ticket)
+        return w.committed >= seq
 
     def wait_committed(self, ticket, timeout):
-        return self._writer.wait_committed(ticket, timeout)
+        w, seq = self._lane(ticket)
+        return w.wait_committed(seq, timeout)
+
+    def _writers(self) -> tuple[Writer, Writer]:
+        return self._writer, self._ckpt_writer
 
     def failure(self):
-        w = self._writer
-        if w.error is not None:
-            return f"log writer stopped: {w.error}"
-        f = w.failure
-        return None if f is None else f"{self.path}: {f}"
+        for w, what in ((self._writer, "log"), (self._ckpt_writer, "checkpoint")):
+            if w.error is not None:
+                return f"{what} writer stopped: {w.error}"
+            if w.failure is not None:
+                return f"{w.path}: {w.failure}"
+        return None
 
     def dropped(self):
-        return self._writer.dropped
+        return sum(w.dropped for w in self._writers())
 
     def queue_depth(self):
-        return self._writer.q.qsize()
+        return sum(w.q.qsize() for w in self._writers())
 
     def uncommitted(self):
-        return self._writer.q.unfinished_tasks
+        return sum(w.q.unfinished_tasks for w in self._writers())
 
     def set_meta(self, key, value):
         with self.reader.con:
@@ -174,10 +200,14 @@ class SQLiteStore(MonitorStore):
 
     def flush(self):
         self._writer.flush()
+        self._ckpt_writer.flush()
 
     def close(self):
         try:
-            self._writer.close(self._close_timeout)
+            try:
+                self._writer.close(self._close_timeout)
+            finally:
+                self._ckpt_writer.close(self._close_timeout)
         finally:
             with self._readers_lock:
                 for q in self._readers:
@@ -206,6 +236,5 @@ class SQLiteStore(MonitorStore):
         return self.reader.recent_items(limit)
 
     def recent_clients(self, limit):
-        return [r[0] for r in self.reader.con.execute(
-            "SELECT client FROM client_state ORDER BY updated DESC LIMIT ?", (limit,))]
+        return self.reader.recent_clients(limit)
 

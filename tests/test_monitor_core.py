@@ -108,8 +108,10 @@ def test_restart_resumes_level_and_detector_state(tmp_path, keep_state):
     m1.close()
     if not keep_state:
         import sqlite3
-        con = sqlite3.connect(db)
-        con.execute("DELETE FROM client_state")
+
+        from monitor.checkpoints import checkpoint_path
+        con = sqlite3.connect(checkpoint_path(db))
+        assert con.execute("DELETE FROM client_state").rowcount == 1
         con.commit()
         con.close()
     m2 = Monitor(cfg, db, clock=clock)

@@ -70,8 +70,10 @@ class Place:
     def drop_checkpoints(self):
         if self.kind == "sqlite":
             import sqlite3
-            con = sqlite3.connect(self.path)
-            con.execute("DELETE FROM client_state")
+
+            from monitor.checkpoints import checkpoint_path
+            con = sqlite3.connect(checkpoint_path(self.path))
+            assert con.execute("DELETE FROM client_state").rowcount > 0
             con.commit()
             con.close()
         else:
@@ -239,7 +241,7 @@ def test_writes_are_ordered_tickets_commit_and_readers_are_concurrent(place):
     assert st.uncommitted() == 0
     ticket = st.put_state("zed", 5, 0, "h", b"\x80blob", 1.0)
     st.flush()
-    assert st.committed() >= ticket
+    assert st.is_committed(ticket)
     assert st.load_state("zed")["state"] == b"\x80blob"
     mon.close()
     r = place.reader()
