@@ -689,9 +689,10 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         # what the restarted monitor said about each client it restored (the wording is the
         # monitor's; counted by kind, with an example line)
         text = s2.log_path.read_text(errors="replace").splitlines()
+        # (the server logs each key as a client id: k-<digest of the key>)
         restored = [l.split(": ", 1)[-1] for l in text
-                    if "modelguard.monitor" in l and re.search(r"client crash-\d+\b", l)]
-        kinds = Counter(re.sub(r"crash-\d+", "crash-N", re.sub(r"\d+", "#", l.split(":", 1)[-1]))
+                    if "modelguard.monitor" in l and re.search(r"client \S+: ", l)]
+        kinds = Counter(re.sub(r"\d+", "#", re.sub(r"client \S+:", "client C:", l))
                         for l in restored)
         res["server_log"] = {"clients_restored_messages": len(restored),
                              "kinds": dict(kinds.most_common(5)),

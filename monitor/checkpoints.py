@@ -119,6 +119,7 @@ class CheckpointWriter(Writer):
     def __init__(self, path: str | Path, rows: Writer, **kw):
         self.rows = rows
         super().__init__(path, **kw)
+        self.name = "monitor-checkpoint-writer"
 
     def _open(self) -> sqlite3.Connection:
         return connect_checkpoints(self.path)
