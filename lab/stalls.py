@@ -87,16 +87,12 @@ def main(argv=None) -> int:
     from common.types import Level
     from lab.monitor_bench import fake_answer
     from monitor import Monitor, load_config
-    from monitor.config import config_from_dict
 
     torch.set_num_threads(1)
     threadpool_limits(1, user_api="blas")
     cfg = load_config(args.config)
     if args.checkpoint_every is not None:
-        d = cfg.model_dump(mode="python")
-        d["policies"] = {k.name.lower(): v for k, v in d["policies"].items()}
-        d["execution"]["checkpoint_every"] = args.checkpoint_every
-        cfg = config_from_dict(d)
+        cfg = cfg.with_changes(execution={"checkpoint_every": args.checkpoint_every})
     pool = attack_pool().x
     rng = np.random.default_rng(args.seed)
 

@@ -410,6 +410,16 @@ class MonitorConfig(_Strict):
                              "for its members that a cool-down would not respect)")
         return self
 
+    def with_changes(self, **sections: dict) -> "MonitorConfig":
+        """A copy with some keys of some tables changed, validated as a loaded file is:
+        ``cfg.with_changes(execution={"checkpoint_every": 500})``."""
+        d = self.model_dump(mode="python")
+        for name, keys in sections.items():
+            if name not in d or not isinstance(d[name], dict):
+                raise ConfigError(f"with_changes: no table {name!r} in the monitor config")
+            d[name].update(keys)
+        return config_from_dict(d, "<with_changes>")
+
     def detector_hash(self) -> str:
         """Hash of everything that determines detector state and ladder decisions."""
         blob = json.dumps({"engine": ENGINE_VERSION,

@@ -144,3 +144,16 @@ def test_missing_and_malformed_files(tmp_path):
 def test_cooldown_allowed_when_not_monotone(tmp_path):
     cfg = load_config(_write(tmp_path, "[ladder]\nmonotone = false\ncooldown_seconds = 60\n"))
     assert cfg.ladder.cooldown_seconds == 60 and not cfg.ladder.monotone
+
+
+def test_with_changes_validates_like_a_file_and_leaves_the_original_alone():
+    from monitor.config import ConfigError, load_config
+    base = load_config()
+    cfg = base.with_changes(execution={"checkpoint_every": 77}, log={"durability": "fast"})
+    assert (cfg.execution.checkpoint_every, cfg.log.durability) == (77, "fast")
+    assert base.execution.checkpoint_every == 2000 and base.log.durability == "commit"
+    assert cfg.policies == base.policies and cfg.rules == base.rules
+    with pytest.raises(ConfigError, match="execution.checkpoint_every"):
+        base.with_changes(execution={"checkpoint_every": 0})
+    with pytest.raises(ConfigError, match="no table 'executon'"):
+        base.with_changes(executon={"checkpoint_every": 5})

@@ -12,16 +12,12 @@ import pytest
 from common.clock import FakeClock
 from common.types import Answer, AnswerKind, Level
 from monitor import Monitor, QueryLog, load_config
-from monitor.config import config_from_dict
 from monitor.log import SCORE_COLUMNS
 from tests.streams import three_streams
 
 
 def _cfg(**execution):
-    base = load_config().model_dump(mode="python")
-    base["execution"].update(execution)
-    base["policies"] = {k.name.lower(): v for k, v in base["policies"].items()}
-    return config_from_dict(base)
+    return load_config().with_changes(execution=execution)
 
 
 @pytest.fixture(scope="module")
