@@ -43,12 +43,10 @@ def checkpoint_path(log_path: str | Path) -> Path:
     return p.with_name(f"{p.stem}.state{p.suffix}")
 
 
-def connect_checkpoints(path: str | Path, create: bool = True) -> sqlite3.Connection | None:
-    """A connection to the checkpoint file; None when ``create`` is False and there is none."""
+def connect_checkpoints(path: str | Path, create: bool = True) -> sqlite3.Connection:
+    """A connection to the checkpoint file (``create`` False: read-only, the file exists)."""
     path = Path(path)
     if not create:
-        if not path.exists():
-            return None
         con = _connect_readonly(path)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)

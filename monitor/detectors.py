@@ -222,7 +222,7 @@ class PixelRing(Ring):
         u8 = np.empty((len(rows), PIX), np.uint8)
         tmp = np.empty((min(len(rows), 256), PIX), np.float32)
         for i in range(0, len(rows), 256):
-            t = tmp[:len(rows) - i] if len(rows) - i < 256 else tmp
+            t = tmp[:min(256, len(rows) - i)]
             np.take(v, rows[i:i + 256], axis=0, out=t)
             t *= np.float32(255.0)
             np.rint(t, out=t)
