@@ -53,7 +53,7 @@ import numpy as np
 
 from lab.loadgen import PREDICT, encode_request
 from lab.serving import HOST, REPO, ServerProcess, free_port, log
-from monitor.checkpoints import checkpoint_path
+from monitor.checkpoints import checkpoint_path, connect_checkpoints
 
 SECRET = "chaos-" + "5e" * 29          # 64 bytes: a production-length secret, fixed for replay
 SECTIONS = ("kill9", "diskfull", "sigterm", "churn", "fuzz", "writeamp")
@@ -190,8 +190,7 @@ def log_facts(db: Path, keys: list[str]) -> dict:
     con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     out = {"integrity": con.execute("PRAGMA integrity_check").fetchone()[0], "keys": {}}
     cpath = checkpoint_path(db)
-    ck = sqlite3.connect(f"{cpath.resolve().as_uri()}?mode=ro", uri=True, timeout=30) \
-        if cpath.exists() else None
+    ck = connect_checkpoints(cpath, create=False) if cpath.exists() else None
     for k in keys:
         c = client_id(k)
         logged = con.execute("SELECT coalesce(max(qn0 + n), 0) FROM requests WHERE client=?",
