@@ -319,10 +319,12 @@ class LogConfig(_Strict):
 class ExecutionConfig(_Strict):
     """How the monitor runs: not part of the detector semantics (not in the detector hash)."""
 
-    mode: Literal["sync", "async"] = Field(
+    mode: Literal["sync", "async", "process"] = Field(
         "sync", description="sync: the answer waits for the detectors; async: it does not (the "
                             "client's order is kept; its next request waits for them, so a new "
-                            "level applies from the client's next request)")
+                            "level applies from the client's next request); process: as async, "
+                            "with the detectors, the log and the client state in a child "
+                            "process of the server (monitor/process.py; SQLite store only)")
     checkpoint_every: int = Field(2000, ge=1, description="a client's detector state is "
                                   "checkpointed after this many new queries (bounds the replay "
                                   "after a crash)")
@@ -338,10 +340,10 @@ class ExecutionConfig(_Strict):
                               "below 90% of the cap, evicting the least recently used clients "
                               "(checkpointed) and giving the freed heap back; the last 10% "
                               "absorbs what requests allocate between two readings")
-    queue_limit: int = Field(64, ge=1, description="async: requests waiting for the detectors "
-                                                   "before observe() blocks (back-pressure)")
-    max_lag: int = Field(0, ge=0, description="async: how many of a client's queries may still "
-                         "wait for the detectors when its next request is answered (0: none, a "
+    queue_limit: int = Field(64, ge=1, description="async, process: requests waiting for the "
+                             "detectors before observe() blocks (back-pressure)")
+    max_lag: int = Field(0, ge=0, description="async, process: how many of a client's queries "
+                         "may still wait for the detectors when its next request is answered (0: none, a "
                          "new level applies from the next request). Above 0, consecutive "
                          "requests of one client that wait together are run through the "
                          "detectors as one step and logged as one row (up to 256 items): small "
@@ -350,9 +352,10 @@ class ExecutionConfig(_Strict):
 
     @model_validator(mode="after")
     def _lag_needs_async(self):
-        if self.max_lag and self.mode != "async":
+        if self.max_lag and self.mode == "sync":
             raise ValueError(f"execution.max_lag = {self.max_lag} needs execution.mode = "
-                             f"\"async\" (in sync mode every answer waits for the detectors)")
+                             f"\"async\" or \"process\" (in sync mode every answer waits for "
+                             f"the detectors)")
         return self
 
 

@@ -118,6 +118,8 @@ class Monitor:
         # async: per client with requests queued, its query count including them (processing
         # moves queries from queued to counted: the sum does not change until it is dropped)
         self._accepted: dict[str, int] = {}
+        # mode "process": this class runs in the monitor's child process (monitor/process.py),
+        # synchronously; max_lag only relaxes what must be durable before the next answer
         self._max_lag = self._exec.max_lag
         self._idle = threading.Condition()
         if self._exec.mode == "async":
@@ -403,10 +405,8 @@ class Monitor:
         lvl = self._own_level(client_id)
         self._await_commit(client_id)
         lk = self.linker
-        if lk is not None and images is not None and self.config.linking.raise_members:
-            with self._link_lock:
-                wanted = lk.wants_probe(client_id)
-            if wanted:  # only then are the items prepared (most requests skip this)
+        if images is not None and self.wants_probe(client_id):
+            # only then are the items prepared (most requests skip this)
                 arr = np.asarray(images, np.float32).reshape(-1, 28, 28)
                 x, grid = det_view(arr)
                 prep: dict = {}
@@ -422,6 +422,26 @@ class Monitor:
                         while len(cache) > PREPARED_MAX_CLIENTS:   # the oldest goes
                             del cache[next(iter(cache))]
         return lvl
+
+    def wants_probe(self, client_id: str) -> bool:
+        """Whether cross-client linking could raise this client's next request above its own
+        level (``level`` then looks at the request's images; cheap: no pixels looked at)."""
+        lk = self.linker
+        if lk is None or not self.config.linking.raise_members:
+            return False
+        with self._link_lock:
+            return lk.wants_probe(client_id)
+
+    def commit_ticket(self, client_id: str) -> int | None:
+        """The store ticket that must be durable before this client's next answer (its last
+        request's rows with ``durability = "commit"``, else its last level change), or None."""
+        with self._commit_lock:
+            return self._must_commit.get(client_id)
+
+    def current_level(self, client_id: str) -> Level:
+        """The client's level now (its own and its linking group's), without the log checks
+        and waits of ``level``."""
+        return self._own_level(client_id)
 
     def queries(self, client_id: str) -> int:
         """The client's query count so far (its detectors' count: restored after a restart).
@@ -649,6 +669,23 @@ class Monitor:
                 for _ in step:
                     q.task_done()
         q.task_done()        # the stop marker
+
+    def run_requests(self, jobs: list, merge: bool) -> None:
+        """Run observe jobs ``(client, request id, time, images, target probs, answer, level)``
+        through the detectors in arrival order, without waiting for their rows (the caller
+        calls ``wait_durable``); with ``merge``, consecutive jobs of a client run as one step
+        (``_merge_runs``), as async mode with ``max_lag`` does. A step whose detectors fail is
+        logged and skipped (its client is restored from the log on its next request). For the
+        monitor in its own process (``monitor.process``)."""
+        for step in _merge_runs(jobs) if merge else [[j] for j in jobs]:
+            job = step[0] if len(step) == 1 else _merged_job(step)
+            try:
+                self._process(job, wait=False)
+            except LogUnavailable:
+                raise
+            except Exception:  # noqa: BLE001 - one request's detectors failed: go on
+                log.exception("monitor: detectors failed on a request of client %s; its "
+                              "state is restored from the log on its next request", job[0])
 
     def _run_step(self, jobs: list) -> None:
         """One detector step of the async worker: one request, or consecutive requests of one

@@ -200,11 +200,16 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
     # matrix-vector product took 1.9-8 ms with 2 OpenBLAS threads under load, 0.13 ms with 1).
     torch.set_num_threads(cfg.torch_threads)
     threadpool_limits(cfg.torch_threads, user_api="blas")
-    model = TargetModel.load(cfg.target)
     if monitor_config is None:
         from monitor.config import load_config
 
         monitor_config = load_config(cfg.monitor_config)
+    process = monitor_config.execution.mode == "process"
+    if cfg.monitor and cfg.store and process:
+        raise ValueError("[execution] mode = \"process\" runs the monitor on the embedded SQLite "
+                         "log only; with a shared store (--store) use mode \"sync\" or "
+                         "\"async\"")
+    model = TargetModel.load(cfg.target)
     if cfg.undefended:
         monitor_config = monitor_config.model_copy(update={
             "policies": {lvl: {"policy": "identity"} for lvl in Level if lvl != Level.BLOCK},
@@ -217,6 +222,12 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
         lc = monitor_config.log
         mon = SharedMonitor(monitor_config, PgStore.for_log(cfg.store, cfg.replica, lc),
                             warm=True)
+    elif cfg.monitor and process:
+        # the detectors, the log and the client state in a child process (monitor/process.py)
+        from monitor.process import MonitorProcess
+
+        mon = MonitorProcess(monitor_config, cfg.monitor_db, warm=True,
+                             threads=cfg.torch_threads)
     elif cfg.monitor:
         from monitor import Monitor
 

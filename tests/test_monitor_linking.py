@@ -138,10 +138,21 @@ def _send(mon, key, x):
     return mon.observe(key, f"{key}-{mon.level(key)}-{np.random.random()}", x, p, a, lvl)
 
 
-def test_monitor_escalates_the_group_restarts_and_replays_it(pool, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "process"])
+def test_monitor_escalates_the_group_restarts_and_replays_it(pool, tmp_path, mode):
+    """Also with the monitor in its own process (mode "process"): the group's level reaches
+    every member, and a new key's probe (its images sent to the child) raises it."""
     rng = np.random.default_rng(4)
     db = tmp_path / "m.db"
-    mon = Monitor(_mon_cfg(rules=[{"pairs": 20, "level": "label_only"}]), db, clock=FakeClock())
+    if mode == "process":
+        from monitor.process import MonitorProcess
+        d = _mon_cfg(rules=[{"pairs": 20, "level": "label_only"}]).model_dump(mode="python")
+        d["policies"] = {k.name.lower(): v for k, v in d["policies"].items()}
+        d["execution"]["mode"] = "process"
+        mon = MonitorProcess(config_from_dict(d), db, clock=FakeClock())
+    else:
+        mon = Monitor(_mon_cfg(rules=[{"pairs": 20, "level": "label_only"}]), db,
+                      clock=FakeClock())
     sent = pool[:30]
     _send(mon, "seed", sent)
     for r in range(12):                  # 4 keys, 10 queries each turn: below every window
@@ -149,6 +160,7 @@ def test_monitor_escalates_the_group_restarts_and_replays_it(pool, tmp_path):
         x = _step(sent[rng.integers(0, len(sent), 10)], 0.1, rng)
         _send(mon, k, x)
         sent = np.concatenate([sent, x])
+    mon.flush()    # process: another key's request raised these; let it be acknowledged
     for k in range(4):
         assert mon.level(f"s{k}") == Level.LABEL_ONLY
     assert mon.level("seed") == Level.NORMAL        # its images were perturbed, it did not

@@ -235,6 +235,87 @@ def test_async_lag_with_eviction_decides_the_same(streams, reference, tmp_path):
     _same(_decisions(db), reference)
 
 
+def test_process_mode_decides_the_same_and_applies_levels_from_the_next_request(streams,
+                                                                               reference,
+                                                                               tmp_path):
+    """The monitor in a child process: every request answered at the level the synchronous
+    monitor used, every query counted before the next request, the same per-item decisions."""
+    from monitor.process import MonitorProcess
+    db = tmp_path / "m.db"
+    seen = []
+    with MonitorProcess(_cfg(mode="process"), db, clock=FakeClock()) as mon:
+        mon.on_transition(seen.append)
+        levels = _run(mon, streams, counts=True)
+        mon.flush()
+        assert mon.level("jbda") > Level.NORMAL and mon.ready()
+        assert mon.stats()["resident_clients"] == 3
+    _same(_decisions(db), reference)
+    with Monitor(_cfg(), None, clock=FakeClock()) as ref:
+        sync_levels = _run(ref, streams)
+    assert levels == sync_levels
+    assert sorted((t.client, t.qn) for t in seen) == \
+        sorted((c, qn) for c in reference for qn, *_ in reference[c][1])
+
+
+def test_process_mode_with_lag_decides_the_same_within_the_lag(streams, reference, tmp_path):
+    """max_lag in process mode: answers run ahead of the child by at most 90 queries, never
+    above the level the synchronous monitor had reached; the logged decisions are the
+    synchronous run's (consecutive waiting requests merged or not)."""
+    from monitor.process import MonitorProcess
+    db = tmp_path / "m.db"
+    with MonitorProcess(_cfg(mode="process", max_lag=90), db, clock=FakeClock()) as mon:
+        levels = _run(mon, streams, batch=10, counts=True)
+        mon.flush()
+    _same(_decisions(db), reference)
+    with Monitor(_cfg(), None, clock=FakeClock()) as ref:
+        sync_levels = _run(ref, streams, batch=10)
+    for c in streams:
+        for i, lvl in enumerate(levels[c]):
+            assert sync_levels[c][max(0, i - 9)] <= lvl <= sync_levels[c][i], (c, i)
+    assert levels["jbda"][-1] > Level.NORMAL
+
+
+def test_process_mode_fails_closed_when_the_child_dies(streams, tmp_path):
+    """kill -9 of the monitor's process: every request is refused (LogUnavailable, which the
+    service answers as UNAVAILABLE), health says why; a new monitor on the same log restores
+    every query the dead one acknowledged."""
+    import os
+    import signal
+
+    from monitor.log import LogUnavailable
+    from monitor.process import MonitorProcess
+    db = tmp_path / "m.db"
+    x, p = streams["natural"]
+    mon = MonitorProcess(_cfg(mode="process"), db, clock=FakeClock())
+    try:
+        for i in range(0, 60, 20):
+            mon.observe("a", f"r{i}", x[i:i + 20], p[i:i + 20], _answer(p[i:i + 20]),
+                        mon.level("a"))
+        assert mon.level("a") == Level.NORMAL and mon.queries("a") == 60
+        os.kill(mon.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while mon.health() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "exited" in (mon.health() or "") and not mon.ready()
+        with pytest.raises(LogUnavailable, match="monitor process exited"):
+            mon.level("a")
+        with pytest.raises(LogUnavailable):
+            mon.observe("a", "late", x[:1], p[:1], _answer(p[:1]), Level.NORMAL)
+    finally:
+        mon.close()
+    with Monitor(_cfg(), db, clock=FakeClock()) as again:
+        assert again.queries("a") == 60
+
+
+def test_process_mode_needs_the_embedded_store(tmp_path):
+    from service.config import ServerConfig
+    from service.dataplane import build_dataplane
+    cfg = ServerConfig(port=0, artifacts=tmp_path, store="postgresql://nowhere/db",
+                       secret="s", dev_secret=True, open_keys=True)
+    with pytest.raises(ValueError, match="process.*SQLite"):
+        build_dataplane(cfg, _cfg(mode="process"))
+
+
 def test_merge_runs_keeps_each_clients_order_and_level():
     from monitor.core import _merge_runs
     p = np.full((10, 10), 0.1, np.float32)
@@ -269,7 +350,7 @@ def test_execution_keys_are_validated():
         _cfg(mode="threads")
     with pytest.raises(ConfigError, match="execution.max_clients"):
         _cfg(max_clients=0)
-    with pytest.raises(ConfigError, match="max_lag.*async"):
+    with pytest.raises(ConfigError, match="max_lag.*async.*process"):
         _cfg(max_lag=64)
 
 

@@ -15,8 +15,10 @@ from service.dataplane import build_dataplane
 from service.server import Server
 
 
-def _server(small_target, tmp_path, volume_threshold, rule_level, allow_block=False):
+def _server(small_target, tmp_path, volume_threshold, rule_level, allow_block=False,
+            mode="sync"):
     cfg_dict = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
+    cfg_dict["execution"]["mode"] = mode
     cfg_dict["detectors"]["volume"]["threshold"] = volume_threshold
     cfg_dict["rules"] = [{"detectors": ["volume"], "level": rule_level}]
     cfg_dict["ladder"] = {"allow_block": allow_block}
@@ -32,10 +34,14 @@ def _server(small_target, tmp_path, volume_threshold, rule_level, allow_block=Fa
     return Server(cfg, build_dataplane(cfg, mcfg)).start()
 
 
-def test_escalation_changes_answers_and_log_is_complete(small_target, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "process"])
+def test_escalation_changes_answers_and_log_is_complete(small_target, tmp_path, mode):
+    """Also with the monitor in its own process: the same answers, the same complete log
+    once the server has stopped."""
     from client.api import ModelClient
 
-    server = _server(small_target, tmp_path, volume_threshold=100, rule_level="label_only")
+    server = _server(small_target, tmp_path, volume_threshold=100, rule_level="label_only",
+                     mode=mode)
     x = data.attack_pool().x[:300]
     kinds = []
     with ModelClient(server.address, "greedy", batch_size=50) as c, \
