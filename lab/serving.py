@@ -13,7 +13,10 @@ real server. Sections (all of them when none is chosen):
                (monitor/strict.toml), async
                (default + ``[execution] mode = "async"``; skipped when the monitor config does
                not know that key), async-lag (async with ``max_lag = 64``: a client's
-               requests that wait together are run through the detectors as one step). Ratio = the profile's img/s / the echo's img/s in that cell.
+               requests that wait together are run through the detectors as one step),
+               process and process-lag (the same with ``mode = "process"``: the monitor in a
+               child process of the server). Ratio = the profile's img/s / the echo's img/s
+               in that cell.
 ``--history-latency``  unary (batch 1) p50/p99 for 4 clients, fresh and after each sent 100k
                queries (default profile), with the echo's for reference.
 ``--crash``    32 clients x ~5,000 queries (batch 64); ``kill -9`` of the server during the
@@ -56,7 +59,8 @@ from lab.loadgen import FORMATS, ClientPool
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
-PROFILES = ("monitor-off", "detectors-off", "default", "fast", "strict", "async", "async-lag")
+PROFILES = ("monitor-off", "detectors-off", "default", "fast", "strict", "async", "async-lag",
+            "process", "process-lag")
 ASYNC_LAG = 64      # the async-lag profile's [execution] max_lag
 READY_KEY = (("x-api-key", "bench-readiness"),)
 
@@ -152,13 +156,27 @@ class ServerProcess:
                 time.sleep(0.05)
         raise TimeoutError(f"{self.name} server not ready after {timeout:.0f} s:\n{self.tail()}")
 
+    def cpu_split(self) -> tuple[float, float]:
+        """user+system CPU seconds so far of the server process and of its live child
+        processes (the monitor's own process in mode "process"), from /proc."""
+        own = children = 0.0
+        for i, pid in enumerate(_with_children(self.pid)):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                t = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):
+                if i == 0:
+                    return float("nan"), float("nan")
+                continue
+            if i == 0:
+                own = t
+            else:
+                children += t
+        return own, children
+
     def cpu_seconds(self) -> float:
-        """user+system CPU seconds of the process so far (from /proc)."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return float("nan")
+        """CPU seconds of the server and its child processes together."""
+        return sum(self.cpu_split())
 
     def settle(self, max_s: float = 60.0, idle_frac: float = 0.10, step: float = 0.25) -> float:
         """Wait until the server is idle (CPU < idle_frac of one core over two consecutive
@@ -298,10 +316,10 @@ def prepare_profiles(names: list[str], workdir: Path) -> tuple[dict[str, list[st
             d = copy.deepcopy(base)
             d.setdefault("log", {})["durability"] = "fast"
             out[name] = ["--monitor-config", str(write(name, d))]
-        elif name in ("async", "async-lag"):
+        elif name in ("async", "async-lag", "process", "process-lag"):
             d = copy.deepcopy(base)
-            d["execution"] = {"mode": "async"}
-            if name == "async-lag":
+            d["execution"] = {"mode": name.split("-")[0]}
+            if name.endswith("-lag"):
                 d["execution"]["max_lag"] = ASYNC_LAG
             try:
                 out[name] = ["--monitor-config", str(write(name, d))]
@@ -312,6 +330,20 @@ def prepare_profiles(names: list[str], workdir: Path) -> tuple[dict[str, list[st
         else:
             raise SystemExit(f"unknown profile {name!r}; expected echo or one of {PROFILES}")
     return out, notes
+
+
+def _with_children(pid: int) -> list[int]:
+    """pid and its descendants alive now (Linux /proc/PID/task/TID/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 # --- one measured cell -----------------------------------------------------------------------------
@@ -337,9 +369,9 @@ def drive(pool: ClientPool, address: str, keys: list[str], batch: int, *, fmt: s
     cpu0 = cpu1 = None
     if server is not None and seconds is not None:
         time.sleep(max(0.0, m0 - time.monotonic()))
-        cpu0 = server.cpu_seconds()
+        cpu0 = server.cpu_split()
         time.sleep(max(0.0, m1 - time.monotonic()))
-        cpu1 = server.cpu_seconds()
+        cpu1 = server.cpu_split()
     clients, client_cpu = pool.collect(used, max(0.0, m1 - time.monotonic()) + timeout + 60.0,
                                        tick, tick_every)
     lat = [x for c in clients for x in c["lat_ms"]]
@@ -367,7 +399,9 @@ def drive(pool: ClientPool, address: str, keys: list[str], batch: int, *, fmt: s
         out["seconds"] = window
         out["img_s"] = round(out["images"] / window, 1)
         if cpu0 is not None:
-            out["server_cpu_pct"] = round(100 * (cpu1 - cpu0) / window, 1)
+            out["server_cpu_pct"] = round(100 * (sum(cpu1) - sum(cpu0)) / window, 1)
+            if cpu1[1] or cpu0[1]:     # of which the monitor's process (mode "process")
+                out["monitor_process_cpu_pct"] = round(100 * (cpu1[1] - cpu0[1]) / window, 1)
     return out
 
 
@@ -397,7 +431,9 @@ def matrix_cells(r: dict) -> list:
             r["img_s"], r["p50_ms"], r["p99_ms"], "1" if r["profile"] == "echo" else
             (None if ratio is None else f"{ratio:.3f}"),
             None if r.get("ratio_to_monitor_off") is None else f"{r['ratio_to_monitor_off']:.3f}",
-            r.get("server_cpu_pct"), r.get("drain_s"),
+            r.get("server_cpu_pct") if r.get("monitor_process_cpu_pct") is None else
+            f"{r['server_cpu_pct']} (monitor process {r['monitor_process_cpu_pct']})",
+            r.get("drain_s"),
             " ".join(f"{k}:{v}" for k, v in sorted(r["answers"].items())) or None,
             " ".join(f"{k}:{v}" for k, v in sorted(r["errors"].items())) or ""]
 
@@ -465,7 +501,8 @@ def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, r
             f"same cell (measured just before); × monitor-off = the profile's img/s / the "
             f"server's without its monitor in the same cell (what the monitor leaves). "
             f"server CPU % = server process CPU time / window (100 = "
-            f"one core). drain s = time until the server was idle again after the cell. "
+            f"one core; with the monitor in its own process, both processes, that one's share "
+            f"in brackets). drain s = time until the server was idle again after the cell. "
             f"answers = the answer kind each client last received.", ""]
         sec += md_table(MATRIX_HEADER, [])
         rep.data["matrix"] = rows
@@ -529,12 +566,14 @@ def _progress_bar(total: int, desc: str, pool: ClientPool):
 
 def section_history_latency(args, pool: ClientPool, echo: ServerProcess, workdir: Path,
                             rep: Report) -> None:
-    h, calls, nc = args.hl_history, args.hl_calls, 4
+    h, calls, nc, prof = args.hl_history, args.hl_calls, 4, args.hl_profile
     log(f"\n## Unary latency at {h:,} queries of history ({nc} clients x {calls} calls, "
-        f"default profile)\n")
-    extras, _ = prepare_profiles(["default"], workdir)
-    s = real_server("hl-default", extras["default"], args, workdir / "hl.db", workdir)
-    res: dict = {"history": h, "clients": nc, "calls": calls}
+        f"{prof} profile)\n")
+    extras, notes = prepare_profiles([prof], workdir)
+    if prof not in extras:
+        raise SystemExit(f"--hl-profile {prof}: {'; '.join(notes) or 'not a server profile'}")
+    s = real_server(f"hl-{prof}", extras[prof], args, workdir / "hl.db", workdir)
+    res: dict = {"history": h, "clients": nc, "calls": calls, "profile": prof}
     try:
         log(f"  server ready after {s.wait_ready():.1f} s")
 
@@ -587,8 +626,8 @@ def section_history_latency(args, pool: ClientPool, echo: ServerProcess, workdir
         rows = [[name, res[k]["ok"], res[k]["p50_ms"], res[k]["p99_ms"], res[k]["max_ms"],
                  " ".join(f"{a}:{b}" for a, b in sorted(res[k]["answers"].items())),
                  " ".join(f"{a}:{b}" for a, b in sorted(res[k]["errors"].items()))]
-                for k, name in (("echo", "echo server"), ("fresh", "default, fresh clients"),
-                                ("long", f"default, after {h:,} queries each")) if k in res]
+                for k, name in (("echo", "echo server"), ("fresh", f"{prof}, fresh clients"),
+                                ("long", f"{prof}, after {h:,} queries each")) if k in res]
         sec = rep.md["history_latency"] = [
             f"## Unary latency at {h:,} queries of client history", "",
             f"{nc} clients, each {calls} sequential batch-1 calls, concurrently. The long "
@@ -877,6 +916,8 @@ def parse_args(argv=None):
                    help="bound (s) on any history fill or load phase (3600)")
     o.add_argument("--hl-history", type=int, default=None, help="--history-latency (100000)")
     o.add_argument("--hl-calls", type=int, default=None, help="--history-latency calls (500)")
+    o.add_argument("--hl-profile", default="default", choices=PROFILES,
+                   help="--history-latency: the server profile (default: default)")
     o.add_argument("--crash-clients", type=int, default=None, help="--crash clients (32)")
     o.add_argument("--crash-queries", type=int, default=None,
                    help="--crash queries per client (5000)")
