@@ -223,13 +223,13 @@ class MonitorProcess:
         with self._cv:
             st = self._clients.get(client_id)
             if st is None:
-                self._clients[client_id] = [Level(lvl), qn, 0, 0, want]
+                st = self._clients[client_id] = [Level(lvl), qn, 0, 0, want]
                 self._forget()
             elif not st[3]:      # nothing of it in flight: the child's figures are current
                 st[0], st[1], st[4] = Level(lvl), qn, want
             else:
                 st[0], st[4] = max(st[0], Level(lvl)), want
-        return Level(lvl)
+            return st[0]
 
     def _forget(self) -> None:
         """Drop the oldest idle clients beyond what is remembered here (caller holds _cv)."""
