@@ -195,7 +195,10 @@ class ServerProcess:
         return time.monotonic() - t0
 
     def kill9(self) -> None:
+        """SIGKILL to the server process only: a child of it (the monitor's own process in mode
+        "process") sees its pipe close and finishes by itself (``orphans``)."""
         if self.alive():
+            self.orphans = _with_children(self.pid)[1:]
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
         self._close()
@@ -663,10 +666,14 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
     total = nc * per * b
     log(f"\n## Crash recovery: {nc} clients x {per * b:,} queries (batch {b}), kill -9 at "
         f"{args.crash_at:.0%} of the load\n")
-    extras, _ = prepare_profiles(["default"], workdir)
+    prof = args.crash_profile
+    extras, notes = prepare_profiles([prof], workdir)
+    if prof not in extras:
+        raise SystemExit(f"--crash-profile {prof}: {'; '.join(notes) or 'not a server profile'}")
     db = workdir / "crash.db"
-    s = real_server("crash-default", extras["default"], args, db, workdir)
-    res: dict = {"clients": nc, "queries_per_client": per * b, "batch": b}
+    s = real_server(f"crash-{prof}", extras[prof], args, db, workdir)
+    res: dict = {"clients": nc, "queries_per_client": per * b, "batch": b,
+                 "profile": prof}
     s2 = None
     try:
         log(f"  server ready after {s.wait_ready():.1f} s")
@@ -694,6 +701,14 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
             killed["t"] = round(time.monotonic() - t0, 2)
             s.kill9()
             rep.note("crash: the load ended before the kill point; killed after it")
+        orphans, t_kill = getattr(s, "orphans", []), time.monotonic()
+        while any(Path(f"/proc/{p}").exists() for p in orphans) and \
+                time.monotonic() - t_kill < 120:
+            time.sleep(0.05)
+        if orphans:
+            res["children_finished_s"] = round(time.monotonic() - t_kill, 2)
+            log(f"  the server's {len(orphans)} child process(es) finished "
+                f"{res['children_finished_s']} s after the kill")
         acked = {c["key"]: c["ok"] * b for c in load["clients"]}
         logged = logged_queries(db, keys)
         lost = {k: acked[k] - logged[k] for k in keys}
@@ -750,7 +765,7 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         rep.data["crash"] = res
         sec = rep.md["crash"] = [
             "## Crash recovery", "",
-            f"Default profile. {nc} clients x {per * b:,} queries (batch {b}) from the attack "
+            f"Profile {prof}. {nc} clients x {per * b:,} queries (batch {b}) from the attack "
             f"pool; the server was killed with SIGKILL at {args.crash_at:.0%} of the load, then "
             f"restarted on the same database.", ""]
         bc = res.get("before_crash")
@@ -916,6 +931,8 @@ def parse_args(argv=None):
                    help="bound (s) on any history fill or load phase (3600)")
     o.add_argument("--hl-history", type=int, default=None, help="--history-latency (100000)")
     o.add_argument("--hl-calls", type=int, default=None, help="--history-latency calls (500)")
+    o.add_argument("--crash-profile", default="default", choices=PROFILES,
+                   help="--crash: the server profile (default: default)")
     o.add_argument("--hl-profile", default="default", choices=PROFILES,
                    help="--history-latency: the server profile (default: default)")
     o.add_argument("--crash-clients", type=int, default=None, help="--crash clients (32)")

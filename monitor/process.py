@@ -410,6 +410,7 @@ class _Child:
         mon.on_transition(self.transitions.append)
         self.status = None
         self.next_status = 0.0
+        self.stopped = threading.Event()
         self.out: queue.Queue = queue.Queue()
         self.sender = threading.Thread(target=self._send_loop, name="monitor-acks", daemon=True)
         self.sender.start()
@@ -420,7 +421,10 @@ class _Child:
         else through the sender thread."""
         if self.out.unfinished_tasks == 0 and (
                 ticket is None or self.mon.store.is_committed(ticket)):
-            self.conn.send(msg)
+            try:
+                self.conn.send(msg)
+            except (OSError, EOFError):   # the serving process is gone: nobody to tell
+                pass
         else:
             self.out.put((ticket, msg))
 
@@ -439,37 +443,53 @@ class _Child:
                             timeout, st.failure() or "slow disk")
             try:
                 self.conn.send(msg)
-            except (OSError, EOFError):
-                return
+            except (OSError, EOFError):   # the serving process is gone: nobody to tell
+                pass
             finally:
                 self.out.task_done()
 
-    def run(self) -> None:
+    def _fit_memory(self) -> None:
+        """As the server's health watcher does in one process: fit the client state to this
+        process's resident size, give the freed heap back (after an eviction, else every
+        second). On its own thread: a trim of a large heap takes a while, and the detectors
+        go on meanwhile."""
         from common.memory import rss_bytes, trim_heap
 
-        conn, mon = self.conn, self.mon
         last_trim = 0.0
+        while not self.stopped.wait(STATUS_EVERY_S):
+            try:
+                now = time.monotonic()
+                if self.mon.fit_memory(rss_bytes()) or now - last_trim > 1.0:
+                    trim_heap()
+                    last_trim = now
+            except Exception as exc:  # noqa: BLE001 - never let the watcher die
+                log.warning("fitting client state to the memory cap failed: %r", exc)
+
+    def run(self) -> None:
+        conn, mon = self.conn, self.mon
+        fitter = threading.Thread(target=self._fit_memory, name="monitor-memory", daemon=True)
+        fitter.start()
+        gone = False
         try:
-            while True:
+            while not gone:
                 now = time.monotonic()
                 if now >= self.next_status:
                     self.next_status = now + STATUS_EVERY_S
-                    if mon.fit_memory(rss_bytes()) or now - last_trim > 1.0:
-                        trim_heap()
-                        last_trim = now
                     status = (mon.ready(), mon.health())
                     if status != self.status:
                         self.status = status
                         self.emit(("status",) + status)
+                msgs: list = []
                 try:
                     if not conn.poll(STATUS_EVERY_S):
                         continue
-                    msgs = [conn.recv()]
+                    msgs.append(conn.recv())
                     while len(msgs) < READ_MAX_MESSAGES and conn.poll(0):
                         msgs.append(conn.recv())
                 except (EOFError, OSError):
+                    # what was read before the pipe closed is still run and logged below
                     log.warning("the serving process is gone: closing the monitor")
-                    return
+                    gone = True
                 taken = sum(m[0] == "observe" for m in msgs)
                 if taken:     # no longer waiting in the pipe: the parent may send more
                     self.emit(("taken", taken))
@@ -491,6 +511,8 @@ class _Child:
                         return
                 self.work(jobs)
         finally:
+            self.stopped.set()
+            fitter.join(5)
             self.out.put(None)
             self.sender.join(60)
 

@@ -307,6 +307,58 @@ def test_process_mode_fails_closed_when_the_child_dies(streams, tmp_path):
         assert again.queries("a") == 60
 
 
+_KILLED_SERVER = """
+import os, signal, sys
+import numpy as np
+from common.types import Answer, AnswerKind
+from monitor import load_config
+from monitor.process import MonitorProcess
+
+if __name__ == "__main__":
+    rng = np.random.default_rng(0)
+    cfg = load_config().with_changes(execution={"mode": "process", "max_lag": 100000})
+    mon = MonitorProcess(cfg, sys.argv[1])
+    while not mon.ready():
+        pass
+    # a large request keeps the monitor busy while 15 small ones fill the pipe's buffer, and
+    # the server dies before it reads them: they and the pipe's end arrive together
+    for i, n in enumerate([512] + [1] * 15):
+        x = (rng.integers(0, 256, (n, 28, 28)) / 255).astype(np.float32)
+        p = np.full((n, 10), 0.1, np.float32)
+        mon.observe("c0", f"r{i}", x, p, Answer(p.argmax(1), p, AnswerKind.PROBABILITIES),
+                    mon.level("c0"))
+    print(mon.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_process_mode_kill_9_of_the_server_loses_nothing_it_sent(tmp_path):
+    """SIGKILL of the serving process: the monitor's process reads what is left in the pipe,
+    logs it, checkpoints and exits by itself (every request answered was sent before its
+    answer, so none answered goes unlogged)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    db = tmp_path / "m.db"
+    script = tmp_path / "killed_server.py"
+    script.write_text(_KILLED_SERVER)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True,
+                       timeout=120, cwd=root, env={**__import__("os").environ,
+                                                   "PYTHONPATH": str(root)})
+    assert r.returncode == -9, r.stderr[-2000:]
+    child = int(r.stdout.split()[-1])
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists(), "the monitor process outlived its server"
+    with QueryLog(db) as q:
+        assert q.client_ids() == ["c0"] and q.max_qn("c0") == 527
+    with Monitor(_cfg(), db, clock=FakeClock()) as again:
+        assert again.queries("c0") == 527
+
+
 def test_process_mode_needs_the_embedded_store(tmp_path):
     from service.config import ServerConfig
     from service.dataplane import build_dataplane
