@@ -383,6 +383,11 @@ class Monitor:
         self._forget_committed()
         return len(self._engines) + len(self._evicted)
 
+    def resident_ids(self) -> list[str]:
+        """The clients whose detector state is in memory now, least recently used first."""
+        with self._global:
+            return list(self._engines)
+
     def resident_bytes(self) -> int:
         """Detector state bytes of the clients in memory (what ``execution.max_state_mb``
         bounds)."""

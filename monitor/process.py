@@ -163,6 +163,12 @@ class MonitorProcess:
                 with self._cv:
                     self._waiting -= msg[1]
                     self._cv.notify_all()
+            elif kind == "known":
+                with self._cv:
+                    for c, (lvl, qn, want) in msg[1].items():
+                        if c not in self._clients:
+                            self._clients[c] = [Level(lvl), qn, 0, 0, want]
+                    self._forget()
             elif kind == "status":
                 with self._cv:
                     self._child_ready, self._child_health = msg[1], msg[2]
@@ -411,6 +417,7 @@ class _Child:
         self.status = None
         self.next_status = 0.0
         self.stopped = threading.Event()
+        self.told_resident = False
         self.out: queue.Queue = queue.Queue()
         self.sender = threading.Thread(target=self._send_loop, name="monitor-acks", daemon=True)
         self.sender.start()
@@ -477,6 +484,13 @@ class _Child:
                     self.next_status = now + STATUS_EVERY_S
                     status = (mon.ready(), mon.health())
                     if status != self.status:
+                        if status[0] and not self.told_resident:
+                            # the clients restored at start: their first requests then need
+                            # no round trip here (sent before "ready")
+                            self.told_resident = True
+                            self.emit(("known", {c: (int(mon.current_level(c)),
+                                                     mon.queries(c), mon.wants_probe(c))
+                                                 for c in mon.resident_ids()}))
                         self.status = status
                         self.emit(("status",) + status)
                 msgs: list = []

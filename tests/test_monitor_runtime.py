@@ -359,6 +359,34 @@ def test_process_mode_kill_9_of_the_server_loses_nothing_it_sent(tmp_path):
         assert again.queries("c0") == 527
 
 
+def test_process_mode_restart_knows_the_restored_clients_without_asking(streams, reference,
+                                                                           tmp_path):
+    """After a restart, the clients the monitor's process restored are known to the serving
+    process by the time it is ready: their counts without a round trip to the child (their
+    levels too, unless linking's probe wants a request's images), and their logged levels."""
+    from monitor.process import MonitorProcess
+    db = tmp_path / "m.db"
+    with MonitorProcess(_cfg(mode="process"), db, clock=FakeClock()) as mon:
+        _run(mon, streams)
+    mon = MonitorProcess(_cfg(mode="process"), db, clock=FakeClock(), warm=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not mon.ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        asked = []
+        real = mon._ask
+        mon._ask = lambda kind, *a, **k: asked.append(kind) or real(kind, *a, **k)
+        assert {c: mon.queries(c) for c in streams} == {c: 900 for c in streams}
+        assert asked == []
+        for c in streams:
+            last = reference[c][1][-1][2] if reference[c][1] else Level.NORMAL
+            assert mon.level(c) == last
+        asked.clear()
+        assert mon.queries("someone-new") == 0 and asked == ["level"]
+    finally:
+        mon.close()
+
+
 def test_process_mode_needs_the_embedded_store(tmp_path):
     from service.config import ServerConfig
     from service.dataplane import build_dataplane
