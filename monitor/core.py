@@ -409,23 +409,22 @@ class Monitor:
                                      f"try again later")
         lvl = self._own_level(client_id)
         self._await_commit(client_id)
-        lk = self.linker
         if images is not None and self.wants_probe(client_id):
             # only then are the items prepared (most requests skip this)
-                arr = np.asarray(images, np.float32).reshape(-1, 28, 28)
-                x, grid = det_view(arr)
-                prep: dict = {}
-                with self._link_lock:
-                    lvl = max(lvl, lk.probe(client_id, x, prep))
-                if len(arr) <= PREPARED_MAX_ITEMS:
-                    # the request's observe reuses det_view's output and the arrays probe
-                    # computed, if it is handed these same images, bit for bit unchanged
-                    with self._prepared_lock:
-                        cache = self._prepared
-                        cache.pop(client_id, None)
-                        cache[client_id] = (images, arr.copy(), x, grid, prep)
-                        while len(cache) > PREPARED_MAX_CLIENTS:   # the oldest goes
-                            del cache[next(iter(cache))]
+            arr = np.asarray(images, np.float32).reshape(-1, 28, 28)
+            x, grid = det_view(arr)
+            prep: dict = {}
+            with self._link_lock:
+                lvl = max(lvl, self.linker.probe(client_id, x, prep))
+            if len(arr) <= PREPARED_MAX_ITEMS:
+                # the request's observe reuses det_view's output and the arrays probe
+                # computed, if it is handed these same images, bit for bit unchanged
+                with self._prepared_lock:
+                    cache = self._prepared
+                    cache.pop(client_id, None)
+                    cache[client_id] = (images, arr.copy(), x, grid, prep)
+                    while len(cache) > PREPARED_MAX_CLIENTS:   # the oldest goes
+                        del cache[next(iter(cache))]
         return lvl
 
     def wants_probe(self, client_id: str) -> bool:
@@ -678,16 +677,14 @@ class Monitor:
     def run_requests(self, jobs: list, merge: bool) -> None:
         """Run observe jobs ``(client, request id, time, images, target probs, answer, level)``
         through the detectors in arrival order, without waiting for their rows (the caller
-        calls ``wait_durable``); with ``merge``, consecutive jobs of a client run as one step
-        (``_merge_runs``), as async mode with ``max_lag`` does. A step whose detectors fail is
-        logged and skipped (its client is restored from the log on its next request). For the
-        monitor in its own process (``monitor.process``)."""
+        waits for ``commit_ticket``); with ``merge``, consecutive jobs of a client run as one
+        step (``_merge_runs``), as async mode with ``max_lag`` does. A step whose detectors
+        fail is logged and skipped, as the async worker does (its client is restored from the
+        log on its next request). For the monitor in its own process (``monitor.process``)."""
         for step in _merge_runs(jobs) if merge else [[j] for j in jobs]:
             job = step[0] if len(step) == 1 else _merged_job(step)
             try:
                 self._process(job, wait=False)
-            except LogUnavailable:
-                raise
             except Exception:  # noqa: BLE001 - one request's detectors failed: go on
                 log.exception("monitor: detectors failed on a request of client %s; its "
                               "state is restored from the log on its next request", job[0])
