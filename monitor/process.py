@@ -37,6 +37,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +52,17 @@ log = logging.getLogger("modelguard.monitor")
 REPLY_TIMEOUT_S = 120.0    # a client's first request may wait for its restore: generous
 READ_MAX_MESSAGES = 512    # the child reads at most this many messages before working
 STATUS_EVERY_S = 0.1       # the child reports readiness and fits its memory this often
+
+
+@dataclass(slots=True)
+class _Known:
+    """What the serving process knows of a client."""
+
+    level: Level
+    qn: int                 # its query count, its unacknowledged queries included
+    items: int = 0          # its queries sent and not yet acknowledged
+    requests: int = 0       # the requests they came in
+    ask: bool = False       # level() must ask the child (linking's probe, or stale)
 
 
 class MonitorProcess:
@@ -74,9 +86,7 @@ class MonitorProcess:
         self._linking = config.linking.enabled and config.linking.raise_members
         self._cv = threading.Condition()
         self._send_lock = threading.Lock()
-        # per client known here: [level, query count incl. queued, queued items, queued
-        # requests, whether level() must ask the child (probe or stale)]
-        self._clients: OrderedDict[str, list] = OrderedDict()
+        self._clients: OrderedDict[str, _Known] = OrderedDict()
         self._waiting = 0     # requests sent, not yet read by the child (queue_limit bounds)
         self._unacked = 0     # requests sent, not yet acknowledged
         self._replies: dict[int, object] = {}
@@ -105,7 +115,7 @@ class MonitorProcess:
         try:
             with self._send_lock:
                 self._conn.send(msg)
-        except (OSError, EOFError, BrokenPipeError) as exc:
+        except (OSError, EOFError) as exc:
             self._died(f"the monitor process is gone ({exc!r})")
             raise LogUnavailable(self._dead) from exc
 
@@ -167,7 +177,7 @@ class MonitorProcess:
                 with self._cv:
                     for c, (lvl, qn, want) in msg[1].items():
                         if c not in self._clients:
-                            self._clients[c] = [Level(lvl), qn, 0, 0, want]
+                            self._clients[c] = _Known(Level(lvl), qn, ask=want)
                     self._forget()
             elif kind == "status":
                 with self._cv:
@@ -180,22 +190,22 @@ class MonitorProcess:
             for c, n in done:
                 st = self._clients.get(c)
                 if st is not None:
-                    st[2] -= n
-                    st[3] -= 1
+                    st.items -= n
+                    st.requests -= 1
                 self._unacked -= 1
             for c, lvl in levels.items():
                 st = self._clients.get(c)
                 if st is not None:
-                    st[0] = Level(lvl)
+                    st.level = Level(lvl)
             for c, want in probes.items():
                 st = self._clients.get(c)
                 if st is not None:
-                    st[4] = want
+                    st.ask = want
             if transitions and self._linking:
                 # a group's level may have changed for clients not in this step: each asks
                 # the child once before its next answer
                 for st in self._clients.values():
-                    st[4] = True
+                    st.ask = True
             self._cv.notify_all()
         for tr in transitions:
             for fn in self._listeners:
@@ -215,33 +225,34 @@ class MonitorProcess:
                                  f"({self._child_health}); try again later")
         with self._cv:
             st = self._clients.get(client_id)
-            while st is not None and st[3] and (self._max_lag == 0 or st[2] > self._max_lag):
+            while st is not None and st.requests and (
+                    self._max_lag == 0 or st.items > self._max_lag):
                 if self._dead is not None:
                     raise LogUnavailable(self._dead)
                 self._cv.wait(1.0)
                 st = self._clients.get(client_id)
             if st is not None:
                 self._clients.move_to_end(client_id)
-                if not st[4]:
-                    return st[0]
+                if not st.ask:
+                    return st.level
         probe = images if self._linking else None
         lvl, qn, want = self._ask("level", client_id, probe)
         with self._cv:
             st = self._clients.get(client_id)
             if st is None:
-                st = self._clients[client_id] = [Level(lvl), qn, 0, 0, want]
+                st = self._clients[client_id] = _Known(Level(lvl), qn, ask=want)
                 self._forget()
-            elif not st[3]:      # nothing of it in flight: the child's figures are current
-                st[0], st[1], st[4] = Level(lvl), qn, want
+            elif not st.requests:   # nothing of it in flight: the child's figures are current
+                st.level, st.qn, st.ask = Level(lvl), qn, want
             else:
-                st[0], st[4] = max(st[0], Level(lvl)), want
-            return st[0]
+                st.level, st.ask = max(st.level, Level(lvl)), want
+            return st.level
 
     def _forget(self) -> None:
         """Drop the oldest idle clients beyond what is remembered here (caller holds _cv)."""
         if len(self._clients) <= self._remember:
             return
-        for c in [c for c, st in self._clients.items() if not st[3]]:
+        for c in [c for c, st in self._clients.items() if not st.requests]:
             if len(self._clients) <= self._remember:
                 break
             del self._clients[c]
@@ -252,10 +263,10 @@ class MonitorProcess:
         with self._cv:
             st = self._clients.get(client_id)
             if st is not None:
-                return st[1]
+                return st.qn
         self.level(client_id)
         with self._cv:
-            return self._clients[client_id][1]
+            return self._clients[client_id].qn
 
     def observe(self, client_id: str, request_id: str, images: np.ndarray,
                 target_probs: np.ndarray, answer: Answer, level: Level, *,
@@ -275,12 +286,12 @@ class MonitorProcess:
                 self._check()
                 st = self._clients.get(client_id)
                 if st is not None:
-                    st[1] += n
-                    st[2] += n
-                    st[3] += 1
+                    st.qn += n
+                    st.items += n
+                    st.requests += 1
                     self._waiting += 1
                     self._unacked += 1
-                    now = st[0]
+                    now = st.level
                     break
             self.level(client_id)     # observed without level() first (a test, a tool)
         try:
@@ -288,9 +299,9 @@ class MonitorProcess:
                         answer, int(level)))
         except LogUnavailable:
             with self._cv:
-                st[1] -= n
-                st[2] -= n
-                st[3] -= 1
+                st.qn -= n
+                st.items -= n
+                st.requests -= 1
                 self._waiting -= 1
                 self._unacked -= 1
             raise
