@@ -60,7 +60,7 @@ from lab.loadgen import FORMATS, ClientPool
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 PROFILES = ("monitor-off", "detectors-off", "default", "fast", "strict", "async", "async-lag",
-            "process", "process-lag")
+            "process", "process-lag", "remote", "remote-lag")
 ASYNC_LAG = 64      # the async-lag profile's [execution] max_lag
 READY_KEY = (("x-api-key", "bench-readiness"),)
 
@@ -111,6 +111,7 @@ class ServerProcess:
         self.name, self.argv, self.port, self.log_path = name, argv, port, log_path
         self.proc: subprocess.Popen | None = None
         self.t_spawn = 0.0
+        self.companion: ServerProcess | None = None  # a monitor it connects to (remote)
 
     @property
     def address(self) -> str:
@@ -158,9 +159,13 @@ class ServerProcess:
 
     def cpu_split(self) -> tuple[float, float]:
         """user+system CPU seconds so far of the server process and of its live child
-        processes (the monitor's own process in mode "process"), from /proc."""
+        processes (the monitor's own process in mode "process") or its companion (the monitor
+        it connects to), from /proc."""
         own = children = 0.0
-        for i, pid in enumerate(_with_children(self.pid)):
+        pids = _with_children(self.pid)
+        if self.companion is not None and self.companion.alive():
+            pids += _with_children(self.companion.pid)
+        for i, pid in enumerate(pids):
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 t = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -204,7 +209,17 @@ class ServerProcess:
         self._close()
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM (the server shuts down gracefully), SIGKILL after ``grace`` seconds."""
+        """SIGTERM (the server shuts down gracefully), SIGKILL after ``grace`` seconds; then
+        its companion, if any."""
+        if self.companion is not None:
+            try:
+                self._stop(grace)
+            finally:
+                self.companion.stop(max(grace, 60.0))
+            return
+        self._stop(grace)
+
+    def _stop(self, grace: float) -> None:
         if self.proc is None:
             return
         if self.alive():
@@ -258,14 +273,33 @@ def echo_server(workers: int, workdir: Path) -> ServerProcess:
 
 
 def real_server(name: str, extra: list[str], args, db: Path, workdir: Path) -> ServerProcess:
+    """A server of profile ``name``; for the remote profiles, the monitor it connects to is
+    started first, on its own (``python -m monitor serve``, the profile's TOML, log ``db``), and
+    is the server's ``companion``: its CPU counts as the monitor process's, it stops with the
+    server."""
     port = free_port()
+    companion = None
+    if name.startswith("remote"):
+        mport = free_port()
+        margv = [sys.executable, "-m", "monitor", "--db", str(db), "serve", "--listen",
+                 f"{HOST}:{mport}", "--config", extra[extra.index("--monitor-config") + 1]]
+        companion = ServerProcess(f"{name}-monitor", margv, mport,
+                                  workdir / f"{name}-monitor.log").start()
+        deadline = time.monotonic() + 120
+        while "listening on" not in companion.tail(5):
+            if not companion.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the {name} monitor did not start:\n{companion.tail()}")
+            time.sleep(0.05)
+        extra = [*extra, "--monitor-address", f"{HOST}:{mport}"]
     argv = [sys.executable, "-m", "service", "serve", "--host", HOST, "--port", str(port),
             "--workers", str(args.workers), "--torch-threads", "1",
             "--artifacts", str(args.artifacts), "--target", str(args.artifacts / "target.pt"),
             "--monitor-db", str(db), "--open-keys", "--dev-secret", *extra]
     if args.compute_slots is not None:
         argv += ["--compute-slots", str(args.compute_slots)]
-    return ServerProcess(name, argv, port, workdir / f"{name}.log").start()
+    s = ServerProcess(name, argv, port, workdir / f"{name}.log")
+    s.companion = companion
+    return s.start()
 
 
 def _slots(args) -> str:
@@ -319,9 +353,11 @@ def prepare_profiles(names: list[str], workdir: Path) -> tuple[dict[str, list[st
             d = copy.deepcopy(base)
             d.setdefault("log", {})["durability"] = "fast"
             out[name] = ["--monitor-config", str(write(name, d))]
-        elif name in ("async", "async-lag", "process", "process-lag"):
+        elif name in ("async", "async-lag", "process", "process-lag", "remote", "remote-lag"):
+            # remote: the monitor started on its own (`python -m monitor serve`, this TOML),
+            # the server connecting to it over TCP (real_server)
             d = copy.deepcopy(base)
-            d["execution"] = {"mode": name.split("-")[0]}
+            d["execution"] = {"mode": name.split("-")[0].replace("remote", "process")}
             if name.endswith("-lag"):
                 d["execution"]["max_lag"] = ASYNC_LAG
             try:
@@ -709,6 +745,13 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
             res["children_finished_s"] = round(time.monotonic() - t_kill, 2)
             log(f"  the server's {len(orphans)} child process(es) finished "
                 f"{res['children_finished_s']} s after the kill")
+        if s.companion is not None:     # remote: the monitor goes on; wait for its backlog
+            while "disconnected" not in s.companion.tail(40) and \
+                    time.monotonic() - t_kill < 120:
+                time.sleep(0.05)
+            res["monitor_caught_up_s"] = round(time.monotonic() - t_kill, 2)
+            log(f"  the monitor (still running) logged what it had read "
+                f"{res['monitor_caught_up_s']} s after the kill")
         acked = {c["key"]: c["ok"] * b for c in load["clients"]}
         logged = logged_queries(db, keys)
         lost = {k: acked[k] - logged[k] for k in keys}
@@ -722,6 +765,7 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
             f"{sum(logged.values()):,} in the log ({res['before_crash']['acked_not_logged']:,} "
             f"answered but not logged)")
         s2 = ServerProcess("crash-restart", s.argv[:], free_port(), workdir / "crash-restart.log")
+        s2.companion = s.companion      # remote: the restarted server connects to it again
         i = s2.argv.index("--port")
         s2.argv[i + 1] = str(s2.port)
         s2.start()

@@ -1,4 +1,5 @@
-"""``python -m monitor``: inspect the query log, plot detector scores, export, replay.
+"""``python -m monitor``: inspect the query log, plot detector scores, export, replay; run the
+monitor on its own for servers that connect to it (``serve``).
 
 The database is ``--db PATH``, else $MODELGUARD_MONITOR_DB, else artifacts/monitor.db.
 """
@@ -327,6 +328,26 @@ def cmd_tune(a) -> int:
         raise CliError(str(exc)) from None
 
 
+def cmd_serve(a) -> int:
+    import logging
+
+    from monitor.config import load_config, parse_address
+    from monitor.process import link_key, serve
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s[monitor]: %(message)s")
+    try:
+        address = parse_address(a.listen)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    cfg = load_config(a.config)
+    key = link_key(_secret(a, "serve"))
+    try:
+        serve(cfg, a.db, address, key, threads=a.threads)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {a.listen}: {exc.strerror or exc}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m monitor", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -338,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "of the key, never the key)")
     secret = argparse.ArgumentParser(add_help=False)
     secret.add_argument("--secret-file", metavar="PATH",
-                        help="the server's secret, for --key (default: $MODELGUARD_SECRET, else "
+                        help="the server's secret, for --key and serve (default: $MODELGUARD_SECRET, else "
                              "$MODELGUARD_SECRET_FILE, else $MODELGUARD_ARTIFACTS/secret or "
                              "artifacts/secret, the file `make serve` generates)")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -387,10 +408,23 @@ def build_parser() -> argparse.ArgumentParser:
     from monitor.tune import add_arguments as tune_arguments
     tune_arguments(p)
     p.set_defaults(fn=cmd_tune)
+    p = sub.add_parser("serve", parents=[secret],
+                       help="run the monitor on its own, on this machine or another, for the "
+                            "servers whose [execution] address names it (docs/monitor.md)")
+    p.add_argument("--listen", default="127.0.0.1:7070", metavar="HOST:PORT",
+                   help="where servers connect (default %(default)s; 0.0.0.0:PORT for other "
+                        "machines: the link is authenticated, not encrypted)")
+    p.add_argument("--config", default=None,
+                   help="monitor TOML: detectors, rules, linking, log, execution "
+                        "(default monitor/default.toml); the servers' own policies and "
+                        "watermark still come from theirs")
+    p.add_argument("--threads", type=int, default=1,
+                   help="BLAS threads of the detectors (default %(default)s)")
+    p.set_defaults(fn=cmd_serve)
     return ap
 
 
-def _secret(a) -> str:
+def _secret(a, needs: str = "--key") -> str:
     path = a.secret_file or os.environ.get("MODELGUARD_SECRET_FILE")
     if not path and os.environ.get("MODELGUARD_SECRET"):
         return os.environ["MODELGUARD_SECRET"]
@@ -398,7 +432,7 @@ def _secret(a) -> str:
     try:
         return path.read_text().strip()
     except OSError as exc:
-        raise CliError(f"--key needs the server's secret: cannot read {path} ({exc.strerror}); "
+        raise CliError(f"{needs} needs the server's secret: cannot read {path} ({exc.strerror}); "
                        f"give --secret-file or set MODELGUARD_SECRET") from None
 
 

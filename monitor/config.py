@@ -316,6 +316,15 @@ class LogConfig(_Strict):
                            "log is down in fail-open mode)")
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """"HOST:PORT" (a host name or an IPv4 address) -> (host, port); ValueError saying what is
+    wrong."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or ":" in host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"monitor address {text!r}: expected HOST:PORT, e.g. 10.0.0.5:7070")
+    return host, int(port)
+
+
 class ExecutionConfig(_Strict):
     """How the monitor runs: not part of the detector semantics (not in the detector hash)."""
 
@@ -349,6 +358,20 @@ class ExecutionConfig(_Strict):
                          "detectors as one step and logged as one row (up to 256 items): small "
                          "requests cost far less per item, and a new level applies at most "
                          "max_lag queries plus one request later")
+
+    address: str = Field("", description="process: HOST:PORT of a monitor started on its own "
+                         "with `python -m monitor serve` (on this machine or another; "
+                         "authenticated with a key derived from the server's secret); empty: "
+                         "the server spawns the monitor as its child process")
+
+    @model_validator(mode="after")
+    def _address_needs_process(self):
+        if self.address:
+            if self.mode != "process":
+                raise ValueError(f"execution.address = {self.address!r} needs execution.mode = "
+                                 f"\"process\"")
+            parse_address(self.address)
+        return self
 
     @model_validator(mode="after")
     def _lag_needs_async(self):

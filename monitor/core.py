@@ -352,6 +352,10 @@ class Monitor:
         are logged and ignored."""
         self._transition_listeners.append(fn)
 
+    def off_transition(self, fn: Callable) -> None:
+        """Stop calling ``fn`` (registered with on_transition)."""
+        self._transition_listeners = [f for f in self._transition_listeners if f is not fn]
+
     def stats(self) -> dict:
         """Operational gauges: log items queued for the writer and not yet committed,
         requests waiting for the detectors (async mode), clients held in memory."""

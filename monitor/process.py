@@ -28,15 +28,18 @@ over between them, which the serving process's cached levels would not see).
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import logging
 import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -44,7 +47,7 @@ from typing import Callable
 import numpy as np
 
 from common.types import Answer, Level
-from monitor.config import MonitorConfig
+from monitor.config import MonitorConfig, parse_address
 from monitor.log import LogUnavailable
 
 log = logging.getLogger("modelguard.monitor")
@@ -52,6 +55,7 @@ log = logging.getLogger("modelguard.monitor")
 REPLY_TIMEOUT_S = 120.0    # a client's first request may wait for its restore: generous
 READ_MAX_MESSAGES = 512    # the child reads at most this many messages before working
 STATUS_EVERY_S = 0.1       # the child reports readiness and fits its memory this often
+RECONNECT_S = 1.0          # a server retries a lost monitor at an address this often
 
 
 @dataclass(slots=True)
@@ -65,73 +69,112 @@ class _Known:
     ask: bool = False       # level() must ask the child (linking's probe, or stale)
 
 
+def link_key(secret: str) -> bytes:
+    """The key a server and a monitor it connects to (``execution.address``) authenticate each
+    other with: derived from the server's secret, so both read the same secret file and the
+    secret itself never serves two purposes."""
+    return hmac.new(secret.encode(), b"modelguard monitor link v1", hashlib.sha256).digest()
+
+
 class MonitorProcess:
-    """Drop-in for :class:`monitor.Monitor` on the service's side, with the real monitor in a
-    child process (see the module's doc). ``config.execution.mode`` must be ``"process"``;
-    ``db_path`` None: a temporary log the child deletes on close. ``clock``: request timestamps,
-    taken here in the serving process (replay stays exact)."""
+    """Drop-in for :class:`monitor.Monitor` on the service's side, with the real monitor in
+    another process (see the module's doc). ``config.execution.mode`` must be ``"process"``.
+
+    Without ``execution.address`` the monitor is a child process of this one, on the log at
+    ``db_path`` (None: a temporary log the child deletes on close). With it, this connects to a
+    monitor started by ``python -m monitor serve`` (its own log and config; ``authkey``: see
+    :func:`link_key`), and reconnects when the connection is lost: requests fail closed
+    meanwhile. ``clock``: request timestamps, taken here in the serving process (replay stays
+    exact)."""
 
     def __init__(self, config: MonitorConfig, db_path: str | Path | None = None, *,
                  clock: Callable[[], float] = time.time, warm: bool = False,
-                 threads: int = 1):
+                 threads: int = 1, authkey: bytes | None = None):
         ex = config.execution
         if ex.mode != "process":
             raise ValueError(f"MonitorProcess needs execution.mode = \"process\", "
                              f"not {ex.mode!r}")
+        self.address = parse_address(ex.address) if ex.address else None
+        if self.address is not None and not authkey:
+            raise ValueError("a monitor at execution.address needs the link key "
+                             "(monitor.process.link_key of the server's secret)")
         self.config = config
-        self.db_path = Path(db_path) if db_path is not None else None
+        self.db_path = Path(db_path) if db_path is not None and self.address is None else None
+        self._authkey = authkey
         self._clock = clock
-        self._max_lag = ex.max_lag
-        self._queue_limit = ex.queue_limit
-        self._linking = config.linking.enabled and config.linking.raise_members
+        self._adopt(config)
         self._cv = threading.Condition()
         self._send_lock = threading.Lock()
         self._clients: OrderedDict[str, _Known] = OrderedDict()
-        self._waiting = 0     # requests sent, not yet read by the child (queue_limit bounds)
+        self._waiting = 0     # requests sent, not yet read by the monitor (queue_limit bounds)
         self._unacked = 0     # requests sent, not yet acknowledged
         self._replies: dict[int, object] = {}
         self._tokens = itertools.count(1)
         self._listeners: list[Callable] = []
         self._child_ready = False
         self._child_health: str | None = None
-        self._dead: str | None = None
         self._closed = False
+        self._closing = False
+        self._stop_link = threading.Event()
         self._remember = 4 * ex.max_clients + 64   # clients remembered here (idle ones go)
-        ctx = mp.get_context("spawn")      # never fork a process with threads and locks
-        self._conn, child_conn = ctx.Pipe(duplex=True)
-        level_name = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        self._proc = ctx.Process(
-            target=_child_main, name="modelguard-monitor", daemon=True,
-            args=(child_conn, config.model_dump_json(),
-                  None if db_path is None else str(db_path), warm, threads, level_name))
-        self._proc.start()
-        child_conn.close()
-        self._receiver = threading.Thread(target=self._receive, name="monitor-process-recv",
+        self._gen = 0         # connection generation: what a lost connection left is ignored
+        self._proc = None
+        self._conn = None
+        if self.address is None:
+            ctx = mp.get_context("spawn")      # never fork a process with threads and locks
+            self._conn, child_conn = ctx.Pipe(duplex=True)
+            level_name = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+            self._proc = ctx.Process(
+                target=_child_main, name="modelguard-monitor", daemon=True,
+                args=(child_conn, config.model_dump_json(),
+                      None if db_path is None else str(db_path), warm, threads, level_name))
+            self._proc.start()
+            child_conn.close()
+            self._dead: str | None = None
+        else:
+            self._dead = f"not yet connected to the monitor at {ex.address}"
+        self._receiver = threading.Thread(target=self._link, name="monitor-process-recv",
                                           daemon=True)
         self._receiver.start()
 
+    def _adopt(self, config: MonitorConfig) -> None:
+        """Take what answering needs from the monitor's config (a monitor at an address runs
+        its own: its lag, queue limit, linking and failure mode are what count)."""
+        ex = config.execution
+        self._max_lag = ex.max_lag
+        self._queue_limit = ex.queue_limit
+        self._linking = config.linking.enabled and config.linking.raise_members
+        self._fail_closed = config.log.on_failure == "closed"
+
     # -- transport ---------------------------------------------------------------------------
-    def _send(self, msg) -> None:
-        try:
-            with self._send_lock:
-                self._conn.send(msg)
-        except (OSError, EOFError) as exc:
-            self._died(f"the monitor process is gone ({exc!r})")
-            raise LogUnavailable(self._dead) from exc
+    def _send(self, msg) -> int:
+        """Send ``msg``; returns the connection's generation."""
+        with self._send_lock:
+            conn, gen = self._conn, self._gen
+            if conn is None or self._dead is not None:
+                raise LogUnavailable(self._dead or "the monitor is not connected")
+            try:
+                conn.send(msg)
+            except (OSError, EOFError, ValueError) as exc:
+                why = f"the connection to the monitor failed ({exc!r})"
+                self._died(why, gen)
+                raise LogUnavailable(why) from exc
+        return gen
 
     def _ask(self, kind: str, *args, timeout: float = REPLY_TIMEOUT_S):
-        """Send a request to the child and wait for its reply."""
+        """Send a request to the monitor and wait for its reply."""
         token = next(self._tokens)
         self._check()
-        self._send((kind, token) + args)
+        gen = self._send((kind, token) + args)
         deadline = time.monotonic() + timeout
         with self._cv:
             while token not in self._replies:
-                if self._dead is not None:
-                    raise LogUnavailable(self._dead)
+                if self._dead is not None or self._gen != gen:
+                    raise LogUnavailable(self._dead or "the connection to the monitor was "
+                                         "lost before it answered")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise LogUnavailable(f"the monitor process did not answer {kind!r} "
+                    raise LogUnavailable(f"the monitor did not answer {kind!r} "
                                          f"within {timeout:g} s")
                 self._cv.wait(min(left, 1.0))
             reply = self._replies.pop(token)
@@ -140,27 +183,84 @@ class MonitorProcess:
         return reply
 
     def _check(self) -> None:
-        if self._dead is not None:
-            raise LogUnavailable(self._dead)
         if self._closed:
             raise RuntimeError("monitor is closed")
+        if self._dead is not None:
+            raise LogUnavailable(self._dead)
 
-    def _died(self, why: str) -> None:
+    def _died(self, why: str, gen: int | None = None) -> None:
         with self._cv:
+            if gen is not None and gen != self._gen:
+                return            # an old connection's failure: already handled
             if self._dead is None:
                 self._dead = why
                 if not self._closed:
-                    log.error("%s: requests fail closed until the server restarts", why)
+                    log.error("%s: requests fail closed until %s", why,
+                              "the server restarts" if self.address is None
+                              else "the monitor is reachable again")
             self._cv.notify_all()
 
-    def _receive(self) -> None:
-        conn = self._conn
+    def _link(self) -> None:
+        """The receiving thread: the child's pipe until it closes; or connect to the monitor at
+        the address, receive until the connection is lost, reconnect."""
+        if self.address is None:
+            self._receive(self._conn, self._gen)
+            self._proc.join(5)
+            self._died(f"the monitor process exited (exit code {self._proc.exitcode})")
+            return
+        warned = False
+        while not self._closing:
+            try:
+                conn = _connect(self.address, self._authkey)
+            except (OSError, EOFError, mp.AuthenticationError) as exc:
+                why = (f"the monitor at {self.config.execution.address} refused this server's "
+                       f"key: both must read the same secret" if isinstance(
+                           exc, mp.AuthenticationError) else
+                       f"cannot reach the monitor at {self.config.execution.address} "
+                       f"({exc.strerror or exc!r})" if isinstance(exc, OSError) else
+                       f"the monitor at {self.config.execution.address} closed the connection")
+                with self._cv:
+                    self._dead = why
+                    self._cv.notify_all()
+                if not warned:
+                    log.error("%s: requests fail closed; retrying every %g s", why, RECONNECT_S)
+                    warned = True
+                self._stop_link.wait(RECONNECT_S)
+                continue
+            with self._send_lock, self._cv:
+                if self._closing:
+                    conn.close()
+                    return
+                # what the lost connection left is void: nothing of it is waited for
+                self._gen += 1
+                self._conn = conn
+                self._clients.clear()
+                self._waiting = self._unacked = 0
+                self._child_ready, self._child_health = False, None
+                self._dead = None
+                gen = self._gen
+                self._cv.notify_all()
+            if warned:
+                log.warning("connected to the monitor at %s again",
+                            self.config.execution.address)
+            warned = False
+            self._receive(conn, gen)
+            if self._closing:     # close(): the monitor ended the connection as asked
+                with self._send_lock:
+                    conn.close()
+                    self._closed = True
+                self._died("monitor is closed", gen)
+                return
+            self._died(f"lost the connection to the monitor at "
+                       f"{self.config.execution.address}", gen)
+            with self._send_lock:
+                conn.close()
+
+    def _receive(self, conn, gen: int) -> None:
         while True:
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
-                self._proc.join(5)
-                self._died(f"the monitor process exited (exit code {self._proc.exitcode})")
                 return
             kind = msg[0]
             if kind == "ack":
@@ -173,6 +273,9 @@ class MonitorProcess:
                 with self._cv:
                     self._waiting -= msg[1]
                     self._cv.notify_all()
+            elif kind == "hello":
+                with self._cv:
+                    self._adopt(MonitorConfig.model_validate_json(msg[1]))
             elif kind == "known":
                 with self._cv:
                     for c, (lvl, qn, want) in msg[1].items():
@@ -183,7 +286,7 @@ class MonitorProcess:
                 with self._cv:
                     self._child_ready, self._child_health = msg[1], msg[2]
             elif kind == "fatal":
-                self._died(f"the monitor process failed: {msg[1]}")
+                self._died(f"the monitor process failed: {msg[1]}", gen)
 
     def _acked(self, done: list, levels: dict, probes: dict, transitions: list) -> None:
         with self._cv:
@@ -193,17 +296,20 @@ class MonitorProcess:
                     st.items -= n
                     st.requests -= 1
                 self._unacked -= 1
-            for c, lvl in levels.items():
+            for c, (lvl, qn) in levels.items():
                 st = self._clients.get(c)
                 if st is not None:
+                    # qn: the monitor's count, which includes other servers' queries when
+                    # several share it; this server's queries not yet acknowledged come on top
                     st.level = Level(lvl)
+                    st.qn = max(st.qn, qn + st.items)
             for c, want in probes.items():
                 st = self._clients.get(c)
                 if st is not None:
                     st.ask = want
             if transitions and self._linking:
                 # a group's level may have changed for clients not in this step: each asks
-                # the child once before its next answer
+                # the monitor once before its next answer
                 for st in self._clients.values():
                     st.ask = True
             self._cv.notify_all()
@@ -217,10 +323,10 @@ class MonitorProcess:
     # -- service API -------------------------------------------------------------------------
     def level(self, client_id: str, images: np.ndarray | None = None) -> Level:
         """The level to answer this client's request at: once at most ``max_lag`` of its
-        queries wait for the detectors. Raises LogUnavailable when the child is gone or
+        queries wait for the detectors. Raises LogUnavailable when the monitor is gone or
         reports its log failing (``log.on_failure = "closed"``)."""
         self._check()
-        if self._child_health is not None and self.config.log.on_failure == "closed":
+        if self._child_health is not None and self._fail_closed:
             raise LogUnavailable(f"the monitor's log cannot be written "
                                  f"({self._child_health}); try again later")
         with self._cv:
@@ -242,8 +348,8 @@ class MonitorProcess:
             if st is None:
                 st = self._clients[client_id] = _Known(Level(lvl), qn, ask=want)
                 self._forget()
-            elif not st.requests:   # nothing of it in flight: the child's figures are current
-                st.level, st.qn, st.ask = Level(lvl), qn, want
+            elif not st.requests:   # nothing of it in flight: the monitor's figures are current
+                st.level, st.qn, st.ask = Level(lvl), max(st.qn, qn), want
             else:
                 st.level, st.ask = max(st.level, Level(lvl)), want
             return st.level
@@ -266,14 +372,18 @@ class MonitorProcess:
                 return st.qn
         self.level(client_id)
         with self._cv:
-            return self._clients[client_id].qn
+            st = self._clients.get(client_id)
+            if st is None:      # the connection was lost meanwhile
+                raise LogUnavailable(self._dead or "the connection to the monitor was lost")
+            return st.qn
 
     def observe(self, client_id: str, request_id: str, images: np.ndarray,
                 target_probs: np.ndarray, answer: Answer, level: Level, *,
                 wait: bool = True) -> Level:
-        """Send the request to the child; returns the client's level known now (the request's
-        own effect applies from a later request). Blocks while ``queue_limit`` requests wait
-        for the child. ``wait``: ignored (nothing here waits for the detectors)."""
+        """Send the request to the monitor; returns the client's level known now (the
+        request's own effect applies from a later request). Blocks while ``queue_limit``
+        requests wait for the monitor. ``wait``: ignored (nothing here waits for the
+        detectors)."""
         self._check()
         t = float(self._clock())
         n = len(images)
@@ -291,7 +401,7 @@ class MonitorProcess:
                     st.requests += 1
                     self._waiting += 1
                     self._unacked += 1
-                    now = st.level
+                    now, gen = st.level, self._gen
                     break
             self.level(client_id)     # observed without level() first (a test, a tool)
         try:
@@ -299,11 +409,12 @@ class MonitorProcess:
                         answer, int(level)))
         except LogUnavailable:
             with self._cv:
-                st.qn -= n
-                st.items -= n
-                st.requests -= 1
-                self._waiting -= 1
-                self._unacked -= 1
+                if gen == self._gen:
+                    st.qn -= n
+                    st.items -= n
+                    st.requests -= 1
+                    self._waiting -= 1
+                    self._unacked -= 1
             raise
         return now
 
@@ -327,32 +438,46 @@ class MonitorProcess:
         return self._dead or self._child_health
 
     def on_transition(self, fn: Callable) -> None:
-        """Call ``fn(transition)`` for every level change, as the child acknowledges it."""
+        """Call ``fn(transition)`` for every level change, as the monitor acknowledges it
+        (with a shared monitor, other servers' clients' changes too)."""
         self._listeners.append(fn)
 
     def fit_memory(self, rss: int | None, now: float | None = None) -> int:
-        """Nothing to fit here: the child holds the client state and fits it to its own
-        resident size."""
+        """Nothing to fit here: the monitor's process holds the client state and fits it to
+        its own resident size."""
         return 0
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid
+        """The child's pid (None for a monitor at an address)."""
+        return None if self._proc is None else self._proc.pid
 
     def close(self) -> None:
-        """Let the child drain, checkpoint every client and close the log; wait for it."""
+        """A child: let it drain, checkpoint every client and close the log; wait for it. A
+        monitor at an address: let it commit what this server sent, then disconnect (it keeps
+        running for the next server)."""
         if self._closed:
             return
+        self._closing = True
+        self._stop_link.set()
         try:
             if self._dead is None:
                 self._ask("close", timeout=600.0)
+        except LogUnavailable:
+            if self._proc is not None:
+                raise
         finally:
-            self._closed = True
-            self._proc.join(30)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(5)
-            self._conn.close()
+            if self._proc is None:
+                self._receiver.join(5)      # it closes the connection as the monitor does
+            with self._send_lock:
+                self._closed = True
+                if self._conn is not None and not self._conn.closed:
+                    self._conn.close()
+            if self._proc is not None:
+                self._proc.join(30)
+                if self._proc.is_alive():
+                    self._proc.kill()
+                    self._proc.join(5)
             self._receiver.join(5)
 
     def __enter__(self):
@@ -362,36 +487,35 @@ class MonitorProcess:
         self.close()
 
     def __repr__(self) -> str:
-        return f"MonitorProcess(pid={self._proc.pid}, db={self.db_path})"
+        where = (f"pid={self.pid}, db={self.db_path}" if self.address is None
+                 else f"address={self.config.execution.address}")
+        return f"MonitorProcess({where})"
 
 
-# -- the child ----------------------------------------------------------------------------------
+def _connect(address: tuple[str, int], authkey: bytes):
+    """A connection to a monitor that ``serve`` runs, both sides authenticated (HMAC
+    challenges both ways, as multiprocessing's Client does)."""
+    from multiprocessing.connection import Client
+    return Client(address, authkey=authkey)
+
+
+# -- the monitor's side -------------------------------------------------------------------------
 def _child_main(conn, config_json: str, db_path: str | None, warm: bool, threads: int,
                 log_level: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the server, which closes us
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s[monitor]: %(message)s")
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:
-        from threadpoolctl import threadpool_limits
-
-        from common.memory import limit_heap_arenas
-        from monitor.core import Monitor
-
-        threadpool_limits(threads, user_api="blas")
-        limit_heap_arenas()
         cfg = MonitorConfig.model_validate_json(config_json)
-        merge = cfg.execution.max_lag > 0
-        # in here the monitor runs synchronously (mode "process"): the serving process waits
-        _warm_up(cfg)
-        mon = Monitor(cfg, db_path, warm=warm)
+        mon = _start_monitor(cfg, db_path, warm, threads)
     except BaseException as exc:  # noqa: BLE001 - told to the parent, which fails closed
         try:
             conn.send(("fatal", repr(exc)))
         finally:
             raise
+    fitter = _MemoryFitter(mon)
     try:
-        _Child(conn, mon, merge).run()
+        _Child(conn, mon).run()
     except BaseException as exc:  # noqa: BLE001
         log.exception("the monitor process failed")
         try:
@@ -400,7 +524,115 @@ def _child_main(conn, config_json: str, db_path: str | None, warm: bool, threads
             pass
         raise
     finally:
+        fitter.stop()
         mon.close()
+
+
+def _start_monitor(cfg: MonitorConfig, db_path, warm: bool, threads: int):
+    """The real monitor, in this process, after deliberate thread counts and a warm-up."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    from threadpoolctl import threadpool_limits
+
+    from common.memory import limit_heap_arenas
+    from monitor.core import Monitor
+
+    threadpool_limits(threads, user_api="blas")
+    limit_heap_arenas()
+    # in here the monitor runs synchronously (mode "process"): the serving process waits
+    _warm_up(cfg)
+    return Monitor(cfg, db_path, warm=warm)
+
+
+def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str, int],
+          authkey: bytes, *, threads: int = 1, on_listening: Callable | None = None,
+          stop: threading.Event | None = None) -> None:
+    """``python -m monitor serve``: run the monitor on its own (this machine or another) for
+    the servers whose ``execution.address`` names it. Each server that connects (authenticated
+    with ``authkey``, see :func:`link_key`) is served as a child of its own would be; several
+    may share the monitor, and a server that restarts finds its clients' state still in memory.
+    Returns on SIGTERM or SIGINT (from the main thread; else when ``stop`` is set), once every
+    client is checkpointed and the log closed. ``on_listening(address)``: called with the
+    bound address (port 0: the one chosen)."""
+    from multiprocessing.connection import Listener
+
+    cfg = config.with_changes(execution={"mode": "process", "address": ""})
+    mon = _start_monitor(cfg, db_path, True, threads)
+    fitter = _MemoryFitter(mon)
+    listener = Listener(address, authkey=None)   # authenticated per connection, off this thread
+    stop = stop or threading.Event()
+    children: set[_Child] = set()
+    lock = threading.Lock()
+
+    bound = listener.address
+
+    def closer() -> None:
+        stop.wait()
+        try:                      # wakes accept() (closing the socket would not)
+            socket.create_connection(bound, timeout=5).close()
+        except OSError:
+            pass
+
+    threading.Thread(target=closer, name="monitor-stop", daemon=True).start()
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM,
+                                                                      signal.SIGINT)}
+
+    def handle(conn, peer) -> None:
+        from multiprocessing.connection import answer_challenge, deliver_challenge
+        try:
+            deliver_challenge(conn, authkey)
+            answer_challenge(conn, authkey)
+        except (mp.AuthenticationError, OSError, EOFError) as exc:
+            log.warning("refused a connection from %s: %r (a server must read the same "
+                        "secret as this monitor)", peer, exc)
+            conn.close()
+            return
+        child = _Child(conn, mon, shared=True)
+        with lock:
+            children.add(child)
+        log.info("server connected from %s", peer)
+        try:
+            child.run()
+        except Exception:  # noqa: BLE001 - one connection's failure is not the monitor's
+            log.exception("serving the connection from %s failed", peer)
+        finally:
+            with lock:
+                children.discard(child)
+            conn.close()
+            log.info("server at %s disconnected", peer)
+
+    log.info("monitor listening on %s:%d (log %s)", bound[0], bound[1], db_path)
+    if on_listening is not None:
+        on_listening(bound)
+    try:
+        while not stop.is_set():
+            try:
+                conn = listener.accept()
+            except OSError:
+                if stop.is_set():
+                    break
+                raise
+            if stop.is_set():
+                conn.close()
+                break
+            peer = listener.last_accepted
+            threading.Thread(target=handle, args=(conn, peer), daemon=True,
+                             name=f"monitor-conn-{peer}").start()
+    finally:
+        stop.set()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        with lock:
+            for child in list(children):
+                child.stopped.set()
+        deadline = time.monotonic() + 60
+        while children and time.monotonic() < deadline:
+            time.sleep(0.05)
+        listener.close()
+        fitter.stop()
+        mon.close()
+        log.info("monitor closed: every client checkpointed")
 
 
 def _warm_up(cfg: MonitorConfig) -> None:
@@ -415,20 +647,54 @@ def _warm_up(cfg: MonitorConfig) -> None:
     ClientEngine(cfg, "warm-up").step(x.reshape(4, -1), probs, 0.0, on_grid)
 
 
+class _MemoryFitter:
+    """As the server's health watcher does in one process: fit the client state to this
+    process's resident size, give the freed heap back (after an eviction, else every second).
+    On its own thread: a trim of a large heap takes a while, and the detectors go on
+    meanwhile."""
+
+    def __init__(self, mon):
+        self.mon = mon
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="monitor-memory", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from common.memory import rss_bytes, trim_heap
+
+        last_trim = 0.0
+        while not self._stop.wait(STATUS_EVERY_S):
+            try:
+                now = time.monotonic()
+                if self.mon.fit_memory(rss_bytes()) or now - last_trim > 1.0:
+                    trim_heap()
+                    last_trim = now
+            except Exception as exc:  # noqa: BLE001 - never let the watcher die
+                log.warning("fitting client state to the memory cap failed: %r", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 class _Child:
-    """The child's loop: read what the serving process sent, run the requests through the
+    """One server's connection to the monitor: read what it sent, run the requests through the
     detectors in order, and acknowledge them once their rows are durable. Acknowledgements and
     replies leave through one sender thread, in order; it waits for the commits, so the
-    detectors go on with the next requests meanwhile."""
+    detectors go on with the next requests meanwhile. ``shared``: the monitor outlives the
+    connection (``serve``): the server's "close" and the connection's end leave it running,
+    and level changes other servers' requests made are passed on (within STATUS_EVERY_S)."""
 
-    def __init__(self, conn, mon, merge: bool):
-        self.conn, self.mon, self.merge = conn, mon, merge
-        self.transitions: list = []
+    def __init__(self, conn, mon, shared: bool = False):
+        self.conn, self.mon, self.shared = conn, mon, shared
+        self.merge = mon.config.execution.max_lag > 0
+        self.transitions: deque = deque()
         mon.on_transition(self.transitions.append)
         self.status = None
         self.next_status = 0.0
         self.stopped = threading.Event()
         self.told_resident = False
+        self.send_lock = threading.Lock()
         self.out: queue.Queue = queue.Queue()
         self.sender = threading.Thread(target=self._send_loop, name="monitor-acks", daemon=True)
         self.sender.start()
@@ -437,13 +703,14 @@ class _Child:
         """Send ``msg`` once ``ticket`` is durable, after everything emitted before it: at once
         from this thread when nothing waits before it (no thread hop for the common case),
         else through the sender thread."""
-        if self.out.unfinished_tasks == 0 and (
-                ticket is None or self.mon.store.is_committed(ticket)):
-            try:
-                self.conn.send(msg)
-            except (OSError, EOFError):   # the serving process is gone: nobody to tell
-                pass
-        else:
+        with self.send_lock:
+            if self.out.unfinished_tasks == 0 and (
+                    ticket is None or self.mon.store.is_committed(ticket)):
+                try:
+                    self.conn.send(msg)
+                except (OSError, EOFError, ValueError):   # the server is gone: nobody to tell
+                    pass
+                return
             self.out.put((ticket, msg))
 
     def _send_loop(self) -> None:
@@ -459,45 +726,29 @@ class _Child:
                 log.warning("the monitor's log did not commit within %g s (%s): acknowledged "
                             "anyway, the serving process sees the failure in health()",
                             timeout, st.failure() or "slow disk")
-            try:
-                self.conn.send(msg)
-            except (OSError, EOFError):   # the serving process is gone: nobody to tell
-                pass
-            finally:
-                self.out.task_done()
-
-    def _fit_memory(self) -> None:
-        """As the server's health watcher does in one process: fit the client state to this
-        process's resident size, give the freed heap back (after an eviction, else every
-        second). On its own thread: a trim of a large heap takes a while, and the detectors
-        go on meanwhile."""
-        from common.memory import rss_bytes, trim_heap
-
-        last_trim = 0.0
-        while not self.stopped.wait(STATUS_EVERY_S):
-            try:
-                now = time.monotonic()
-                if self.mon.fit_memory(rss_bytes()) or now - last_trim > 1.0:
-                    trim_heap()
-                    last_trim = now
-            except Exception as exc:  # noqa: BLE001 - never let the watcher die
-                log.warning("fitting client state to the memory cap failed: %r", exc)
+            with self.send_lock:
+                try:
+                    self.conn.send(msg)
+                except (OSError, EOFError, ValueError):   # the server is gone: nobody to tell
+                    pass
+                finally:
+                    self.out.task_done()
 
     def run(self) -> None:
         conn, mon = self.conn, self.mon
-        fitter = threading.Thread(target=self._fit_memory, name="monitor-memory", daemon=True)
-        fitter.start()
         gone = False
+        self.emit(("hello", mon.config.model_dump_json()))
         try:
-            while not gone:
+            while not gone and not self.stopped.is_set():
                 now = time.monotonic()
                 if now >= self.next_status:
                     self.next_status = now + STATUS_EVERY_S
                     status = (mon.ready(), mon.health())
                     if status != self.status:
                         if status[0] and not self.told_resident:
-                            # the clients restored at start: their first requests then need
-                            # no round trip here (sent before "ready")
+                            # the clients restored at start (or held by a shared monitor):
+                            # their first requests then need no round trip (sent before
+                            # "ready")
                             self.told_resident = True
                             self.emit(("known", {c: (int(mon.current_level(c)),
                                                      mon.queries(c), mon.wants_probe(c))
@@ -507,13 +758,16 @@ class _Child:
                 msgs: list = []
                 try:
                     if not conn.poll(STATUS_EVERY_S):
+                        if self.transitions:      # other servers' requests changed levels
+                            self.work([])
                         continue
                     msgs.append(conn.recv())
                     while len(msgs) < READ_MAX_MESSAGES and conn.poll(0):
                         msgs.append(conn.recv())
                 except (EOFError, OSError):
                     # what was read before the pipe closed is still run and logged below
-                    log.warning("the serving process is gone: closing the monitor")
+                    if not self.shared:
+                        log.warning("the serving process is gone: closing the monitor")
                     gone = True
                 taken = sum(m[0] == "observe" for m in msgs)
                 if taken:     # no longer waiting in the pipe: the parent may send more
@@ -537,31 +791,33 @@ class _Child:
                 self.work(jobs)
         finally:
             self.stopped.set()
-            fitter.join(5)
+            mon.off_transition(self.transitions.append)
             self.out.put(None)
             self.sender.join(60)
 
     def work(self, jobs: list) -> None:
         """Run the jobs through the detectors; their acknowledgement leaves once the rows the
-        clients' next answers wait for are durable."""
-        if not jobs:
-            return
+        clients' next answers wait for are durable. It carries the level (and query count) of
+        every client the jobs or any level change since the last one touched."""
         mon = self.mon
-        jobs = [(c, rid, t, images, probs, answer, Level(lvl))
-                for c, rid, t, images, probs, answer, lvl in jobs]
-        mon.run_requests(jobs, self.merge)
-        clients = list(dict.fromkeys(j[0] for j in jobs))
-        trs, self.transitions[:] = list(self.transitions), []
-        touched = list(dict.fromkeys(clients + [tr.client for tr in trs]))
+        if jobs:
+            mon.run_requests([(c, rid, t, images, probs, answer, Level(lvl))
+                              for c, rid, t, images, probs, answer, lvl in jobs], self.merge)
+        trs = []
+        while self.transitions:
+            trs.append(self.transitions.popleft())
+        if not jobs and not trs:
+            return
+        touched = list(dict.fromkeys([j[0] for j in jobs] + [tr.client for tr in trs]))
         tickets = [t for t in (mon.commit_ticket(c) for c in touched) if t is not None]
-        levels = {c: int(mon.current_level(c)) for c in touched}
+        levels = {c: (int(mon.current_level(c)), mon.queries(c)) for c in touched}
         probes = {c: mon.wants_probe(c) for c in touched}
         # the log's tickets commit in order: the last one covers the others
         self.emit(("ack", [(j[0], len(j[3])) for j in jobs], levels, probes, trs),
                   max(tickets) if tickets else None)
 
     def control(self, m) -> bool:
-        """A request of the parent; True: stop."""
+        """A request of the server; True: stop serving this connection."""
         kind, token, args = m[0], m[1], m[2:]
         mon = self.mon
         try:
@@ -573,8 +829,9 @@ class _Child:
             elif kind == "stats":
                 reply = mon.stats()
             elif kind == "close":
-                mon.close()
-                reply = None
+                # a child closes its monitor (every client checkpointed); a shared monitor
+                # commits what this server sent and goes on for the others
+                reply = mon.flush() if self.shared else mon.close()
             else:
                 reply = ValueError(f"unknown monitor request {kind!r}")
         except Exception as exc:  # noqa: BLE001 - raised in the parent's caller

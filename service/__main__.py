@@ -112,6 +112,10 @@ def main(argv=None) -> int:
     s.add_argument("--store", metavar="DSN", help="postgresql://...: the monitor's state in "
                    "PostgreSQL, shared by replicas (docs/scaleout.md; default: the SQLite file)")
     s.add_argument("--replica", help="this replica's name in the shared store (with --store)")
+    s.add_argument("--monitor-address", dest="monitor_address", metavar="HOST:PORT",
+                   help="connect to a monitor started with `python -m monitor serve` (on this "
+                        "machine or another; same secret) instead of running one: sets "
+                        "[execution] mode = \"process\" and address (docs/monitor.md)")
     k = s.add_argument_group("keys and secret (docs/security.md)")
     k.add_argument("--api-keys", dest="api_keys", type=Path,
                    help="TOML of name = \"key\" lines: only these keys pass, the client id is "

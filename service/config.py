@@ -62,6 +62,10 @@ class ServerConfig(BaseModel):
                               "(docs/scaleout.md); None: the SQLite file monitor_db")
     replica: str | None = Field(None, description="this replica's name in the shared store "
                                 "(default: host-pid)")
+    monitor_address: str | None = Field(None, description="HOST:PORT of a monitor started with "
+                                        "`python -m monitor serve`: the server connects to it "
+                                        "(sets the monitor config's [execution] mode = "
+                                        "\"process\" and address); None: the config decides")
     api_keys: Path | None = Field(None, description="TOML of name = \"key\" lines: only "
                                                     "these keys pass, the client id is the name")
     open_keys: bool = Field(False, description="open mode: any well-formed key is a client, "
@@ -83,6 +87,14 @@ class ServerConfig(BaseModel):
     monitor: bool = Field(True, description="run the monitor; False: a null monitor (no "
                                             "detectors, no log, every client NORMAL), for "
                                             "measuring the server without it")
+
+    @field_validator("monitor_address")
+    @classmethod
+    def _monitor_address(cls, v: str | None) -> str | None:
+        if v:
+            from monitor.config import parse_address
+            parse_address(v)
+        return v
 
     @field_validator("host")
     @classmethod

@@ -204,6 +204,9 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
         from monitor.config import load_config
 
         monitor_config = load_config(cfg.monitor_config)
+    if cfg.monitor_address:
+        monitor_config = monitor_config.with_changes(execution={
+            "mode": "process", "address": cfg.monitor_address})
     process = monitor_config.execution.mode == "process"
     if cfg.monitor and cfg.store and process:
         raise ValueError("[execution] mode = \"process\" runs the monitor on the embedded SQLite "
@@ -224,10 +227,10 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
                             warm=True)
     elif cfg.monitor and process:
         # the detectors, the log and the client state in a child process (monitor/process.py)
-        from monitor.process import MonitorProcess
+        from monitor.process import MonitorProcess, link_key
 
         mon = MonitorProcess(monitor_config, cfg.monitor_db, warm=True,
-                             threads=cfg.torch_threads)
+                             threads=cfg.torch_threads, authkey=link_key(cfg.secret))
     elif cfg.monitor:
         from monitor import Monitor
 
@@ -244,7 +247,10 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
              "(digest scheme %s)",
              model.name, model.version, model.meta.get("test_accuracy"),
              " ".join(f"{k}={v}" for k, v in privacy_parameters(model.meta).items()),
-             "on" if cfg.monitor else "OFF (--no-monitor)",
+             ("OFF (--no-monitor)" if not cfg.monitor else
+              f"at {monitor_config.execution.address} (its own log and detector config)"
+              if monitor_config.execution.address else
+              "on, in a child process" if process else "on"),
              {lvl.name: p.name for lvl, p in policies.items()},
              "off" if wm is None else f"rate {wm.rate} after query {wm.knee}" + (
                  "" if wm.signature is None else

@@ -1,4 +1,5 @@
 """The service answers through the monitor's level for each client and logs every query."""
+import time
 import tomllib
 
 import grpc
@@ -27,6 +28,9 @@ def _server(small_target, tmp_path, volume_threshold, rule_level, allow_block=Fa
                             "label_only": {"policy": "label_only"},
                             "switch": {"policy": "label_only"}}
     cfg_dict["watermark"] = {}
+    if mode == "remote":      # `python -m monitor serve`, here on a thread of this process
+        cfg_dict["execution"]["mode"] = "process"
+        cfg_dict["execution"]["address"] = _remote_monitor(config_from_dict(cfg_dict), tmp_path)
     mcfg = config_from_dict(cfg_dict)
     cfg = ServerConfig(port=0, max_batch=64, target=small_target[0], artifacts=tmp_path,
                        monitor_db=tmp_path / "m.db", grace_s=1.0, secret="s", dev_secret=True,
@@ -34,10 +38,33 @@ def _server(small_target, tmp_path, volume_threshold, rule_level, allow_block=Fa
     return Server(cfg, build_dataplane(cfg, mcfg)).start()
 
 
-@pytest.mark.parametrize("mode", ["sync", "process"])
+def _remote_monitor(mcfg, tmp_path) -> str:
+    """Start the monitor on its own (monitor.process.serve) on a thread, its log at
+    tmp_path/m.db; stopped (every client checkpointed) by ``_REMOTE[address].set()``."""
+    import threading
+
+    from monitor.process import link_key, serve
+    bound, stop = [], threading.Event()
+    t = threading.Thread(target=serve, args=(mcfg, tmp_path / "m.db", ("127.0.0.1", 0),
+                                             link_key("s")),
+                         kwargs={"on_listening": bound.append, "stop": stop}, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not bound and time.monotonic() < deadline:
+        t.join(0.02)
+    address = f"{bound[0][0]}:{bound[0][1]}"
+    _REMOTE[address] = (stop, t)
+    return address
+
+
+_REMOTE: dict = {}
+
+
+@pytest.mark.parametrize("mode", ["sync", "process", "remote"])
 def test_escalation_changes_answers_and_log_is_complete(small_target, tmp_path, mode):
-    """Also with the monitor in its own process: the same answers, the same complete log
-    once the server has stopped."""
+    """Also with the monitor in its own process, a child or one the server connects to: the
+    same answers, the same complete log once the server (and the monitor it connected to) has
+    stopped."""
     from client.api import ModelClient
 
     server = _server(small_target, tmp_path, volume_threshold=100, rule_level="label_only",
@@ -50,6 +77,10 @@ def test_escalation_changes_answers_and_log_is_complete(small_target, tmp_path, 
             kinds.append(c.predict(x[i:i + 50]).probs is not None)
         quiet = q.predict(x[:20])
     server.stop(1.0)
+    while _REMOTE:
+        stop, thread = _REMOTE.popitem()[1]
+        stop.set()
+        thread.join(60)
     # the volume rule fires once more than 100 queries were seen: probabilities stop after that
     assert kinds[:2] == [True, True] and kinds[-1] is False and quiet.probs is not None
     greedy, quiet = server.client_id("greedy"), server.client_id("quiet")

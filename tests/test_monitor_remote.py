@@ -1,0 +1,227 @@
+"""The monitor on its own (``python -m monitor serve``) and servers connecting to it
+(``[execution] mode = "process"``, ``address``): the same decisions as in one process, a wrong
+key refused, a restart of either side survived, several servers sharing one monitor."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from common.clock import FakeClock
+from common.types import Level
+from monitor import Monitor
+from monitor.log import LogUnavailable
+from monitor.process import MonitorProcess, link_key
+from tests.test_monitor_runtime import _answer, _cfg, _decisions, _run, _same, three_streams
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "remote-test-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def streams():
+    return three_streams(900)
+
+
+@pytest.fixture(scope="module")
+def reference(streams, tmp_path_factory):
+    db = tmp_path_factory.mktemp("ref") / "ref.db"
+    with Monitor(_cfg(), db, clock=FakeClock()) as mon:
+        levels = _run(mon, streams)
+    return _decisions(db), levels
+
+
+class Served:
+    """``python -m monitor serve`` in a subprocess, on a port it chose (or ``port``)."""
+
+    def __init__(self, db: Path, port: int = 0, secret: str = SECRET):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MODELGUARD_SECRET": secret}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "--db", str(db), "serve", "--listen",
+             f"127.0.0.1:{port}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        found = threading.Event()
+
+        def read():
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = re.search(r"listening on [\d.]+:(\d+)", line)
+                if m:
+                    self.port = int(m.group(1))
+                    found.set()
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(120):
+            self.proc.kill()
+            raise AssertionError("the monitor did not start:\n" + "".join(self.lines))
+
+    def connect(self, secret: str = SECRET, wait: bool = True) -> MonitorProcess:
+        cfg = _cfg(mode="process", address=f"127.0.0.1:{self.port}")
+        mon = MonitorProcess(cfg, clock=FakeClock(), authkey=link_key(secret))
+        if wait:
+            _until(mon.ready, f"connected to {self.port}")
+        return mon
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(120)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+
+def _until(cond, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out: {what}")
+        time.sleep(0.02)
+
+
+def test_a_server_on_a_remote_monitor_decides_as_one_process_does(streams, reference,
+                                                                  tmp_path):
+    """Every request answered at the level the synchronous monitor in the server's own
+    process used, every query counted before the next request, the same logged decisions;
+    SIGTERM checkpoints and exits cleanly."""
+    db = tmp_path / "m.db"
+    served = Served(db)
+    try:
+        with served.connect() as mon:
+            levels = _run(mon, streams, counts=True)
+            mon.flush()
+            assert mon.pid is None and "127.0.0.1" in repr(mon)
+    finally:
+        assert served.stop() == 0, "".join(served.lines[-20:])
+    assert any("every client checkpointed" in ln for ln in served.lines)
+    _same(_decisions(db), reference[0])
+    assert levels == reference[1]
+
+
+def test_a_wrong_key_is_refused_and_nothing_is_answered(streams, tmp_path):
+    served = Served(tmp_path / "m.db")
+    try:
+        mon = served.connect(secret="another-secret-0123456789abcdef", wait=False)
+        try:
+            _until(lambda: "refused this server's key" in (mon.health() or ""), "refusal")
+            assert not mon.ready()
+            x, p = streams["natural"]
+            with pytest.raises(LogUnavailable, match="same secret"):
+                mon.level("a")
+            with pytest.raises(LogUnavailable):
+                mon.observe("a", "r", x[:3], p[:3], _answer(p[:3]), Level.NORMAL)
+        finally:
+            mon.close()
+        _until(lambda: any("refused a connection" in ln for ln in served.lines),
+               "the monitor logs the refusal")
+    finally:
+        served.stop()
+
+
+def test_the_server_fails_closed_while_the_monitor_is_down_and_reconnects(streams, tmp_path):
+    """kill -9 of the monitor: the server refuses requests (UNAVAILABLE) and says why; once
+    a monitor listens there again, it reconnects by itself and goes on from what the log
+    holds."""
+    db = tmp_path / "m.db"
+    x, p = streams["natural"]
+    served = Served(db)
+    port = served.port
+    mon = served.connect()
+    try:
+        for i in range(0, 60, 20):
+            mon.observe("a", f"r{i}", x[i:i + 20], p[i:i + 20], _answer(p[i:i + 20]),
+                        mon.level("a"))
+        mon.level("a")                   # waits for the acknowledgement of the last one
+        served.kill()
+        _until(lambda: "lost the connection" in (mon.health() or "")
+               or "cannot reach" in (mon.health() or ""), "the loss is seen")
+        assert not mon.ready()
+        with pytest.raises(LogUnavailable):
+            mon.level("a")
+        served = Served(db, port=port)
+        _until(mon.ready, "reconnected", timeout=30)
+        assert mon.health() is None
+        assert mon.queries("a") == 60
+        mon.observe("a", "r60", x[60:80], p[60:80], _answer(p[60:80]), mon.level("a"))
+        mon.flush()
+        assert mon.queries("a") == 80
+    finally:
+        mon.close()
+        served.stop()
+
+
+def test_servers_share_one_monitor_and_a_restarted_server_finds_its_clients(streams,
+                                                                          tmp_path):
+    """Two servers on one monitor: a level one server's requests raised reaches the other
+    without a request of that client through it; a server started later knows the clients
+    the monitor holds without asking it."""
+    served = Served(tmp_path / "m.db")
+    try:
+        a, b = served.connect(), served.connect()
+        try:
+            assert b.level("jbda") == Level.NORMAL      # b has seen the client, at NORMAL
+            x, p = streams["jbda"]
+            for i in range(0, 600, 30):
+                a.observe("jbda", f"r{i}", x[i:i + 30], p[i:i + 30], _answer(p[i:i + 30]),
+                          a.level("jbda"))
+            a.flush()
+            assert a.level("jbda") == Level.SWITCH
+            asked = []
+            real = b._ask
+            b._ask = lambda kind, *args, **kw: asked.append(kind) or real(kind, *args, **kw)
+            _until(lambda: b._clients["jbda"].level == Level.SWITCH, "b hears of the change",
+                   timeout=10)
+            assert b.level("jbda") == Level.SWITCH and b.queries("jbda") == 600
+            # linking asks for a probe after any level change: one round trip at most
+            assert asked in ([], ["level"])
+        finally:
+            a.close()
+            b.close()
+        c = served.connect()
+        try:
+            asked = []
+            real = c._ask
+            c._ask = lambda kind, *args, **kw: asked.append(kind) or real(kind, *args, **kw)
+            assert c.queries("jbda") == 600 and asked == []
+        finally:
+            c.close()
+    finally:
+        assert served.stop() == 0
+
+
+def test_an_unreachable_monitor_keeps_the_server_not_ready(tmp_path):
+    import socket
+    with socket.socket() as s:             # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(mode="process", address=f"127.0.0.1:{port}")
+    with pytest.raises(ValueError, match="link key"):
+        MonitorProcess(cfg)
+    mon = MonitorProcess(cfg, authkey=link_key(SECRET))
+    try:
+        _until(lambda: "cannot reach" in (mon.health() or ""), "unreachable")
+        assert not mon.ready()
+        with pytest.raises(LogUnavailable, match="cannot reach the monitor at 127.0.0.1"):
+            mon.level("a")
+    finally:
+        mon.close()
+
+
+@pytest.mark.parametrize("text, ok", [("10.0.0.5:7070", True), ("monitor.internal:1", True),
+                                      ("10.0.0.5", False), (":7070", False),
+                                      ("host:port", False), ("host:70000", False)])
+def test_the_address_is_checked_when_the_config_loads(text, ok):
+    from monitor.config import ConfigError
+    if ok:
+        assert _cfg(mode="process", address=text).execution.address == text
+    else:
+        with pytest.raises(ConfigError, match="HOST:PORT"):
+            _cfg(mode="process", address=text)
+    with pytest.raises(ConfigError, match="needs execution.mode"):
+        _cfg(mode="async", address="10.0.0.5:7070")
