@@ -272,14 +272,15 @@ def echo_server(workers: int, workdir: Path) -> ServerProcess:
     return ServerProcess("echo", argv, port, workdir / "echo.log").start()
 
 
-def real_server(name: str, extra: list[str], args, db: Path, workdir: Path) -> ServerProcess:
-    """A server of profile ``name``; for the remote profiles, the monitor it connects to is
-    started first, on its own (``python -m monitor serve``, the profile's TOML, log ``db``), and
-    is the server's ``companion``: its CPU counts as the monitor process's, it stops with the
-    server."""
+def real_server(name: str, extra: list[str], args, db: Path, workdir: Path,
+                profile: str | None = None) -> ServerProcess:
+    """A server of ``profile`` (default: ``name``); for the remote profiles, the monitor it
+    connects to is started first, on its own (``python -m monitor serve``, the profile's TOML,
+    log ``db``), and is the server's ``companion``: its CPU counts as the monitor process's, it
+    stops with the server."""
     port = free_port()
     companion = None
-    if name.startswith("remote"):
+    if (profile or name).startswith("remote"):
         mport = free_port()
         margv = [sys.executable, "-m", "monitor", "--db", str(db), "serve", "--listen",
                  f"{HOST}:{mport}", "--config", extra[extra.index("--monitor-config") + 1]]
@@ -611,7 +612,7 @@ def section_history_latency(args, pool: ClientPool, echo: ServerProcess, workdir
     extras, notes = prepare_profiles([prof], workdir)
     if prof not in extras:
         raise SystemExit(f"--hl-profile {prof}: {'; '.join(notes) or 'not a server profile'}")
-    s = real_server(f"hl-{prof}", extras[prof], args, workdir / "hl.db", workdir)
+    s = real_server(f"hl-{prof}", extras[prof], args, workdir / "hl.db", workdir, prof)
     res: dict = {"history": h, "clients": nc, "calls": calls, "profile": prof}
     try:
         log(f"  server ready after {s.wait_ready():.1f} s")
@@ -707,9 +708,15 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
     if prof not in extras:
         raise SystemExit(f"--crash-profile {prof}: {'; '.join(notes) or 'not a server profile'}")
     db = workdir / "crash.db"
-    s = real_server(f"crash-{prof}", extras[prof], args, db, workdir)
+    s = real_server(f"crash-{prof}", extras[prof], args, db, workdir, prof)
+    kill_monitor = args.crash_kills == "monitor"
+    if kill_monitor and s.companion is None:
+        s.stop()
+        raise SystemExit(f"--crash-kills monitor needs a profile whose monitor runs on its own "
+                         f"(remote, remote-lag), not {prof}")
+    victim = s.companion if kill_monitor else s
     res: dict = {"clients": nc, "queries_per_client": per * b, "batch": b,
-                 "profile": prof}
+                 "profile": prof, "killed": args.crash_kills}
     s2 = None
     try:
         log(f"  server ready after {s.wait_ready():.1f} s")
@@ -725,7 +732,7 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
                                time.monotonic() - t0 > args.fill_timeout):
                 killed["acked_images"] = pool.progress()
                 killed["t"] = round(time.monotonic() - t0, 2)
-                s.kill9()
+                victim.kill9()
         try:
             load = drive(pool, s.address, keys, b, max_requests=per, stop_on_error=True,
                          timeout=args.timeout, max_total_s=args.fill_timeout, tick=tick,
@@ -735,9 +742,9 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         if not killed:  # the load finished before the kill point (tiny loads)
             killed["acked_images"] = pool.progress()
             killed["t"] = round(time.monotonic() - t0, 2)
-            s.kill9()
+            victim.kill9()
             rep.note("crash: the load ended before the kill point; killed after it")
-        orphans, t_kill = getattr(s, "orphans", []), time.monotonic()
+        orphans, t_kill = getattr(victim, "orphans", []), time.monotonic()
         while any(Path(f"/proc/{p}").exists() for p in orphans) and \
                 time.monotonic() - t_kill < 120:
             time.sleep(0.05)
@@ -745,7 +752,7 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
             res["children_finished_s"] = round(time.monotonic() - t_kill, 2)
             log(f"  the server's {len(orphans)} child process(es) finished "
                 f"{res['children_finished_s']} s after the kill")
-        if s.companion is not None:     # remote: the monitor goes on; wait for its backlog
+        if s.companion is not None and not kill_monitor:   # remote: the monitor goes on
             while "disconnected" not in s.companion.tail(40) and \
                     time.monotonic() - t_kill < 120:
                 time.sleep(0.05)
@@ -764,14 +771,27 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         log(f"  killed after {killed['t']} s: {sum(acked.values()):,} images answered, "
             f"{sum(logged.values()):,} in the log ({res['before_crash']['acked_not_logged']:,} "
             f"answered but not logged)")
-        s2 = ServerProcess("crash-restart", s.argv[:], free_port(), workdir / "crash-restart.log")
-        s2.companion = s.companion      # remote: the restarted server connects to it again
-        i = s2.argv.index("--port")
-        s2.argv[i + 1] = str(s2.port)
-        s2.start()
-        res["restart_ready_s"] = round(s2.wait_ready(), 2)
-        log(f"  restarted on the same database: ServerReady true after "
-            f"{res['restart_ready_s']} s")
+        if kill_monitor:
+            # a new monitor on the same log and port; the server (still running) reconnects
+            m2 = ServerProcess(f"{victim.name}-restart", victim.argv[:], victim.port,
+                               workdir / "crash-monitor-restart.log").start()
+            s.companion = m2
+            s2, restored_log = s, m2.log_path
+            s.wait_ready()
+            res["restart_ready_s"] = round(time.monotonic() - m2.t_spawn, 2)
+            log(f"  a new monitor on the same log and port: the server's ServerReady true "
+                f"again {res['restart_ready_s']} s after it was spawned")
+        else:
+            s2 = ServerProcess("crash-restart", s.argv[:], free_port(),
+                               workdir / "crash-restart.log")
+            s2.companion = s.companion   # remote: the restarted server connects to it again
+            i = s2.argv.index("--port")
+            s2.argv[i + 1] = str(s2.port)
+            s2.start()
+            restored_log = s2.log_path
+            res["restart_ready_s"] = round(s2.wait_ready(), 2)
+            log(f"  restarted on the same database: ServerReady true after "
+                f"{res['restart_ready_s']} s")
         first = drive(pool, s2.address, keys, 1, max_requests=1, timeout=args.crash_timeout,
                       max_total_s=args.crash_timeout)
         lat = [c["lat_ms"][0] for c in first["clients"] if c["lat_ms"]]
@@ -786,7 +806,7 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
                                             "errors": fresh["errors"]}
         # what the restarted monitor said about each client it restored (the wording is the
         # monitor's; counted by kind, with an example line)
-        text = s2.log_path.read_text(errors="replace").splitlines()
+        text = restored_log.read_text(errors="replace").splitlines()
         # (the server logs each key as a client id: k-<digest of the key>)
         restored = [l.split(": ", 1)[-1] for l in text
                     if "modelguard.monitor" in l and re.search(r"client \S+: ", l)]
@@ -804,14 +824,16 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
             f"(e.g. {res['server_log']['example']!r})")
     finally:
         s.stop()
-        if s2 is not None:
+        if s2 is not None and s2 is not s:
             s2.stop()
         rep.data["crash"] = res
         sec = rep.md["crash"] = [
             "## Crash recovery", "",
             f"Profile {prof}. {nc} clients x {per * b:,} queries (batch {b}) from the attack "
-            f"pool; the server was killed with SIGKILL at {args.crash_at:.0%} of the load, then "
-            f"restarted on the same database.", ""]
+            f"pool; the {args.crash_kills} was killed with SIGKILL at {args.crash_at:.0%} of the "
+            f"load, then " + ("a new monitor started on the same log and port (the server "
+                              "kept running and reconnected)." if kill_monitor else
+                              "restarted on the same database."), ""]
         bc = res.get("before_crash")
         if bc:
             sec += [f"- killed after {bc['killed_after_s']} s of load: {bc['acked_images']:,} "
@@ -979,6 +1001,9 @@ def parse_args(argv=None):
                    help="--crash: the server profile (default: default)")
     o.add_argument("--hl-profile", default="default", choices=PROFILES,
                    help="--history-latency: the server profile (default: default)")
+    o.add_argument("--crash-kills", default="server", choices=("server", "monitor"),
+                   help="--crash: what is killed: the server, or (remote profiles) the monitor "
+                        "it connects to (default: server)")
     o.add_argument("--crash-clients", type=int, default=None, help="--crash clients (32)")
     o.add_argument("--crash-queries", type=int, default=None,
                    help="--crash queries per client (5000)")

@@ -496,7 +496,17 @@ def _connect(address: tuple[str, int], authkey: bytes):
     """A connection to a monitor that ``serve`` runs, both sides authenticated (HMAC
     challenges both ways, as multiprocessing's Client does)."""
     from multiprocessing.connection import Client
-    return Client(address, authkey=authkey)
+    conn = Client(address, authkey=authkey)
+    _no_delay(conn)
+    return conn
+
+
+def _no_delay(conn) -> None:
+    """TCP_NODELAY on a connection's socket: small messages (acknowledgements, "taken") go out
+    at once instead of waiting for the peer's delayed ACK (Nagle; measured: batch-1 requests
+    over the loopback at half the pipe's rate without it)."""
+    with socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # -- the monitor's side -------------------------------------------------------------------------
@@ -581,6 +591,7 @@ def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str,
     def handle(conn, peer) -> None:
         from multiprocessing.connection import answer_challenge, deliver_challenge
         try:
+            _no_delay(conn)
             deliver_challenge(conn, authkey)
             answer_challenge(conn, authkey)
         except (mp.AuthenticationError, OSError, EOFError) as exc:
