@@ -7,6 +7,9 @@ STAMP     := $(VENV)/.installed
 ARTIFACTS ?= artifacts
 PORT      ?= 50051
 HOST      ?= 127.0.0.1
+# `make monitor` listens here; `make serve MONITOR=HOST:PORT` connects to such a monitor
+MONITOR_LISTEN ?= 127.0.0.1:7070
+MONITOR   ?=
 ARGS      ?=
 # Data directory (torchvision layout: FashionMNIST/raw, MNIST/raw): $MODELGUARD_DATA when set,
 # else ./data (the code's default; the tests also look in ../shared/data).
@@ -19,11 +22,13 @@ OIP_STUBS := protos/grpc_predict_v2_pb2.py protos/grpc_predict_v2_pb2_grpc.py \
 TARGET_CKPT := $(ARTIFACTS)/target.pt
 POOL_STAMP := $(ARTIFACTS)/pool/.complete
 
-.PHONY: help venv protos train models dp serve test attack attacks bench eval chaos clean distclean \
+.PHONY: help venv protos train models dp serve monitor test attack attacks bench eval chaos clean distclean \
         triton-venv
 
 help:
 	@echo "make serve    set up everything and serve on $(HOST):$(PORT) (PORT=..., ARGS=..., KEYS=...)"
+	@echo "make monitor  run the monitor on its own on $(MONITOR_LISTEN) (MONITOR_LISTEN=...); then"
+	@echo "              make serve MONITOR=$(MONITOR_LISTEN) connects to it (docs/monitor.md)"
 	@echo "make test     set up and run the test suite"
 	@echo "make train    train the target model (if missing)"
 	@echo "make models   train the defences' model pool (if missing)"
@@ -96,7 +101,10 @@ $(SECRET_FILE):
 	@echo "generated a random server secret in $@"
 
 serve: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP) $(SECRET_FILE)
-	$(PY) -m service serve --host $(HOST) --port $(PORT) $(if $(MODELGUARD_SECRET),,--secret-file $(SECRET_FILE)) $(KEYS) $(ARGS)
+	$(PY) -m service serve --host $(HOST) --port $(PORT) $(if $(MODELGUARD_SECRET),,--secret-file $(SECRET_FILE)) $(if $(MONITOR),--monitor-address $(MONITOR)) $(KEYS) $(ARGS)
+
+monitor: $(STUBS) $(SECRET_FILE)
+	$(PY) -m monitor serve --listen $(MONITOR_LISTEN) $(if $(MODELGUARD_SECRET),,--secret-file $(SECRET_FILE)) $(ARGS)
 
 test: $(STUBS) $(OIP_STUBS)
 	$(PY) -m pytest -q $(ARGS)

@@ -53,7 +53,7 @@ from monitor.log import LogUnavailable
 log = logging.getLogger("modelguard.monitor")
 
 REPLY_TIMEOUT_S = 120.0    # a client's first request may wait for its restore: generous
-READ_MAX_MESSAGES = 512    # the child reads at most this many messages before working
+READ_MAX_MESSAGES = 512    # the monitor takes at most this many messages per round of steps
 STATUS_EVERY_S = 0.1       # the child reports readiness and fits its memory this often
 RECONNECT_S = 1.0          # a server retries a lost monitor at an address this often
 
@@ -194,7 +194,7 @@ class MonitorProcess:
                 return            # an old connection's failure: already handled
             if self._dead is None:
                 self._dead = why
-                if not self._closed:
+                if not (self._closed or self._closing):
                     log.error("%s: requests fail closed until %s", why,
                               "the server restarts" if self.address is None
                               else "the monitor is reachable again")
@@ -568,7 +568,8 @@ def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str,
     cfg = config.with_changes(execution={"mode": "process", "address": ""})
     mon = _start_monitor(cfg, db_path, True, threads)
     fitter = _MemoryFitter(mon)
-    listener = Listener(address, authkey=None)   # authenticated per connection, off this thread
+    listener = Listener(address, backlog=16,
+                        authkey=None)     # authenticated per connection, off this thread
     stop = stop or threading.Event()
     children: set[_Child] = set()
     lock = threading.Lock()
@@ -700,7 +701,8 @@ class _Child:
         self.conn, self.mon, self.shared = conn, mon, shared
         self.merge = mon.config.execution.max_lag > 0
         self.transitions: deque = deque()
-        mon.on_transition(self.transitions.append)
+        self._listener = self.transitions.append   # one object: off_transition finds it
+        mon.on_transition(self._listener)
         self.status = None
         self.next_status = 0.0
         self.stopped = threading.Event()
@@ -709,6 +711,15 @@ class _Child:
         self.out: queue.Queue = queue.Queue()
         self.sender = threading.Thread(target=self._send_loop, name="monitor-acks", daemon=True)
         self.sender.start()
+        # levels asked before an answer (a young key's linking probe looks at its images) are
+        # answered on their own thread: they wait neither for the detector steps read before
+        # them nor for acknowledgements waiting for their commits
+        self.inbox: queue.Queue = queue.Queue()   # what the worker runs, in order
+        self.error: BaseException | None = None
+        self.probes: queue.Queue = queue.Queue()
+        self.prober = threading.Thread(target=self._probe_loop, name="monitor-levels",
+                                       daemon=True)
+        self.prober.start()
 
     def emit(self, msg, ticket: int | None = None) -> None:
         """Send ``msg`` once ``ticket`` is durable, after everything emitted before it: at once
@@ -745,66 +756,112 @@ class _Child:
                 finally:
                     self.out.task_done()
 
+    def _probe_loop(self) -> None:
+        while True:
+            m = self.probes.get()
+            try:
+                if m is None:
+                    return
+                self.control(m)
+            finally:
+                self.probes.task_done()
+
     def run(self) -> None:
-        conn, mon = self.conn, self.mon
-        gone = False
-        self.emit(("hello", mon.config.model_dump_json()))
+        """Read the connection on this thread until it ends; the detector steps (and every
+        message but levels, in order) run on the worker thread, levels on the prober's, so a
+        level asked while a long step runs is answered at once. Raises what the worker
+        raised."""
+        conn = self.conn
+        self.emit(("hello", self.mon.config.model_dump_json()))
+        worker = threading.Thread(target=self._work_loop, name="monitor-steps", daemon=True)
+        worker.start()
         try:
-            while not gone and not self.stopped.is_set():
-                now = time.monotonic()
-                if now >= self.next_status:
-                    self.next_status = now + STATUS_EVERY_S
-                    status = (mon.ready(), mon.health())
-                    if status != self.status:
-                        if status[0] and not self.told_resident:
-                            # the clients restored at start (or held by a shared monitor):
-                            # their first requests then need no round trip (sent before
-                            # "ready")
-                            self.told_resident = True
-                            self.emit(("known", {c: (int(mon.current_level(c)),
-                                                     mon.queries(c), mon.wants_probe(c))
-                                                 for c in mon.resident_ids()}))
-                        self.status = status
-                        self.emit(("status",) + status)
-                msgs: list = []
+            while not self.stopped.is_set():
                 try:
                     if not conn.poll(STATUS_EVERY_S):
-                        if self.transitions:      # other servers' requests changed levels
-                            self.work([])
                         continue
-                    msgs.append(conn.recv())
-                    while len(msgs) < READ_MAX_MESSAGES and conn.poll(0):
-                        msgs.append(conn.recv())
+                    m = conn.recv()
                 except (EOFError, OSError):
-                    # what was read before the pipe closed is still run and logged below
-                    if not self.shared:
+                    # what was read before the connection closed is still run and logged
+                    if not self.shared and not self.stopped.is_set():
                         log.warning("the serving process is gone: closing the monitor")
-                    gone = True
-                taken = sum(m[0] == "observe" for m in msgs)
-                if taken:     # no longer waiting in the pipe: the parent may send more
-                    self.emit(("taken", taken))
-                jobs: list = []
-                for m in msgs:
-                    if m[0] == "observe":
-                        jobs.append(m[1:])
-                        continue
-                    if m[0] == "level":
-                        # at once, before the requests read with it: a level (and linking's
-                        # probe) looks at what the detectors have seen so far, as in async
-                        # mode; the client's own requests it must follow are acknowledged
-                        # already (max_lag), and the reply's query count is used only then
-                        self.control(m)
-                        continue
-                    self.work(jobs)
-                    jobs = []
-                    if self.control(m):
-                        return
-                self.work(jobs)
+                    break
+                if m[0] == "level":
+                    # a level (and linking's probe) looks at what the detectors have seen so
+                    # far, as in async mode; the client's own requests it must follow are
+                    # acknowledged already (max_lag), and the reply's query count is used
+                    # only then
+                    self.probes.put(m)
+                else:
+                    self.inbox.put(m)
         finally:
+            self.inbox.put(None)          # the worker runs what it has, then stops
+            worker.join()
             self.stopped.set()
-            mon.off_transition(self.transitions.append)
+            self.probes.put(None)
+            self.prober.join(60)
+            self.mon.off_transition(self._listener)
             self.out.put(None)
             self.sender.join(60)
+        if self.error is not None:
+            raise self.error
+
+    def _work_loop(self) -> None:
+        try:
+            self._work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run()
+            self.error = exc
+            log.exception("the monitor's detector steps failed")
+        finally:
+            self.stopped.set()
+
+    def _work(self) -> None:
+        mon = self.mon
+        while True:
+            now = time.monotonic()
+            if now >= self.next_status:
+                self.next_status = now + STATUS_EVERY_S
+                status = (mon.ready(), mon.health())
+                if status != self.status:
+                    if status[0] and not self.told_resident:
+                        # the clients restored at start (or held by a shared monitor): their
+                        # first requests then need no round trip (sent before "ready")
+                        self.told_resident = True
+                        self.emit(("known", {c: (int(mon.current_level(c)),
+                                                 mon.queries(c), mon.wants_probe(c))
+                                             for c in mon.resident_ids()}))
+                    self.status = status
+                    self.emit(("status",) + status)
+            try:
+                msgs = [self.inbox.get(timeout=STATUS_EVERY_S)]
+            except queue.Empty:
+                if self.transitions:      # other servers' requests changed levels
+                    self.work([])
+                continue
+            while len(msgs) < READ_MAX_MESSAGES and msgs[-1] is not None:
+                try:
+                    msgs.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            end = msgs[-1] is None
+            if end:
+                msgs.pop()
+            taken = sum(m[0] == "observe" for m in msgs)
+            if taken:     # no longer waiting to be run: the server may send more
+                self.emit(("taken", taken))
+            jobs: list = []
+            for m in msgs:
+                if m[0] == "observe":
+                    jobs.append(m[1:])
+                    continue
+                self.work(jobs)
+                jobs = []
+                self.probes.join()      # flush, stats, close: after the levels asked before
+                if self.control(m):
+                    return
+            self.work(jobs)
+            if end:
+                return
 
     def work(self, jobs: list) -> None:
         """Run the jobs through the detectors; their acknowledgement leaves once the rows the
@@ -847,5 +904,15 @@ class _Child:
                 reply = ValueError(f"unknown monitor request {kind!r}")
         except Exception as exc:  # noqa: BLE001 - raised in the parent's caller
             reply = exc
-        self.emit(("reply", token, reply))
+        if kind == "level":
+            # not behind the acknowledgements waiting for commits: the server asks a level only
+            # once the client's own requests are acknowledged (beyond max_lag), and what it
+            # holds of a client with requests in flight only rises with the reply
+            with self.send_lock:
+                try:
+                    self.conn.send(("reply", token, reply))
+                except (OSError, EOFError, ValueError):   # the server is gone
+                    pass
+        else:
+            self.emit(("reply", token, reply))
         return kind == "close"

@@ -225,3 +225,58 @@ def test_the_address_is_checked_when_the_config_loads(text, ok):
             _cfg(mode="process", address=text)
     with pytest.raises(ConfigError, match="needs execution.mode"):
         _cfg(mode="async", address="10.0.0.5:7070")
+
+
+def test_a_connection_that_ends_leaves_nothing_registered_on_the_shared_monitor():
+    """Each connection listens for level changes while it lasts; a monitor that serves
+    servers for months must not keep one listener per connection it ever had."""
+    import multiprocessing as mp
+
+    from monitor.process import _Child
+    with Monitor(_cfg(mode="process"), None, clock=FakeClock()) as mon:
+        before = len(mon._transition_listeners)
+        for _ in range(3):
+            ours, theirs = mp.Pipe()
+            child = _Child(theirs, mon, shared=True)
+            t = threading.Thread(target=child.run)
+            t.start()
+            assert ours.recv()[0] == "hello"
+            assert len(mon._transition_listeners) == before + 1
+            ours.close()
+            t.join(10)
+            assert not t.is_alive()
+        assert len(mon._transition_listeners) == before
+
+
+def test_a_young_keys_level_is_answered_while_the_detectors_run_another_clients_step(streams):
+    """A key younger than linking.probe_queries asks for its level with its images before
+    every answer; that must not wait for a long detector step of another client that started
+    before it (it used to: the level was read only after the step, and answered after the
+    step's acknowledgement)."""
+    import multiprocessing as mp
+
+    from monitor.process import _Child
+    x, p = streams["natural"]
+    with Monitor(_cfg(mode="process"), None, clock=FakeClock()) as mon:
+        ours, theirs = mp.Pipe()
+        child = _Child(theirs, mon)
+        t = threading.Thread(target=child.run)
+        t.start()
+        try:
+            assert ours.recv()[0] == "hello"
+            ours.send(("observe", "big", "r0", 1.0, x[:600], p[:600], _answer(p[:600]),
+                       int(Level.NORMAL)))
+            deadline = time.monotonic() + 30
+            while not mon._engines.get("big") and time.monotonic() < deadline:
+                time.sleep(0.001)           # the big step has started
+            ours.send(("level", 7, "young", x[600:601]))
+            order = []
+            while len(order) < 2:
+                msg = ours.recv()
+                if msg[0] in ("ack", "reply"):
+                    # (the big client's count moves when its step's detectors are done)
+                    order.append((msg[0], mon._engines["big"].qn))
+            assert order == [("reply", 0), ("ack", 600)]
+        finally:
+            ours.send(("close", 8))
+            t.join(30)
