@@ -15,13 +15,17 @@ real server. Sections (all of them when none is chosen):
                not know that key), async-lag (async with ``max_lag = 64``: a client's
                requests that wait together are run through the detectors as one step),
                process and process-lag (the same with ``mode = "process"``: the monitor in a
-               child process of the server). Ratio = the profile's img/s / the echo's img/s
+               child process of the server), remote and remote-lag (the same two with the
+               monitor started on its own, ``python -m monitor serve``, and the server
+               connecting to it over TCP). Ratio = the profile's img/s / the echo's img/s
                in that cell.
 ``--history-latency``  unary (batch 1) p50/p99 for 4 clients, fresh and after each sent 100k
                queries (default profile), with the echo's for reference.
 ``--crash``    32 clients x ~5,000 queries (batch 64); ``kill -9`` of the server during the
                load; restart on the same database; time to ServerReady and the latency of every
-               client's first request after the restart (median, max).
+               client's first request after the restart (median, max). ``--crash-kills
+               monitor`` (remote profiles): the monitor is killed instead, and a new one
+               started on the same log and port.
 ``--cost``     in process: monitor.Monitor's observe() cost per item at a client history of
                1k..1M queries (batch 1 and batch 256), and the memory of that client's state.
 
@@ -199,11 +203,16 @@ class ServerProcess:
                 break
         return time.monotonic() - t0
 
-    def kill9(self) -> None:
+    def kill9(self, children: bool = False) -> None:
         """SIGKILL to the server process only: a child of it (the monitor's own process in mode
-        "process") sees its pipe close and finishes by itself (``orphans``)."""
+        "process") sees its pipe close and finishes by itself (``orphans``). ``children``:
+        SIGKILL to its children first (a whole container killed)."""
         if self.alive():
             self.orphans = _with_children(self.pid)[1:]
+            if children:
+                for pid in self.orphans:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
         self._close()
@@ -732,7 +741,7 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
                                time.monotonic() - t0 > args.fill_timeout):
                 killed["acked_images"] = pool.progress()
                 killed["t"] = round(time.monotonic() - t0, 2)
-                victim.kill9()
+                victim.kill9(children=args.crash_kills == "all")
         try:
             load = drive(pool, s.address, keys, b, max_requests=per, stop_on_error=True,
                          timeout=args.timeout, max_total_s=args.fill_timeout, tick=tick,
@@ -742,7 +751,7 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         if not killed:  # the load finished before the kill point (tiny loads)
             killed["acked_images"] = pool.progress()
             killed["t"] = round(time.monotonic() - t0, 2)
-            victim.kill9()
+            victim.kill9(children=args.crash_kills == "all")
             rep.note("crash: the load ended before the kill point; killed after it")
         orphans, t_kill = getattr(victim, "orphans", []), time.monotonic()
         while any(Path(f"/proc/{p}").exists() for p in orphans) and \
@@ -830,7 +839,8 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         sec = rep.md["crash"] = [
             "## Crash recovery", "",
             f"Profile {prof}. {nc} clients x {per * b:,} queries (batch {b}) from the attack "
-            f"pool; the {args.crash_kills} was killed with SIGKILL at {args.crash_at:.0%} of the "
+            f"pool; the {'server and its children were' if args.crash_kills == 'all' else args.crash_kills + ' was'} "
+            f"killed with SIGKILL at {args.crash_at:.0%} of the "
             f"load, then " + ("a new monitor started on the same log and port (the server "
                               "kept running and reconnected)." if kill_monitor else
                               "restarted on the same database."), ""]
@@ -1001,9 +1011,11 @@ def parse_args(argv=None):
                    help="--crash: the server profile (default: default)")
     o.add_argument("--hl-profile", default="default", choices=PROFILES,
                    help="--history-latency: the server profile (default: default)")
-    o.add_argument("--crash-kills", default="server", choices=("server", "monitor"),
-                   help="--crash: what is killed: the server, or (remote profiles) the monitor "
-                        "it connects to (default: server)")
+    o.add_argument("--crash-kills", default="server", choices=("server", "all", "monitor"),
+                   help="--crash: what is killed: the server; all: the server and its child "
+                        "processes at once (process profiles: the monitor's process too); "
+                        "monitor: (remote profiles) the monitor it connects to (default: "
+                        "server)")
     o.add_argument("--crash-clients", type=int, default=None, help="--crash clients (32)")
     o.add_argument("--crash-queries", type=int, default=None,
                    help="--crash queries per client (5000)")
