@@ -332,7 +332,8 @@ def cmd_serve(a) -> int:
     import logging
 
     from monitor.config import load_config, parse_address
-    from monitor.process import link_key, serve
+    from monitor.process import ListenError, link_key, serve
+    from common.keys import MIN_SECRET_BYTES
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[monitor]: %(message)s")
     try:
@@ -340,11 +341,16 @@ def cmd_serve(a) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     cfg = load_config(a.config)
-    key = link_key(_secret(a, "serve"))
+    secret = _secret(a, "serve")
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        logging.getLogger("modelguard.monitor").warning(
+            "the secret has %d bytes (servers want at least %d unless run with --dev-secret): "
+            "the link's key is only as strong as the secret", len(secret.encode()),
+            MIN_SECRET_BYTES)
     try:
-        serve(cfg, a.db, address, key, threads=a.threads)
-    except OSError as exc:
-        raise CliError(f"cannot listen on {a.listen}: {exc.strerror or exc}") from None
+        serve(cfg, a.db, address, link_key(secret), threads=a.threads)
+    except ListenError as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 

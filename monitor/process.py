@@ -23,6 +23,13 @@ the answers by a bounded amount, as in async mode:
   service answers as UNAVAILABLE) and ``health()`` says why; a restart of the server restores
   from the log and the checkpoints as after any crash.
 
+The same monitor can run on its own, on this machine or another (:func:`serve`, ``python -m
+monitor serve``), with servers connecting to it over TCP (``execution.address``): it then keeps
+its own log and config, outlives the servers (a restarted server finds its clients in memory),
+may be shared by several servers (level changes reach every one of them), and a server that
+loses it fails closed and reconnects by itself. The monitor's side reads each connection on one
+thread, runs the detector steps on another and answers levels on a third.
+
 Only the embedded SQLite store is supported here (replicas sharing PostgreSQL hand clients
 over between them, which the serving process's cached levels would not see).
 """
@@ -274,8 +281,14 @@ class MonitorProcess:
                     self._waiting -= msg[1]
                     self._cv.notify_all()
             elif kind == "hello":
+                try:
+                    cfg = MonitorConfig.model_validate_json(msg[1])
+                except ValueError as exc:   # another version's config: nothing is safe to do
+                    self._died(f"the monitor's config cannot be read here (another version of "
+                               f"modelguard?): {str(exc).splitlines()[0]}", gen)
+                    return
                 with self._cv:
-                    self._adopt(MonitorConfig.model_validate_json(msg[1]))
+                    self._adopt(cfg)
             elif kind == "known":
                 with self._cv:
                     for c, (lvl, qn, want) in msg[1].items():
@@ -553,6 +566,10 @@ def _start_monitor(cfg: MonitorConfig, db_path, warm: bool, threads: int):
     return Monitor(cfg, db_path, warm=warm)
 
 
+class ListenError(OSError):
+    """``serve`` cannot bind its address (in use, not this host's, no permission)."""
+
+
 def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str, int],
           authkey: bytes, *, threads: int = 1, on_listening: Callable | None = None,
           stop: threading.Event | None = None) -> None:
@@ -566,10 +583,18 @@ def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str,
     from multiprocessing.connection import Listener
 
     cfg = config.with_changes(execution={"mode": "process", "address": ""})
-    mon = _start_monitor(cfg, db_path, True, threads)
+    try:        # first: a port in use is said at once, not after the monitor's restore
+        listener = Listener(address, backlog=16,
+                            authkey=None)     # authenticated per connection, off this thread
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {address[0]}:{address[1]}: "
+                          f"{exc.strerror or exc}") from None
+    try:
+        mon = _start_monitor(cfg, db_path, True, threads)
+    except BaseException:
+        listener.close()
+        raise
     fitter = _MemoryFitter(mon)
-    listener = Listener(address, backlog=16,
-                        authkey=None)     # authenticated per connection, off this thread
     stop = stop or threading.Event()
     children: set[_Child] = set()
     lock = threading.Lock()
@@ -711,11 +736,11 @@ class _Child:
         self.out: queue.Queue = queue.Queue()
         self.sender = threading.Thread(target=self._send_loop, name="monitor-acks", daemon=True)
         self.sender.start()
+        self.inbox: queue.Queue = queue.Queue()   # what the worker runs, in order
+        self.error: BaseException | None = None
         # levels asked before an answer (a young key's linking probe looks at its images) are
         # answered on their own thread: they wait neither for the detector steps read before
         # them nor for acknowledgements waiting for their commits
-        self.inbox: queue.Queue = queue.Queue()   # what the worker runs, in order
-        self.error: BaseException | None = None
         self.probes: queue.Queue = queue.Queue()
         self.prober = threading.Thread(target=self._probe_loop, name="monitor-levels",
                                        daemon=True)
