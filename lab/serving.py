@@ -281,6 +281,22 @@ def echo_server(workers: int, workdir: Path) -> ServerProcess:
     return ServerProcess("echo", argv, port, workdir / "echo.log").start()
 
 
+def monitor_process(name: str, db: Path, workdir: Path, config: str | None = None
+                    ) -> ServerProcess:
+    """``python -m monitor serve`` on a free port, its log ``db``; returns once it listens."""
+    port = free_port()
+    argv = [sys.executable, "-m", "monitor", "--db", str(db), "serve", "--listen",
+            f"{HOST}:{port}"] + (["--config", config] if config else [])
+    m = ServerProcess(name, argv, port, workdir / f"{name}.log").start()
+    deadline = time.monotonic() + 120
+    while "listening on" not in m.tail(5):
+        if not m.alive() or time.monotonic() > deadline:
+            m.stop()
+            raise RuntimeError(f"the monitor {name} did not start:\n{m.tail()}")
+        time.sleep(0.05)
+    return m
+
+
 def real_server(name: str, extra: list[str], args, db: Path, workdir: Path,
                 profile: str | None = None) -> ServerProcess:
     """A server of ``profile`` (default: ``name``); for the remote profiles, the monitor it
@@ -290,17 +306,9 @@ def real_server(name: str, extra: list[str], args, db: Path, workdir: Path,
     port = free_port()
     companion = None
     if (profile or name).startswith("remote"):
-        mport = free_port()
-        margv = [sys.executable, "-m", "monitor", "--db", str(db), "serve", "--listen",
-                 f"{HOST}:{mport}", "--config", extra[extra.index("--monitor-config") + 1]]
-        companion = ServerProcess(f"{name}-monitor", margv, mport,
-                                  workdir / f"{name}-monitor.log").start()
-        deadline = time.monotonic() + 120
-        while "listening on" not in companion.tail(5):
-            if not companion.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the {name} monitor did not start:\n{companion.tail()}")
-            time.sleep(0.05)
-        extra = [*extra, "--monitor-address", f"{HOST}:{mport}"]
+        companion = monitor_process(f"{name}-monitor", db, workdir,
+                                    extra[extra.index("--monitor-config") + 1])
+        extra = [*extra, "--monitor-address", companion.address]
     argv = [sys.executable, "-m", "service", "serve", "--host", HOST, "--port", str(port),
             "--workers", str(args.workers), "--torch-threads", "1",
             "--artifacts", str(args.artifacts), "--target", str(args.artifacts / "target.pt"),
@@ -706,6 +714,10 @@ def logged_queries(db: Path, keys: list[str]) -> dict[str, int]:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+_KILLED = {"server": "server was", "all": "server and its children were",
+           "monitor": "monitor was"}
+
+
 def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
     nc, q, b = args.crash_clients, args.crash_queries, 64
     per = math.ceil(q / b)
@@ -839,8 +851,8 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         sec = rep.md["crash"] = [
             "## Crash recovery", "",
             f"Profile {prof}. {nc} clients x {per * b:,} queries (batch {b}) from the attack "
-            f"pool; the {'server and its children were' if args.crash_kills == 'all' else args.crash_kills + ' was'} "
-            f"killed with SIGKILL at {args.crash_at:.0%} of the "
+            f"pool; the {_KILLED[args.crash_kills]} killed with SIGKILL at "
+            f"{args.crash_at:.0%} of the "
             f"load, then " + ("a new monitor started on the same log and port (the server "
                               "kept running and reconnected)." if kill_monitor else
                               "restarted on the same database."), ""]

@@ -18,12 +18,11 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from lab.serving import HOST, ServerProcess, free_port
+from lab.serving import HOST, ServerProcess, free_port, monitor_process
 
 SECRET = "lab-shared-monitor-secret-0123456789abcdef"
 
@@ -39,19 +38,6 @@ def _server(name: str, workdir: Path, artifacts: Path, extra: list[str]) -> Serv
             "--torch-threads", "1", "--artifacts", str(artifacts),
             "--target", str(artifacts / "target.pt"), "--open-keys", *extra]
     return ServerProcess(name, argv, port, workdir / f"{name}.log").start()
-
-
-def _monitor(workdir: Path, db: Path) -> ServerProcess:
-    port = free_port()
-    argv = [sys.executable, "-m", "monitor", "--db", str(db), "serve", "--listen",
-            f"{HOST}:{port}"]
-    m = ServerProcess("monitor", argv, port, workdir / "monitor.log").start()
-    deadline = time.monotonic() + 120
-    while "listening on" not in m.tail(5):
-        if not m.alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the monitor did not start:\n{m.tail()}")
-        time.sleep(0.05)
-    return m
 
 
 def _drive(addresses: list[str], streams: dict[str, np.ndarray], batch: int) -> None:
@@ -125,10 +111,10 @@ def main(argv=None) -> int:
         _drive([one.address], streams, a.batch)
         one.stop()
         res["one_server"] = _read(workdir / "one.db", list(streams))
-        mon = _monitor(workdir, workdir / "shared.db")
+        mon = monitor_process("monitor", workdir / "shared.db", workdir)
         procs.append(mon)
         servers = [_server(f"s{i}", workdir, a.artifacts,
-                           ["--monitor-address", f"{HOST}:{mon.port}"])
+                           ["--monitor-address", mon.address])
                    for i in range(a.servers)]
         procs += servers
         for s in servers:

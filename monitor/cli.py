@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "of the key, never the key)")
     secret = argparse.ArgumentParser(add_help=False)
     secret.add_argument("--secret-file", metavar="PATH",
-                        help="the server's secret, for --key and serve (default: $MODELGUARD_SECRET, else "
+                        help="the server's secret, for --key and serve (default: "
+                             "$MODELGUARD_SECRET, else "
                              "$MODELGUARD_SECRET_FILE, else $MODELGUARD_ARTIFACTS/secret or "
                              "artifacts/secret, the file `make serve` generates)")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")

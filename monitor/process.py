@@ -220,12 +220,7 @@ class MonitorProcess:
             try:
                 conn = _connect(self.address, self._authkey)
             except (OSError, EOFError, mp.AuthenticationError) as exc:
-                why = (f"the monitor at {self.config.execution.address} refused this server's "
-                       f"key: both must read the same secret" if isinstance(
-                           exc, mp.AuthenticationError) else
-                       f"cannot reach the monitor at {self.config.execution.address} "
-                       f"({exc.strerror or exc!r})" if isinstance(exc, OSError) else
-                       f"the monitor at {self.config.execution.address} closed the connection")
+                why = _unreachable(self.config.execution.address, exc)
                 with self._cv:
                     self._dead = why
                     self._cv.notify_all()
@@ -503,6 +498,16 @@ class MonitorProcess:
         where = (f"pid={self.pid}, db={self.db_path}" if self.address is None
                  else f"address={self.config.execution.address}")
         return f"MonitorProcess({where})"
+
+
+def _unreachable(address: str, exc: BaseException) -> str:
+    """Why a connection to the monitor at ``address`` failed, for health() and the log."""
+    if isinstance(exc, mp.AuthenticationError):
+        return (f"the monitor at {address} refused this server's key: both must read the same "
+                f"secret")
+    if isinstance(exc, OSError):
+        return f"cannot reach the monitor at {address} ({exc.strerror or exc!r})"
+    return f"the monitor at {address} closed the connection"
 
 
 def _connect(address: tuple[str, int], authkey: bytes):
