@@ -220,13 +220,11 @@ class ServerProcess:
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM (the server shuts down gracefully), SIGKILL after ``grace`` seconds; then
         its companion, if any."""
-        if self.companion is not None:
-            try:
-                self._stop(grace)
-            finally:
+        try:
+            self._stop(grace)
+        finally:
+            if self.companion is not None:
                 self.companion.stop(max(grace, 60.0))
-            return
-        self._stop(grace)
 
     def _stop(self, grace: float) -> None:
         if self.proc is None:
@@ -728,13 +726,12 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
     extras, notes = prepare_profiles([prof], workdir)
     if prof not in extras:
         raise SystemExit(f"--crash-profile {prof}: {'; '.join(notes) or 'not a server profile'}")
-    db = workdir / "crash.db"
-    s = real_server(f"crash-{prof}", extras[prof], args, db, workdir, prof)
     kill_monitor = args.crash_kills == "monitor"
-    if kill_monitor and s.companion is None:
-        s.stop()
+    if kill_monitor and not prof.startswith("remote"):
         raise SystemExit(f"--crash-kills monitor needs a profile whose monitor runs on its own "
                          f"(remote, remote-lag), not {prof}")
+    db = workdir / "crash.db"
+    s = real_server(f"crash-{prof}", extras[prof], args, db, workdir, prof)
     victim = s.companion if kill_monitor else s
     res: dict = {"clients": nc, "queries_per_client": per * b, "batch": b,
                  "profile": prof, "killed": args.crash_kills}
