@@ -7,9 +7,11 @@ STAMP     := $(VENV)/.installed
 ARTIFACTS ?= artifacts
 PORT      ?= 50051
 HOST      ?= 127.0.0.1
-# `make monitor` listens here; `make serve MONITOR=HOST:PORT` connects to such a monitor
+# `make monitor` listens here; `make serve MONITOR=HOST:PORT` connects to such a monitor.
+# TLS on that link: `make monitor ARGS="--tls-cert C --tls-key K"`, `make serve MONITOR_CA=CA.pem`
 MONITOR_LISTEN ?= 127.0.0.1:7070
 MONITOR   ?=
+MONITOR_CA ?=
 ARGS      ?=
 # Data directory (torchvision layout: FashionMNIST/raw, MNIST/raw): $MODELGUARD_DATA when set,
 # else ./data (the code's default; the tests also look in ../shared/data).
@@ -101,7 +103,7 @@ $(SECRET_FILE):
 	@echo "generated a random server secret in $@"
 
 serve: $(STUBS) $(OIP_STUBS) $(TARGET_CKPT) $(POOL_STAMP) $(SECRET_FILE)
-	$(PY) -m service serve --host $(HOST) --port $(PORT) $(if $(MODELGUARD_SECRET),,--secret-file $(SECRET_FILE)) $(if $(MONITOR),--monitor-address $(MONITOR)) $(KEYS) $(ARGS)
+	$(PY) -m service serve --host $(HOST) --port $(PORT) $(if $(MODELGUARD_SECRET),,--secret-file $(SECRET_FILE)) $(if $(MONITOR),--monitor-address $(MONITOR)) $(if $(MONITOR_CA),--monitor-tls-ca $(MONITOR_CA)) $(KEYS) $(ARGS)
 
 monitor: $(STUBS) $(SECRET_FILE)
 	$(PY) -m monitor serve --listen $(MONITOR_LISTEN) $(if $(MODELGUARD_SECRET),,--secret-file $(SECRET_FILE)) $(ARGS)

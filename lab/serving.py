@@ -17,7 +17,8 @@ real server. Sections (all of them when none is chosen):
                process and process-lag (the same with ``mode = "process"``: the monitor in a
                child process of the server), remote and remote-lag (the same two with the
                monitor started on its own, ``python -m monitor serve``, and the server
-               connecting to it over TCP). Ratio = the profile's img/s / the echo's img/s
+               connecting to it over TCP), remote-tls and remote-lag-tls (the same over TLS,
+               with throwaway certificates from lab.certs: needs ``openssl``). Ratio = the profile's img/s / the echo's img/s
                in that cell.
 ``--history-latency``  unary (batch 1) p50/p99 for 4 clients, fresh and after each sent 100k
                queries (default profile), with the echo's for reference.
@@ -64,7 +65,7 @@ from lab.loadgen import FORMATS, ClientPool
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 PROFILES = ("monitor-off", "detectors-off", "default", "fast", "strict", "async", "async-lag",
-            "process", "process-lag", "remote", "remote-lag")
+            "process", "process-lag", "remote", "remote-lag", "remote-tls", "remote-lag-tls")
 ASYNC_LAG = 64      # the async-lag profile's [execution] max_lag
 READY_KEY = (("x-api-key", "bench-readiness"),)
 
@@ -279,12 +280,15 @@ def echo_server(workers: int, workdir: Path) -> ServerProcess:
     return ServerProcess("echo", argv, port, workdir / "echo.log").start()
 
 
-def monitor_process(name: str, db: Path, workdir: Path, config: str | None = None
-                    ) -> ServerProcess:
-    """``python -m monitor serve`` on a free port, its log ``db``; returns once it listens."""
+def monitor_process(name: str, db: Path, workdir: Path, config: str | None = None,
+                    tls: Path | None = None) -> ServerProcess:
+    """``python -m monitor serve`` on a free port, its log ``db``; returns once it listens.
+    ``tls``: a lab.certs directory: serve TLS with its server certificate."""
     port = free_port()
     argv = [sys.executable, "-m", "monitor", "--db", str(db), "serve", "--listen",
-            f"{HOST}:{port}"] + (["--config", config] if config else [])
+            f"{HOST}:{port}"] + (["--config", config] if config else []) + (
+        [] if tls is None else ["--tls-cert", str(tls / "server.pem"),
+                                "--tls-key", str(tls / "server.key")])
     m = ServerProcess(name, argv, port, workdir / f"{name}.log").start()
     deadline = time.monotonic() + 120
     while "listening on" not in m.tail(5):
@@ -303,10 +307,20 @@ def real_server(name: str, extra: list[str], args, db: Path, workdir: Path,
     stops with the server."""
     port = free_port()
     companion = None
-    if (profile or name).startswith("remote"):
+    prof = profile or name
+    if prof.startswith("remote"):
+        tls = None
+        if prof.endswith("-tls"):     # TLS on the link, with throwaway certificates
+            from lab.certs import make_certs
+            tls = workdir / "certs"
+            if not (tls / "server.pem").exists():
+                tls.mkdir(exist_ok=True)
+                make_certs(tls)
         companion = monitor_process(f"{name}-monitor", db, workdir,
-                                    extra[extra.index("--monitor-config") + 1])
+                                    extra[extra.index("--monitor-config") + 1], tls)
         extra = [*extra, "--monitor-address", companion.address]
+        if tls is not None:
+            extra += ["--monitor-tls-ca", str(tls / "ca.pem")]
     argv = [sys.executable, "-m", "service", "serve", "--host", HOST, "--port", str(port),
             "--workers", str(args.workers), "--torch-threads", "1",
             "--artifacts", str(args.artifacts), "--target", str(args.artifacts / "target.pt"),
@@ -369,12 +383,13 @@ def prepare_profiles(names: list[str], workdir: Path) -> tuple[dict[str, list[st
             d = copy.deepcopy(base)
             d.setdefault("log", {})["durability"] = "fast"
             out[name] = ["--monitor-config", str(write(name, d))]
-        elif name in ("async", "async-lag", "process", "process-lag", "remote", "remote-lag"):
+        elif name in ("async", "async-lag", "process", "process-lag", "remote", "remote-lag",
+                      "remote-tls", "remote-lag-tls"):
             # remote: the monitor started on its own (`python -m monitor serve`, this TOML),
             # the server connecting to it over TCP (real_server)
             d = copy.deepcopy(base)
             d["execution"] = {"mode": name.split("-")[0].replace("remote", "process")}
-            if name.endswith("-lag"):
+            if "-lag" in name:
                 d["execution"]["max_lag"] = ASYNC_LAG
             try:
                 out[name] = ["--monitor-config", str(write(name, d))]

@@ -340,6 +340,16 @@ def cmd_serve(a) -> int:
         address = parse_address(a.listen)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if bool(a.tls_cert) != bool(a.tls_key):
+        raise CliError("--tls-cert and --tls-key go together (the certificate chain and its "
+                       "private key, PEM)")
+    tls = None
+    if a.tls_cert:
+        from monitor.tlslink import TLSConfigError, server_context
+        try:
+            tls = server_context(a.tls_cert, a.tls_key)
+        except TLSConfigError as exc:
+            raise CliError(str(exc)) from None
     cfg = load_config(a.config)
     secret = _secret(a, "serve")
     if len(secret.encode()) < MIN_SECRET_BYTES:
@@ -348,7 +358,7 @@ def cmd_serve(a) -> int:
             "the link's key is only as strong as the secret", len(secret.encode()),
             MIN_SECRET_BYTES)
     try:
-        serve(cfg, a.db, address, link_key(secret), threads=a.threads)
+        serve(cfg, a.db, address, link_key(secret), threads=a.threads, tls=tls)
     except ListenError as exc:
         raise CliError(str(exc)) from None
     return 0
@@ -420,7 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "servers whose [execution] address names it (docs/monitor.md)")
     p.add_argument("--listen", default="127.0.0.1:7070", metavar="HOST:PORT",
                    help="where servers connect (default %(default)s; 0.0.0.0:PORT for other "
-                        "machines: the link is authenticated, not encrypted)")
+                        "machines: the link is authenticated by the secret, and encrypted "
+                        "only with --tls-cert)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this certificate "
+                   "chain (it must name the host servers connect to; they trust its CA with "
+                   "--monitor-tls-ca or [execution] tls_ca)")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     p.add_argument("--config", default=None,
                    help="monitor TOML: detectors, rules, linking, log, execution "
                         "(default monitor/default.toml); the servers' own policies and "

@@ -363,6 +363,10 @@ class ExecutionConfig(_Strict):
                          "with `python -m monitor serve` (on this machine or another; "
                          "authenticated with a key derived from the server's secret); empty: "
                          "the server spawns the monitor as its child process")
+    tls_ca: str = Field("", description="with address: PEM CA bundle that signed the "
+                        "monitor's certificate (`monitor serve --tls-cert`): the link is TLS and "
+                        "the monitor must present a certificate naming the address's host; "
+                        "empty: plain TCP (authenticated by the key, not encrypted)")
 
     @model_validator(mode="after")
     def _address_needs_process(self):
@@ -371,6 +375,9 @@ class ExecutionConfig(_Strict):
                 raise ValueError(f"execution.address = {self.address!r} needs execution.mode = "
                                  f"\"process\"")
             parse_address(self.address)
+        if self.tls_ca and not self.address:
+            raise ValueError("execution.tls_ca is for a monitor at execution.address (a "
+                             "monitor that is the server's child needs no TLS)")
         return self
 
     @model_validator(mode="after")

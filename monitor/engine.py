@@ -95,30 +95,6 @@ class ClientEngine:
         self._bind(cfg)
         return self
 
-    def nbytes(self) -> int:
-        """The detector state's array memory (what grows with the client's history; the few
-        hundred bytes of Python objects around it are not counted)."""
-        seen: set[int] = set()
-        total = 0
-        stack: list = [self.dets, self.hits]
-        while stack:
-            o = stack.pop()
-            if id(o) in seen:
-                continue
-            seen.add(id(o))
-            if isinstance(o, np.ndarray):
-                base = o if o.base is None else o.base
-                if id(base) not in seen or base is o:
-                    seen.add(id(base))
-                    total += base.nbytes if isinstance(base, np.ndarray) else o.nbytes
-            elif isinstance(o, dict):
-                stack.extend(o.values())
-            elif isinstance(o, (list, tuple, set)):
-                stack.extend(o)
-            elif hasattr(o, "__dict__") and not isinstance(o, type):
-                stack.extend(vars(o).values())
-        return total
-
     def begin_batch(self, t: float) -> list[Transition]:
         """Optional cool-down (non-monotone ladders): one level down after ``cooldown_seconds``
         with no rule condition holding. Applied at the start of a request."""

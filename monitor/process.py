@@ -44,6 +44,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict, deque
@@ -108,6 +109,11 @@ class MonitorProcess:
         self.config = config
         self.db_path = Path(db_path) if db_path is not None and self.address is None else None
         self._authkey = authkey
+        # TLS to the monitor at the address: a CA file that cannot be used fails here, at start
+        self._tls = None
+        if ex.tls_ca:
+            from monitor.tlslink import client_context
+            self._tls = client_context(ex.tls_ca)
         self._clock = clock
         self._adopt(config)
         self._cv = threading.Condition()
@@ -218,7 +224,7 @@ class MonitorProcess:
         warned = False
         while not self._closing:
             try:
-                conn = _connect(self.address, self._authkey)
+                conn = _connect(self.address, self._authkey, self._tls)
             except (OSError, EOFError, mp.AuthenticationError) as exc:
                 why = _unreachable(self.config.execution.address, exc)
                 with self._cv:
@@ -505,17 +511,37 @@ def _unreachable(address: str, exc: BaseException) -> str:
     if isinstance(exc, mp.AuthenticationError):
         return (f"the monitor at {address} refused this server's key: both must read the same "
                 f"secret")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the monitor at {address} presented a certificate this server does not trust "
+                f"({exc.verify_message}): it must be signed by the CA in execution.tls_ca "
+                f"(--monitor-tls-ca) and name the host {address.rsplit(':', 1)[0]}")
+    if isinstance(exc, ssl.SSLError):
+        return (f"the TLS handshake with the monitor at {address} failed ({exc.reason or exc}): "
+                f"is it serving TLS (monitor serve --tls-cert)?")
     if isinstance(exc, OSError):
         return f"cannot reach the monitor at {address} ({exc.strerror or exc!r})"
-    return f"the monitor at {address} closed the connection"
+    return (f"the monitor at {address} closed the connection (one serving TLS needs "
+            f"execution.tls_ca here, --monitor-tls-ca)")
 
 
-def _connect(address: tuple[str, int], authkey: bytes):
+def _connect(address: tuple[str, int], authkey: bytes, tls: ssl.SSLContext | None = None):
     """A connection to a monitor that ``serve`` runs, both sides authenticated (HMAC
-    challenges both ways, as multiprocessing's Client does)."""
-    from multiprocessing.connection import Client
-    conn = Client(address, authkey=authkey)
-    _no_delay(conn)
+    challenges both ways, as multiprocessing's Client does), over TLS with ``tls``."""
+    from multiprocessing.connection import Client, answer_challenge, deliver_challenge
+    if tls is None:
+        conn = Client(address, authkey=authkey)
+        _no_delay(conn)
+        return conn
+    from monitor.tlslink import HANDSHAKE_TIMEOUT_S, TLSConnection
+    sock = socket.create_connection(address, timeout=HANDSHAKE_TIMEOUT_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = TLSConnection(sock, tls, server_side=False, server_hostname=address[0])
+    try:
+        answer_challenge(conn, authkey)
+        deliver_challenge(conn, authkey)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -577,20 +603,20 @@ class ListenError(OSError):
 
 def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str, int],
           authkey: bytes, *, threads: int = 1, on_listening: Callable | None = None,
-          stop: threading.Event | None = None) -> None:
+          stop: threading.Event | None = None, tls: ssl.SSLContext | None = None) -> None:
     """``python -m monitor serve``: run the monitor on its own (this machine or another) for
     the servers whose ``execution.address`` names it. Each server that connects (authenticated
     with ``authkey``, see :func:`link_key`) is served as a child of its own would be; several
     may share the monitor, and a server that restarts finds its clients' state still in memory.
     Returns on SIGTERM or SIGINT (from the main thread; else when ``stop`` is set), once every
     client is checkpointed and the log closed. ``on_listening(address)``: called with the
-    bound address (port 0: the one chosen)."""
-    from multiprocessing.connection import Listener
+    bound address (port 0: the one chosen). ``tls``: serve TLS only
+    (:func:`monitor.tlslink.server_context`)."""
+    from multiprocessing.connection import Connection
 
-    cfg = config.with_changes(execution={"mode": "process", "address": ""})
+    cfg = config.with_changes(execution={"mode": "process", "address": "", "tls_ca": ""})
     try:        # first: a port in use is said at once, not after the monitor's restore
-        listener = Listener(address, backlog=16,
-                            authkey=None)     # authenticated per connection, off this thread
+        listener = socket.create_server(address, backlog=16)
     except OSError as exc:
         raise ListenError(f"cannot listen on {address[0]}:{address[1]}: "
                           f"{exc.strerror or exc}") from None
@@ -604,7 +630,7 @@ def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str,
     children: set[_Child] = set()
     lock = threading.Lock()
 
-    bound = listener.address
+    bound = listener.getsockname()[:2]
 
     def closer() -> None:
         stop.wait()
@@ -619,16 +645,23 @@ def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str,
         old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM,
                                                                       signal.SIGINT)}
 
-    def handle(conn, peer) -> None:
+    def handle(sock, peer) -> None:
         from multiprocessing.connection import answer_challenge, deliver_challenge
+        conn = None
         try:
-            _no_delay(conn)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is None:
+                conn = Connection(sock.detach())
+            else:             # the handshake here, off the accepting thread
+                from monitor.tlslink import TLSConnection
+                conn = TLSConnection(sock, tls, server_side=True)
             deliver_challenge(conn, authkey)
             answer_challenge(conn, authkey)
         except (mp.AuthenticationError, OSError, EOFError) as exc:
             log.warning("refused a connection from %s: %r (a server must read the same "
-                        "secret as this monitor)", peer, exc)
-            conn.close()
+                        "secret as this monitor%s)", peer, exc,
+                        "" if tls is None else " and connect with TLS, trusting its CA")
+            (sock if conn is None else conn).close()
             return
         child = _Child(conn, mon, shared=True)
         with lock:
@@ -644,22 +677,23 @@ def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str,
             conn.close()
             log.info("server at %s disconnected", peer)
 
-    log.info("monitor listening on %s:%d (log %s)", bound[0], bound[1], db_path)
+    log.info("monitor listening on %s:%d (%s; log %s)", bound[0], bound[1],
+             "TLS" if tls is not None else "plain TCP, authenticated, not encrypted", db_path)
     if on_listening is not None:
         on_listening(bound)
     try:
         while not stop.is_set():
             try:
-                conn = listener.accept()
+                sock, peer = listener.accept()
             except OSError:
                 if stop.is_set():
                     break
                 raise
             if stop.is_set():
-                conn.close()
+                sock.close()
                 break
-            peer = listener.last_accepted
-            threading.Thread(target=handle, args=(conn, peer), daemon=True,
+            sock.setblocking(True)
+            threading.Thread(target=handle, args=(sock, peer[:2]), daemon=True,
                              name=f"monitor-conn-{peer}").start()
     finally:
         stop.set()

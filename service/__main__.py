@@ -116,6 +116,9 @@ def main(argv=None) -> int:
                    help="connect to a monitor started with `python -m monitor serve` (on this "
                         "machine or another; same secret) instead of running one: sets "
                         "[execution] mode = \"process\" and address (docs/monitor.md)")
+    s.add_argument("--monitor-tls-ca", dest="monitor_tls_ca", type=Path, metavar="PEM",
+                   help="the CA that signed the certificate of the monitor at "
+                        "--monitor-address (monitor serve --tls-cert): the link is TLS")
     k = s.add_argument_group("keys and secret (docs/security.md)")
     k.add_argument("--api-keys", dest="api_keys", type=Path,
                    help="TOML of name = \"key\" lines: only these keys pass, the client id is "

@@ -66,6 +66,10 @@ class ServerConfig(BaseModel):
                                         "`python -m monitor serve`: the server connects to it "
                                         "(sets the monitor config's [execution] mode = "
                                         "\"process\" and address); None: the config decides")
+    monitor_tls_ca: Path | None = Field(None, description="with monitor_address: PEM CA bundle "
+                                        "that signed the monitor's certificate: the link is "
+                                        "TLS (sets [execution] tls_ca); None: the config "
+                                        "decides")
     api_keys: Path | None = Field(None, description="TOML of name = \"key\" lines: only "
                                                     "these keys pass, the client id is the name")
     open_keys: bool = Field(False, description="open mode: any well-formed key is a client, "

@@ -207,6 +207,9 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
     if cfg.monitor_address:
         monitor_config = monitor_config.with_changes(execution={
             "mode": "process", "address": cfg.monitor_address})
+    if cfg.monitor_tls_ca:
+        monitor_config = monitor_config.with_changes(execution={
+            "tls_ca": str(cfg.monitor_tls_ca)})
     process = monitor_config.execution.mode == "process"
     if cfg.monitor and cfg.store and process:
         raise ValueError("[execution] mode = \"process\" runs the monitor on the embedded SQLite "

@@ -41,11 +41,14 @@ def reference(streams, tmp_path_factory):
 class Served:
     """``python -m monitor serve`` in a subprocess, on a port it chose (or ``port``)."""
 
-    def __init__(self, db: Path, port: int = 0, secret: str = SECRET):
+    def __init__(self, db: Path, port: int = 0, secret: str = SECRET, tls: Path | None = None):
+        """tls: a directory of tests.certs.make_certs: serve TLS with its server.pem."""
         env = {**os.environ, "PYTHONPATH": str(ROOT), "MODELGUARD_SECRET": secret}
+        extra = [] if tls is None else ["--tls-cert", str(tls / "server.pem"),
+                                        "--tls-key", str(tls / "server.key")]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "monitor", "--db", str(db), "serve", "--listen",
-             f"127.0.0.1:{port}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+             f"127.0.0.1:{port}", *extra], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         found = threading.Event()
 
@@ -61,8 +64,10 @@ class Served:
             self.proc.kill()
             raise AssertionError("the monitor did not start:\n" + "".join(self.lines))
 
-    def connect(self, secret: str = SECRET, wait: bool = True) -> MonitorProcess:
-        cfg = _cfg(mode="process", address=f"127.0.0.1:{self.port}")
+    def connect(self, secret: str = SECRET, wait: bool = True, port: int | None = None,
+                tls_ca: Path | None = None) -> MonitorProcess:
+        cfg = _cfg(mode="process", address=f"127.0.0.1:{port or self.port}",
+                   tls_ca=str(tls_ca or ""))
         mon = MonitorProcess(cfg, clock=FakeClock(), authkey=link_key(secret))
         if wait:
             _until(mon.ready, f"connected to {self.port}")
@@ -280,3 +285,145 @@ def test_a_young_keys_level_is_answered_while_the_detectors_run_another_clients_
         finally:
             ours.send(("close", 8))
             t.join(30)
+
+
+# -- TLS on the link -----------------------------------------------------------------------------
+class _Tap:
+    """A TCP relay between a server and the monitor at ``port`` that keeps every byte it
+    passes (what someone on the network between them would see)."""
+
+    def __init__(self, port: int):
+        import socket
+        self.seen = bytearray()
+        self._lock = threading.Lock()
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self._srv.getsockname()[1]
+        self._up = port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        while True:
+            try:
+                down, _ = self._srv.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self._up))
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a, b):
+        try:
+            while data := a.recv(65536):
+                with self._lock:
+                    self.seen += data
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+    def close(self):
+        self._srv.close()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    from lab.certs import have_openssl, make_certs
+    if not have_openssl():
+        pytest.skip("needs openssl")
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def _tapped_run(served, streams, tls_ca=None) -> bytes:
+    tap = _Tap(served.port)
+    try:
+        with served.connect(port=tap.port, tls_ca=tls_ca) as mon:
+            levels = _run(mon, streams, upto=120, counts=True)
+            mon.flush()
+        return bytes(tap.seen), levels
+    finally:
+        tap.close()
+
+
+def test_over_tls_the_link_decides_the_same_and_carries_nothing_readable(streams, reference,
+                                                                        certs, tmp_path):
+    """A server trusting the monitor's CA gets the same answers over TLS as over plain TCP
+    and as one process; on the wire, plain TCP shows the request ids and the images' bytes,
+    TLS neither."""
+    x, _ = streams["natural"]
+    marker = x[0].tobytes()[300:340]          # 40 bytes of one image, as pickled
+    assert len(set(marker)) > 2
+    plain = Served(tmp_path / "plain.db")
+    try:
+        wire_plain, levels_plain = _tapped_run(plain, streams)
+    finally:
+        plain.stop()
+    db = tmp_path / "tls.db"
+    served = Served(db, tls=certs)
+    try:
+        wire_tls, levels_tls = _tapped_run(served, streams, tls_ca=certs / "ca.pem")
+    finally:
+        assert served.stop() == 0, "".join(served.lines[-20:])
+    assert any("(TLS;" in ln for ln in served.lines)
+    assert levels_tls == levels_plain == {c: v[:len(levels_tls[c])]
+                                          for c, v in reference[1].items()}
+    assert b"natural-0" in wire_plain and marker in wire_plain
+    assert len(wire_tls) > 100_000                # the images did cross, encrypted
+    assert b"natural-0" not in wire_tls and marker not in wire_tls
+
+
+def test_tls_refuses_an_untrusted_monitor_and_a_plaintext_server(streams, certs, tmp_path):
+    """A server trusting another CA, or one speaking plain TCP, is not served by a TLS monitor
+    (nothing answered, health says why); a TLS server cannot use a plain monitor either."""
+    served = Served(tmp_path / "m.db", tls=certs)
+    try:
+        mon = served.connect(wait=False, tls_ca=certs / "other-ca.pem")
+        try:
+            _until(lambda: "does not trust" in (mon.health() or ""), "untrusted refusal")
+            assert "tls_ca" in mon.health() and not mon.ready()
+            with pytest.raises(LogUnavailable):
+                mon.level("a")
+        finally:
+            mon.close()
+        mon = served.connect(wait=False)          # plain TCP to the TLS monitor
+        try:
+            time.sleep(2.0)
+            assert not mon.ready()
+            with pytest.raises(LogUnavailable):
+                mon.level("a")
+        finally:
+            mon.close()
+    finally:
+        served.stop()
+    plain = Served(tmp_path / "p.db")
+    try:
+        mon = plain.connect(wait=False, tls_ca=certs / "ca.pem")
+        try:
+            _until(lambda: "TLS handshake" in (mon.health() or ""), "TLS to a plain monitor")
+            assert not mon.ready()
+        finally:
+            mon.close()
+    finally:
+        plain.stop()
+
+
+def test_tls_files_that_cannot_be_used_are_said_at_start(certs, tmp_path, capsys):
+    from monitor.cli import main as monitor_main
+    from monitor.config import ConfigError
+    from monitor.tlslink import TLSConfigError
+    with pytest.raises(TLSConfigError, match="CA bundle"):
+        MonitorProcess(_cfg(mode="process", address="127.0.0.1:9",
+                            tls_ca=str(tmp_path / "missing.pem")), authkey=b"k")
+    with pytest.raises(ConfigError, match="tls_ca is for a monitor at"):
+        _cfg(mode="process", tls_ca=str(certs / "ca.pem"))
+    for args, why in ((["--tls-cert", str(certs / "server.pem")], "go together"),
+                      (["--tls-cert", str(certs / "server.pem"), "--tls-key",
+                        str(certs / "client.key")], "cannot use the certificate")):
+        assert monitor_main(["--db", str(tmp_path / "m.db"), "serve", "--listen",
+                             "127.0.0.1:0", *args]) == 2
+        assert why in capsys.readouterr().err

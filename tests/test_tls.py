@@ -3,8 +3,6 @@
 CA do not; under mutual TLS a client without a certificate is refused."""
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -12,41 +10,16 @@ import numpy as np
 import pytest
 
 from client.api import ApiError, ModelClient
+from lab.certs import have_openssl, make_certs
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+pytestmark = pytest.mark.skipif(not have_openssl(), reason="needs openssl")
 
 X = np.zeros((2, 28, 28), np.uint8)
 
 
-def _openssl(*args, cwd: Path):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _ca(d: Path, name: str):
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
-             "-subj", f"/CN={name}", cwd=d)
-
-
-def _leaf(d: Path, name: str, ca: str, san: str, usage: str):
-    ext = d / f"{name}.ext"
-    ext.write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n"
-                   "basicConstraints=CA:FALSE\n")
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", ext.name, cwd=d)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("certs")
-    _ca(d, "ca")
-    _ca(d, "other-ca")
-    _leaf(d, "server", "ca", "IP:127.0.0.1,DNS:localhost", "serverAuth")
-    _leaf(d, "client", "ca", "DNS:client.test", "clientAuth")
-    _leaf(d, "stranger", "other-ca", "DNS:stranger.test", "clientAuth")
-    return d
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def _server(small_target, workdir, certs, mutual=False):
