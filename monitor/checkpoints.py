@@ -1,6 +1,7 @@
 """The embedded store's checkpoint file: per-client detector state, beside the query log.
 
-A client's pickled state is megabytes (~18 MiB after 100k queries on the 0-255 grid). Written
+A client's pickled state is megabytes (~18 MiB after 100k queries on the 0-255 grid, 29 MiB
+for off-grid items). Written
 into the query log it held the log's single writer for ~100 ms, and every answer waiting for its
 own rows waited for it. So checkpoints live in their own SQLite file (``<log>.state<suffix>``,
 e.g. ``monitor.state.db`` beside ``monitor.db``) with 64 KiB pages (a 16 MiB blob commits about

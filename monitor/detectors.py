@@ -201,7 +201,9 @@ class Items:
 class PixelRing(Ring):
     """A Ring of items (v), their encodings (e), squared encoding norms (n) and residual norms
     (r). Pickled compactly: items on the 0-255 grid (most of them) as uint8, the rest as
-    float32; restored bit for bit (k/255 in float32 exactly as det_view makes it)."""
+    float16 when that holds them exactly (det_view rounds every off-grid item to float16, so
+    the items of a live or replayed stream always are), else float32; restored bit for bit
+    (k/255 in float32 exactly as det_view makes it)."""
 
     def __init__(self, size: int):
         super().__init__(size, v=((PIX,), np.float32), e=((DIM,), np.float32),
@@ -212,29 +214,50 @@ class PixelRing(Ring):
         self.add(v=items.v[rows], e=items.enc[rows], n=items.norm[rows], r=items.res[rows],
                  g=items.grid[rows], p=items.pnorm[rows])
 
+    _CHUNK = 256    # rows converted at once (a chunk's scratch stays in the CPU cache)
+
     def __getstate__(self):
         # the checkpointer pickles under the client's lock: the float rows are converted in
         # cache-sized chunks (~3x faster than whole-array passes) and never copied as floats
-        m = self.m
+        m, ch = self.m, self._CHUNK
         cols = {c: a[:m].copy() for c, a in self.cols.items() if c != "v"}
         v, grid = self.cols["v"][:m], cols["g"]
         rows = np.flatnonzero(grid)
         u8 = np.empty((len(rows), PIX), np.uint8)
-        tmp = np.empty((min(len(rows), 256), PIX), np.float32)
-        for i in range(0, len(rows), 256):
-            t = tmp[:min(256, len(rows) - i)]
-            np.take(v, rows[i:i + 256], axis=0, out=t)
+        tmp = np.empty((min(max(len(rows), m - len(rows)), ch), PIX), np.float32)
+        for i in range(0, len(rows), ch):
+            t = tmp[:min(ch, len(rows) - i)]
+            np.take(v, rows[i:i + ch], axis=0, out=t)
             t *= np.float32(255.0)
             np.rint(t, out=t)
             np.copyto(u8[i:i + len(t)], t, casting="unsafe")
-        return {"size": self.size, "n": self.n, "cols": cols, "v_u8": u8, "v_f32": v[~grid]}
+        st = {"size": self.size, "n": self.n, "cols": cols, "v_u8": u8}
+        import torch       # its float16 conversions are ~5x numpy's
+        off = np.flatnonzero(~grid)
+        f16 = np.empty((len(off), PIX), np.float16)
+        back = torch.from_numpy(np.empty_like(tmp))
+        for i in range(0, len(off), ch):
+            t = tmp[:min(ch, len(off) - i)]
+            np.take(v, off[i:i + ch], axis=0, out=t)
+            h = torch.from_numpy(f16[i:i + len(t)]).copy_(torch.from_numpy(t))
+            if not torch.equal(back[:len(t)].copy_(h), torch.from_numpy(t)):
+                st["v_f32"] = v[off]         # not float16 values: kept as they are
+                return st
+        st["v_f16"] = f16
+        return st
 
     def __setstate__(self, st):
-        u8, f32 = st.pop("v_u8"), st.pop("v_f32")
+        u8 = st.pop("v_u8")
+        off = st.pop("v_f16", None)
+        if off is None:
+            off = st.pop("v_f32")        # (and every checkpoint written before float16)
+        else:
+            import torch
+            off = torch.from_numpy(off).float().numpy()
         grid = st["cols"]["g"]
         v = np.empty((len(grid), PIX), np.float32)
         v[grid] = u8.astype(np.float32) / np.float32(255.0)
-        v[~grid] = f32
+        v[~grid] = off
         st["cols"]["v"] = v
         super().__setstate__(st)
 

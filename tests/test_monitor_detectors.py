@@ -646,25 +646,33 @@ def test_items_norms_and_total_variation_match_their_definitions(fashion, monkey
 
 
 def test_pixel_ring_pickles_its_items_compactly_and_restores_them_bit_for_bit(fashion):
-    """A checkpoint stores the on-grid items as uint8 (rint(v * 255)) and the others as float32,
-    converted in chunks; restored bit for bit, also after the ring wrapped around."""
+    """A checkpoint stores the on-grid items as uint8 (rint(v * 255)) and the others as
+    float16 when they are float16 values (what det_view makes of every off-grid item: half the
+    bytes of float32), else as float32; converted in chunks; restored bit for bit, also after
+    the ring wrapped around."""
     import pickle
 
     from monitor.detectors import PixelRing
+    from monitor.engine import det_view
     xs, probs = _mixed_stream(fashion, n=700)
-    v = xs.reshape(len(xs), -1)
-    for size, n in ((1000, 0), (1000, 700), (300, 700)):     # empty, growing, wrapped
-        ring = PixelRing(size)
-        for i in range(0, n, 97):
-            ring.add_items(Items.make(v[i:i + 97], probs[i:i + 97]))
-        m = ring.m
-        st = ring.__getstate__()
-        vv, g = ring.cols["v"][:m], ring.cols["g"][:m]
-        assert 0 < g.sum() < m or n == 0               # the stream holds both kinds
-        want = np.rint(vv[g] * np.float32(255.0)).astype(np.uint8)
-        assert _bits(st["v_u8"]) == _bits(want)
-        assert _bits(st["v_f32"]) == _bits(vv[~g])
-        back = pickle.loads(pickle.dumps(ring))
-        assert back.n == ring.n
-        for c in ring.cols:
-            assert _bits(back.cols[c][:m]) == _bits(ring.cols[c][:m]), c
+    raw = xs.reshape(len(xs), -1)
+    viewed = det_view(xs)[0].reshape(len(xs), -1)
+    for v, kept in ((viewed, "v_f16"), (raw, "v_f32")):
+        for size, n in ((1000, 0), (1000, 700), (300, 700)):     # empty, growing, wrapped
+            ring = PixelRing(size)
+            for i in range(0, n, 97):
+                ring.add_items(Items.make(v[i:i + 97], probs[i:i + 97]))
+            m = ring.m
+            st = ring.__getstate__()
+            vv, g = ring.cols["v"][:m], ring.cols["g"][:m]
+            assert 0 < g.sum() < m or n == 0               # the stream holds both kinds
+            want = np.rint(vv[g] * np.float32(255.0)).astype(np.uint8)
+            assert _bits(st["v_u8"]) == _bits(want)
+            key = kept if n else "v_f16"                   # (nothing off the grid: float16)
+            assert set(st) & {"v_f16", "v_f32"} == {key}
+            assert st[key].dtype == (np.float16 if key == "v_f16" else np.float32)
+            assert _bits(st[key].astype(np.float32)) == _bits(vv[~g])
+            back = pickle.loads(pickle.dumps(ring))
+            assert back.n == ring.n
+            for c in ring.cols:
+                assert _bits(back.cols[c][:m]) == _bits(ring.cols[c][:m]), c
