@@ -6,7 +6,9 @@ client's history is filled with ``--history`` queries (real ``observe`` calls of
 with +-20 grey levels of noise: unique, on the 0-255 grid, the growing sets fill), then
 ``--requests`` requests of ``--batch`` images are timed one by one, as a client sending one
 request after another sees them (``observe`` returns once the request's rows are committed with
-``log.durability = "commit"``).
+``log.durability = "commit"``). With ``--clients N`` there are N such clients, filled and then
+timed in turn; with ``--max-clients M`` below N (``execution.max_clients``) every timed request
+finds its client evicted: it is restored from its checkpoint and another one is evicted.
 
 Every request slower than ``--slow`` ms is listed with the background work it overlapped:
 the checkpoint's pickle (under the client's lock), the log writer's and the checkpoint writer's
@@ -72,12 +74,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="images per timed request (1)")
     ap.add_argument("--checkpoint-every", type=int, default=None,
                     help="execution.checkpoint_every (default: the config's)")
+    ap.add_argument("--clients", type=int, default=1, help="clients taking turns (1)")
+    ap.add_argument("--max-clients", type=int, default=None,
+                    help="execution.max_clients (default: the config's)")
     ap.add_argument("--slow", type=float, default=20.0, help="list requests slower than this (ms)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
-    if args.history < 0 or args.requests < 1 or args.batch < 1:
-        ap.error("--history must be >= 0, --requests and --batch >= 1")
+    if args.history < 0 or args.requests < 1 or args.batch < 1 or args.clients < 1:
+        ap.error("--history must be >= 0, --requests, --batch and --clients >= 1")
 
     import torch
     from threadpoolctl import threadpool_limits
@@ -93,6 +98,9 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)
     if args.checkpoint_every is not None:
         cfg = cfg.with_changes(execution={"checkpoint_every": args.checkpoint_every})
+    if args.max_clients is not None:
+        cfg = cfg.with_changes(execution={"max_clients": args.max_clients})
+    clients = [f"c{i}" for i in range(args.clients)]
     pool = attack_pool().x
     rng = np.random.default_rng(args.seed)
 
@@ -111,22 +119,25 @@ def main(argv=None) -> int:
         mon = Monitor(cfg, Path(tmp) / "monitor.db")
         try:
             filled = 0
-            with tqdm(total=args.history, desc="history", unit="q", file=sys.stderr,
-                      mininterval=1.0) as bar:
+            with tqdm(total=args.history * len(clients), desc="history", unit="q",
+                      file=sys.stderr, mininterval=1.0) as bar:
                 while filled < args.history:
                     n = min(512, args.history - filled)
-                    x, p = batch(n)
-                    mon.observe("c", f"h{filled}", x, p, fake_answer(p), Level.NORMAL)
+                    for c in clients:
+                        x, p = batch(n)
+                        mon.observe(c, f"h{filled}", x, p, fake_answer(p), Level.NORMAL)
+                        bar.update(n)
                     filled += n
-                    bar.update(n)
             mon.flush()
             events.clear()
             lat, spans = [], []
             for i in tqdm(range(args.requests), desc="timed", unit="req", file=sys.stderr,
                           mininterval=1.0):
                 x, p = batch(args.batch)
+                c = clients[i % len(clients)]
                 s = time.perf_counter()
-                mon.observe("c", f"m{i}", x, p, fake_answer(p), Level.NORMAL)
+                mon.level(c)                      # (what the server asks before answering)
+                mon.observe(c, f"m{i}", x, p, fake_answer(p), Level.NORMAL)
                 e = time.perf_counter()
                 lat.append((e - s) * 1e3)
                 spans.append(((s - t0) * 1e3, (e - t0) * 1e3))
@@ -135,13 +146,15 @@ def main(argv=None) -> int:
             mon.close()
     lat = np.array(lat)
     res = {"history": args.history, "requests": args.requests, "batch": args.batch,
+           "clients": args.clients, "max_clients": cfg.execution.max_clients,
            "checkpoint_every": cfg.execution.checkpoint_every,
            "p50_ms": round(float(np.percentile(lat, 50)), 2),
            "p99_ms": round(float(np.percentile(lat, 99)), 2),
            "p999_ms": round(float(np.percentile(lat, 99.9)), 2),
            "max_ms": round(float(lat.max()), 1), "slow": []}
-    print(f"{args.requests} requests of {args.batch} after {args.history:,} queries "
-          f"(checkpoint_every {res['checkpoint_every']}): p50 {res['p50_ms']} ms, p99 "
+    print(f"{args.requests} requests of {args.batch} after {args.history:,} queries, "
+          f"{args.clients} client(s) (max_clients {res['max_clients']}, checkpoint_every "
+          f"{res['checkpoint_every']}): p50 {res['p50_ms']} ms, p99 "
           f"{res['p99_ms']} ms, p99.9 {res['p999_ms']} ms, max {res['max_ms']} ms")
     for i in np.flatnonzero(lat > args.slow):
         s, e = spans[i]
