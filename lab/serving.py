@@ -18,8 +18,8 @@ real server. Sections (all of them when none is chosen):
                child process of the server), remote and remote-lag (the same two with the
                monitor started on its own, ``python -m monitor serve``, and the server
                connecting to it over TCP), remote-tls and remote-lag-tls (the same over TLS,
-               with throwaway certificates from lab.certs: needs ``openssl``). Ratio = the profile's img/s / the echo's img/s
-               in that cell.
+               with throwaway certificates from lab.certs: needs ``openssl``). Ratio = the
+               profile's img/s / the echo's img/s in that cell.
 ``--history-latency``  unary (batch 1) p50/p99 for 4 clients, fresh and after each sent 100k
                queries (default profile), with the echo's for reference.
 ``--crash``    32 clients x ~5,000 queries (batch 64); ``kill -9`` of the server during the

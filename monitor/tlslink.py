@@ -120,6 +120,8 @@ class TLSConnection:
             try:
                 with self._ssl_lock:
                     chunk = self._obj.read(max(n - len(self._buf), _READ))
+                if not chunk:              # (an end of stream without close_notify)
+                    self._eof = True
                 self._buf += chunk
                 continue
             except ssl.SSLWantReadError:
