@@ -200,7 +200,8 @@ def log_facts(db: Path, keys: list[str]) -> dict:
         last = con.execute("SELECT to_level FROM transitions WHERE client=? ORDER BY id DESC "
                            "LIMIT 1", (c,)).fetchone()
         ckpt = None if ck is None else ck.execute(
-            "SELECT qn FROM client_state WHERE client=?", (c,)).fetchone()
+            "SELECT max(qn) FROM (SELECT qn FROM client_state WHERE client=? UNION ALL "
+            "SELECT qn FROM client_delta WHERE client=?) HAVING count(*)", (c, c)).fetchone()
         out["keys"][k] = {"logged": int(logged), "answered_level_max": int(top),
                           "last_transition": int(last[0]) if last else 0,
                           "checkpoint_qn": int(ckpt[0]) if ckpt else None}
@@ -651,8 +652,8 @@ def section_writeamp(args, pool, workdir: Path, res: dict) -> None:
     con.close()
     con = sqlite3.connect(checkpoint_path(db))
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    ckpt = con.execute("SELECT coalesce(sum(length(state)), 0), count(*) FROM client_state"
-                       ).fetchone()
+    ckpt = con.execute("SELECT coalesce(sum(length(state)), 0), count(*) FROM (SELECT state "
+                       "FROM client_state UNION ALL SELECT state FROM client_delta)").fetchone()
     con.close()
     total = size() - start
     # each key's 4th request takes it past 2,000 queries: its checkpoint lands in that window

@@ -34,6 +34,15 @@ CREATE TABLE IF NOT EXISTS client_state (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS client_state_updated ON client_state(updated);
+-- incremental checkpoints after a client's full one (monitor.log.pickle_delta), applied in qn
+-- order; a full checkpoint of the client deletes them
+CREATE TABLE IF NOT EXISTS client_delta (
+    client TEXT NOT NULL,
+    qn INTEGER NOT NULL,
+    state BLOB NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (client, qn)
+);
 """
 
 
@@ -87,20 +96,32 @@ class CheckpointReader:
         return cons
 
     def load(self, client: str) -> dict | None:
-        """{"qn", "level", "config_hash", "state"} or None."""
+        """{"qn", "level", "config_hash", "state", "deltas"} or None: the full checkpoint,
+        and the incremental ones written after it in order (``qn``: the last one's; "deltas"
+        None for a checkpoint in the log's own table, which none can follow)."""
         for con in self._cons():
             r = con.execute("SELECT qn, level, config_hash, state FROM client_state WHERE "
                             "client=?", (client,)).fetchone()
             if r:
-                return {"qn": r[0], "level": Level(r[1]), "config_hash": r[2], "state": r[3]}
+                deltas = None        # a log's own table (before the checkpoint file): none
+                if con is self._con and _has_table(con, "client_delta"):
+                    deltas = con.execute("SELECT qn, state FROM client_delta WHERE client=? "
+                                         "AND qn > ? ORDER BY qn", (client, r[0])).fetchall()
+                return {"qn": deltas[-1][0] if deltas else r[0], "level": Level(r[1]),
+                        "config_hash": r[2], "state": r[3],
+                        "deltas": None if deltas is None else [d[1] for d in deltas]}
         return None
 
     def recent(self, limit: int) -> list[str]:
         """Clients with a checkpoint, most recently checkpointed first."""
         seen: dict[str, float] = {}
         for con in self._cons():
-            for c, u in con.execute("SELECT client, updated FROM client_state ORDER BY updated "
-                                    "DESC LIMIT ?", (limit,)):
+            sql = "SELECT client, updated FROM client_state ORDER BY updated DESC LIMIT ?"
+            if con is self._con and _has_table(con, "client_delta"):
+                sql = ("SELECT client, max(updated) AS u FROM (SELECT client, updated FROM "
+                       "client_state UNION ALL SELECT client, updated FROM client_delta) "
+                       "GROUP BY client ORDER BY u DESC LIMIT ?")
+            for c, u in con.execute(sql, (limit,)):
                 seen.setdefault(c, u)     # the checkpoint file's hides an older one
         return sorted(seen, key=lambda c: -seen[c])[:limit]
 
@@ -109,11 +130,17 @@ class CheckpointReader:
                                                                   "client_state")}
 
 
+def _has_table(con: sqlite3.Connection, name: str) -> bool:
+    return con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                       (name,)).fetchone() is not None
+
+
 class CheckpointWriter(Writer):
     """The checkpoint file's writer thread: the query log's :class:`Writer` (queue, group
     commit, retries, ``max_queue`` bound) writing only ``("state", client, qn, level,
-    config_hash, blob, t, rows_ticket)`` items, each once ``rows`` has committed
-    ``rows_ticket``."""
+    config_hash, blob, t, rows_ticket)`` items (a full checkpoint: replaces the client's, drops
+    its deltas) and ``("delta", client, qn, None, None, blob, t, rows_ticket)`` items (an
+    incremental one), in order, each once ``rows`` has committed ``rows_ticket``."""
 
     def __init__(self, path: str | Path, rows: Writer, **kw):
         self.rows = rows
@@ -135,8 +162,16 @@ class CheckpointWriter(Writer):
                                      f"these checkpoints cover were written: "
                                      f"{self.rows.error!r}")
             with self.con:
-                self.con.executemany("INSERT OR REPLACE INTO client_state VALUES (?,?,?,?,?,?)",
-                                     [it[1:7] for it in states])
+                for it in states:
+                    if it[0] == "delta":
+                        # (client_state's row is left alone: an UPDATE would rewrite its
+                        # megabytes; recent() reads the deltas' times too)
+                        self.con.execute("INSERT OR REPLACE INTO client_delta VALUES (?,?,?,?)",
+                                         (it[1], it[2], it[5], it[6]))
+                    else:
+                        self.con.execute("INSERT OR REPLACE INTO client_state VALUES "
+                                         "(?,?,?,?,?,?)", it[1:7])
+                        self.con.execute("DELETE FROM client_delta WHERE client=?", (it[1],))
         return len(states) < len(items)
 
 

@@ -89,6 +89,7 @@ class ClientEngine:
         st.pop("rules", None)
         st.pop("_specs", None)
         st.pop("_specs_of", None)
+        st.pop("_ck", None)      # the checkpoint chain this process wrote (monitor.core)
         return st
 
     def restore(self, cfg: MonitorConfig) -> "ClientEngine":

@@ -19,6 +19,7 @@ enqueued before it is on disk afterwards.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -875,3 +876,97 @@ def unpickle_state(blob: bytes):
     if blob[:1] == b"\x80":          # a pickle
         return pickle.loads(blob)
     return pickle.loads(zlib.decompress(blob))  # written before the batched monitor
+
+
+# --- incremental checkpoints -----------------------------------------------------------------
+# A client's state is mostly ring buffers (its recent queries and their encodings, the growing
+# sets), megabytes that change only by the rows added since. A delta checkpoint pickles the
+# engine with each ring replaced by the rows it gained since the last checkpoint written from
+# this process; restoring applies them, in order, to the rings of the full checkpoint below.
+
+def _rings(engine) -> list:
+    """The engine's ring buffers in a fixed order (detectors in config order, their attributes
+    in definition order, list items in order): what a delta's ring tokens index."""
+    from monitor.features import Ring
+    out = []
+    for det in engine.dets.values():
+        for v in vars(det).values():
+            if isinstance(v, Ring):
+                out.append(v)
+            elif isinstance(v, list):
+                out.extend(x for x in v if isinstance(x, Ring))
+    return out
+
+
+def mark_checkpointed(engine) -> None:
+    """The engine's state as it is now is what the store will hold: a delta pickles the rows
+    its rings gain from here."""
+    for r in _rings(engine):
+        r._ck_n = r.n
+
+
+def forget_checkpointed(engine) -> None:
+    """What the store holds is unknown (a checkpoint may have been dropped): the next
+    checkpoint must be a full one."""
+    for r in _rings(engine):
+        r.__dict__.pop("_ck_n", None)
+
+
+def pickle_delta(engine) -> bytes | None:
+    """The engine with every ring as the rows it gained since ``mark_checkpointed``; None when
+    a full checkpoint is needed (no ring is marked, or one gained more rows than it holds)."""
+    rings = _rings(engine)
+    tokens = {}
+    for i, r in enumerate(rings):
+        since = getattr(r, "_ck_n", None)
+        if since is None or r.n - since > r.size or r.n < since:
+            return None
+        k = r.n - since
+        part = object.__new__(type(r))        # the rows gained, oldest first, as a ring of its own
+        slots = (since + np.arange(k)) % r.size
+        part.size, part.n, part._nb = max(k, 1), k, None
+        part.cols = {c: a[slots] for c, a in r.cols.items()}
+        tokens[id(r)] = ("ring-delta", i, since, r.n, part)
+
+    class _P(pickle.Pickler):
+        def persistent_id(self, obj):
+            return tokens.get(id(obj))
+
+    buf = io.BytesIO()
+    _P(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(engine)
+    return b"MGD1" + buf.getvalue()
+
+
+def restore_chain(base: bytes, deltas: list[bytes]) -> tuple[object, bool]:
+    """(engine, whole): the engine of a full checkpoint ``base`` with the deltas written after
+    it applied in order, and whether all of them were. A delta that does not fit the rings as
+    the ones before left them (a checkpoint in between was lost) ends the chain: the engine is
+    then as of the last delta that fit (its own ``qn`` says which; the caller replays the log
+    from there)."""
+    engine = unpickle_state(base)
+    for blob in deltas:
+        if blob[:4] != b"MGD1":
+            return engine, False
+        rings = _rings(engine)
+        parts = []
+
+        class _U(pickle.Unpickler):
+            def persistent_load(self, pid):
+                kind, i, since, n, part = pid
+                if kind != "ring-delta" or i >= len(rings):
+                    raise pickle.UnpicklingError(f"not a ring delta: {kind!r} {i}")
+                parts.append((rings[i], since, n, part))
+                return rings[i]
+
+        try:
+            nxt = _U(io.BytesIO(blob[4:])).load()
+        except (pickle.UnpicklingError, IndexError):
+            return engine, False
+        if len(parts) != len(rings) or any(
+                r.n != since or type(r) is not type(p) or set(r.cols) != set(p.cols)
+                for r, since, n, p in parts):
+            return engine, False
+        for r, since, n, p in parts:      # all fit: applied together
+            r.add(**{c: a[:p.n] for c, a in p.cols.items()})
+        engine = nxt
+    return engine, True

@@ -44,6 +44,15 @@ class MonitorStore(ABC):
         durable only after every log item put before it; log items put after it need not wait
         for it (a checkpoint is megabytes, a request's rows must not queue behind one)."""
 
+    # incremental checkpoints (monitor.log.pickle_delta): stores that keep them say so
+    supports_deltas = False
+
+    def put_state_delta(self, client: str, qn: int, blob: bytes, t: float) -> int:
+        """An incremental checkpoint of the client after its query ``qn``, to be applied on
+        top of its last full one and the deltas before it (``load_state``'s "deltas"); the
+        same ordering as ``put_state``."""
+        raise NotImplementedError(f"{type(self).__name__} keeps full checkpoints only")
+
     @abstractmethod
     def is_committed(self, ticket) -> bool:
         """The item of this ticket is durable, and so is every log item (request rows,
@@ -94,7 +103,9 @@ class MonitorStore(ABC):
 
     @abstractmethod
     def load_state(self, client: str) -> dict | None:
-        """{"qn", "level", "config_hash", "state"} or None."""
+        """{"qn", "level", "config_hash", "state"} or None; with ``supports_deltas`` also
+        "deltas": the incremental checkpoints after the full one, in order ("qn" the last
+        one's)."""
 
     @abstractmethod
     def requests(self, client: str, after_qn: int) -> Iterator[tuple]:
@@ -161,6 +172,12 @@ class SQLiteStore(MonitorStore):
     def put_state(self, client, qn, level, config_hash, blob, t):
         # after every log item put so far: the client's rows up to qn among them
         return 2 * self._ckpt_writer.put(("state", client, qn, level, config_hash, blob, t,
+                                          self._writer.issued)) + 1
+
+    supports_deltas = True
+
+    def put_state_delta(self, client, qn, blob, t):
+        return 2 * self._ckpt_writer.put(("delta", client, qn, None, None, blob, t,
                                           self._writer.issued)) + 1
 
     def _lane(self, ticket) -> tuple[Writer, int]:

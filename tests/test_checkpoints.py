@@ -5,6 +5,7 @@ from them."""
 from __future__ import annotations
 
 import logging
+import pickle
 import sqlite3
 import threading
 import time
@@ -109,9 +110,11 @@ def test_a_log_with_its_checkpoints_inside_is_restored_from_them(stream, tmp_pat
         _observe(ref, x, p, 0, 300)
     db = tmp_path / "m.db"
     clock = FakeClock()
-    mon = Monitor(_cfg(checkpoint_every=60), db, clock=clock)
+    mon = Monitor(_cfg(checkpoint_every=100_000), db, clock=clock)
+    mon.store.supports_deltas = False   # full checkpoints only, as that version wrote them
     _observe(mon, x, p, 0, 120)
-    mon.flush()                         # the checkpoint due at 120 is written
+    mon.checkpoint_all()                # (a periodic one would land at 120 or at 150, as the
+    mon.flush()                         # checkpointer thread comes to it)
     _observe(mon, x, p, 120, 150)
     mon.flush()
     mon._closed = True                  # a crash: no final checkpoint
@@ -135,6 +138,124 @@ def test_a_log_with_its_checkpoints_inside_is_restored_from_them(stream, tmp_pat
         assert msgs == [f"client c: replayed queries {row[1] + 1}..150 after its checkpoint"]
         _observe(mon2, x, p, 150, 300)
     assert ck.exists()                  # new checkpoints go to the checkpoint file
+    with QueryLog(db) as q, QueryLog(tmp_path / "ref.db") as qr:
+        got, want = q.series("c"), qr.series("c")
+        for k in SCORE_COLUMNS + ("fired", "level_after"):
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+# -- incremental checkpoints -------------------------------------------------------------------
+def _small_rings():
+    """Rings that wrap around within a test stream."""
+    return load_config().with_changes(
+        detectors={"near_duplicate": {**load_config().detectors.near_duplicate.model_dump(),
+                                      "history": 70},
+                   "similarity": {**load_config().detectors.similarity.model_dump(),
+                                  "history": 110},
+                   "prada": {**load_config().detectors.prada.model_dump(), "max_set": 12}})
+
+
+def _differences(a, b, path="engine") -> list[str]:
+    """Where two engines' states differ: arrays bit for bit, everything else by value (pickles
+    of equal states may still differ in how they share strings)."""
+    if type(a) is not type(b):
+        return [f"{path}: {type(a).__name__} vs {type(b).__name__}"]
+    if isinstance(a, np.ndarray):
+        same = a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+        return [] if same else [f"{path}: arrays differ"]
+    if isinstance(a, dict):
+        if list(a) != list(b):
+            return [f"{path}: keys {list(a)} vs {list(b)}"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: lengths {len(a)} vs {len(b)}"]
+        return [d for i, (u, w) in enumerate(zip(a, b)) for d in _differences(u, w, f"{path}[{i}]")]
+    if hasattr(a, "__dict__") and not isinstance(a, type):
+        sa = a.__getstate__() if hasattr(type(a), "__getstate__") else vars(a)
+        sb = b.__getstate__() if hasattr(type(b), "__getstate__") else vars(b)
+        return _differences(sa, sb, path)
+    if isinstance(a, float) and a != a and b != b:
+        return []
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def test_deltas_restore_the_engine_bit_for_bit_and_a_gap_ends_the_chain():
+    """A full checkpoint, then deltas holding only the rows each ring gained (rings that
+    wrapped around in between included): the chain restores exactly the live engine, each
+    delta is a fraction of the full state; a lost delta ends the chain there (the engine as of
+    the last one that fit); a ring that gained more rows than it holds needs a full one."""
+    from monitor.engine import ClientEngine, det_view
+    from monitor.log import (mark_checkpointed, pickle_delta, pickle_state, restore_chain,
+                             _rings)
+    cfg = _small_rings()
+    streams = three_streams(400)
+    x = np.concatenate([streams["natural"][0], streams["jbda"][0]])
+    p = np.concatenate([streams["natural"][1], streams["jbda"][1]])
+    eng = ClientEngine(cfg, "c")
+
+    def step(lo, hi):
+        for i in range(lo, hi, 20):
+            v, grid = det_view(x[i:i + 20])
+            eng.step(v.reshape(len(v), -1), p[i:i + 20], float(i), grid)
+
+    step(0, 200)
+    base = pickle_state(eng)
+    mark_checkpointed(eng)
+    chain, snaps = [], []
+    for lo in (200, 260, 300):
+        step(lo, lo + (60 if lo == 200 else 40))
+        d = pickle_delta(eng)
+        assert d is not None and len(d) < 0.6 * len(base)
+        mark_checkpointed(eng)
+        chain.append(d)
+        snaps.append(pickle.loads(pickle_state(eng)))
+    assert any(r.n > r.size for r in _rings(eng))           # some rings wrapped around
+    back, whole = restore_chain(base, chain)
+    assert whole and back.qn == eng.qn == 340
+    assert _differences(back, snaps[-1]) == []
+    back, whole = restore_chain(base, [chain[0], chain[2]])   # the middle one lost
+    assert not whole and back.qn == 260
+    assert _differences(back, snaps[0]) == []
+    assert _differences(back, snaps[-1])                      # (the comparison does see)
+    step(340, 480)                       # near_duplicate's ring (70) gains 140 rows
+    assert pickle_delta(eng) is None
+
+
+def test_a_restart_restores_from_the_full_checkpoint_and_its_deltas(stream, tmp_path,
+                                                                    caplog):
+    """A client's checkpoints after its first are deltas (the checkpoint file holds them beside
+    the full one); after a crash the client is restored from the full one and its deltas, the
+    replay covers only what came after the last delta, and the decisions are those of an
+    uninterrupted run."""
+    x, p = stream
+    with Monitor(_cfg(), tmp_path / "ref.db", clock=FakeClock()) as ref:
+        _observe(ref, x, p, 0, 300)
+    db = tmp_path / "m.db"
+    clock = FakeClock()
+    cfg = _cfg(checkpoint_every=100_000)     # checkpoints only where this test asks
+    mon = Monitor(cfg, db, clock=clock)
+    _observe(mon, x, p, 0, 150)
+    mon.checkpoint_all()                     # full
+    for hi in (180, 210):
+        _observe(mon, x, p, hi - 30, hi)
+        mon.checkpoint_all()                 # deltas
+    _observe(mon, x, p, 210, 240)
+    mon.flush()
+    mon._closed = True                       # a crash: no final checkpoint
+    mon.store.close()
+    con = sqlite3.connect(checkpoint_path(db))
+    full = con.execute("SELECT qn, length(state) FROM client_state").fetchall()
+    deltas = con.execute("SELECT qn, length(state) FROM client_delta ORDER BY qn").fetchall()
+    con.close()
+    assert [f[0] for f in full] == [150] and [d[0] for d in deltas] == [180, 210]
+    assert all(n < 0.5 * full[0][1] for _, n in deltas)
+    caplog.set_level(logging.INFO, logger="modelguard.monitor")
+    with Monitor(cfg, db, clock=clock) as mon2:
+        assert mon2.queries("c") == 240
+        msgs = [r.getMessage() for r in caplog.records if "replayed" in r.getMessage()]
+        assert msgs == ["client c: replayed queries 211..240 after its checkpoint"]
+        _observe(mon2, x, p, 240, 300)
     with QueryLog(db) as q, QueryLog(tmp_path / "ref.db") as qr:
         got, want = q.series("c"), qr.series("c")
         for k in SCORE_COLUMNS + ("fired", "level_after"):
