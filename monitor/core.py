@@ -185,7 +185,11 @@ class Monitor:
                 # a restored client's first checkpoint is a full one (letting it be a delta made
                 # evictions cheap but, with more clients taking turns than max_clients, restores
                 # read chains: restore p50 21 ms against 13, request p99 worse; not kept)
-                got, _ = restore_chain(saved["state"], saved.get("deltas") or [])
+                got, whole = restore_chain(saved["state"], saved.get("deltas") or [])
+                if not whole:
+                    log.warning("client %s: its checkpoint's deltas stop fitting after query %d "
+                                "(one was lost); the rest is replayed from the log", client,
+                                got.qn)
                 eng = got.restore(self.config)
             except Exception as exc:  # corrupted/incompatible blob: rebuild instead
                 log.warning("client %s: stored state unusable (%r); rebuilding", client, exc)
