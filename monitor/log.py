@@ -912,6 +912,33 @@ def forget_checkpointed(engine) -> None:
         r.__dict__.pop("_ck_n", None)
 
 
+class _DeltaPickler(pickle.Pickler):
+    """Pickles rings as the tokens ``pickle_delta`` made for them (by object id)."""
+
+    def __init__(self, file, tokens: dict):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tokens = tokens
+
+    def persistent_id(self, obj):
+        return self.tokens.get(id(obj))
+
+
+class _DeltaUnpickler(pickle.Unpickler):
+    """Resolves a delta's ring tokens to the rings they extend; collects (ring, since, n,
+    rows) for the caller to check and apply."""
+
+    def __init__(self, file, rings: list):
+        super().__init__(file)
+        self.rings, self.parts = rings, []
+
+    def persistent_load(self, pid):
+        kind, i, since, n, part = pid
+        if kind != "ring-delta" or i >= len(self.rings):
+            raise pickle.UnpicklingError(f"not a ring delta: {kind!r} {i}")
+        self.parts.append((self.rings[i], since, n, part))
+        return self.rings[i]
+
+
 def pickle_delta(engine) -> bytes | None:
     """The engine with every ring as the rows it gained since ``mark_checkpointed``; None when
     a full checkpoint is needed (no ring is marked, or one gained more rows than it holds)."""
@@ -927,13 +954,8 @@ def pickle_delta(engine) -> bytes | None:
         part.size, part.n, part._nb = max(k, 1), k, None
         part.cols = {c: a[slots] for c, a in r.cols.items()}
         tokens[id(r)] = ("ring-delta", i, since, r.n, part)
-
-    class _P(pickle.Pickler):
-        def persistent_id(self, obj):
-            return tokens.get(id(obj))
-
     buf = io.BytesIO()
-    _P(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(engine)
+    _DeltaPickler(buf, tokens).dump(engine)
     return b"MGD1" + buf.getvalue()
 
 
@@ -948,20 +970,12 @@ def restore_chain(base: bytes, deltas: list[bytes]) -> tuple[object, bool]:
         if blob[:4] != b"MGD1":
             return engine, False
         rings = _rings(engine)
-        parts = []
-
-        class _U(pickle.Unpickler):
-            def persistent_load(self, pid):
-                kind, i, since, n, part = pid
-                if kind != "ring-delta" or i >= len(rings):
-                    raise pickle.UnpicklingError(f"not a ring delta: {kind!r} {i}")
-                parts.append((rings[i], since, n, part))
-                return rings[i]
-
+        up = _DeltaUnpickler(io.BytesIO(blob[4:]), rings)
         try:
-            nxt = _U(io.BytesIO(blob[4:])).load()
+            nxt = up.load()
         except (pickle.UnpicklingError, IndexError):
             return engine, False
+        parts = up.parts
         if len(parts) != len(rings) or any(
                 r.n != since or type(r) is not type(p) or set(r.cols) != set(p.cols)
                 for r, since, n, p in parts):
