@@ -339,9 +339,11 @@ def _slots(args) -> str:
 
 
 # --- server profiles -----------------------------------------------------------------------------
-def prepare_profiles(names: list[str], workdir: Path) -> tuple[dict[str, list[str]], list[str]]:
+def prepare_profiles(names: list[str], workdir: Path, step_threads: int | None = None
+                     ) -> tuple[dict[str, list[str]], list[str]]:
     """{profile: extra `serve` arguments} for the profiles that can run today, and a note for
-    each one skipped (and why)."""
+    each one skipped (and why). ``step_threads``: the monitor's execution.step_threads in the
+    process and remote profiles (None: the config's default)."""
     from monitor.config import ConfigError, config_from_dict
 
     default_toml = REPO / "monitor" / "default.toml"
@@ -391,6 +393,8 @@ def prepare_profiles(names: list[str], workdir: Path) -> tuple[dict[str, list[st
             d["execution"] = {"mode": name.split("-")[0].replace("remote", "process")}
             if "-lag" in name:
                 d["execution"]["max_lag"] = ASYNC_LAG
+            if step_threads is not None and not name.startswith("async"):
+                d["execution"]["step_threads"] = step_threads
             try:
                 out[name] = ["--monitor-config", str(write(name, d))]
             except ConfigError as exc:
@@ -539,7 +543,7 @@ class Report:
 def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, rep: Report) -> None:
     # monitor-off right after the echo in every cell: the others are also given as a ratio to it
     profiles = sorted((p for p in args.profiles if p != "echo"), key=lambda p: p != "monitor-off")
-    extras, notes = prepare_profiles(profiles, workdir)
+    extras, notes = prepare_profiles(profiles, workdir, args.step_threads)
     for n in notes:
         rep.note(n)
     servers: dict[str, ServerProcess] = {"echo": echo}
@@ -639,7 +643,7 @@ def section_history_latency(args, pool: ClientPool, echo: ServerProcess, workdir
     h, calls, nc, prof = args.hl_history, args.hl_calls, 4, args.hl_profile
     log(f"\n## Unary latency at {h:,} queries of history ({nc} clients x {calls} calls, "
         f"{prof} profile)\n")
-    extras, notes = prepare_profiles([prof], workdir)
+    extras, notes = prepare_profiles([prof], workdir, args.step_threads)
     if prof not in extras:
         raise SystemExit(f"--hl-profile {prof}: {'; '.join(notes) or 'not a server profile'}")
     s = real_server(f"hl-{prof}", extras[prof], args, workdir / "hl.db", workdir, prof)
@@ -738,7 +742,7 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
     log(f"\n## Crash recovery: {nc} clients x {per * b:,} queries (batch {b}), kill -9 at "
         f"{args.crash_at:.0%} of the load\n")
     prof = args.crash_profile
-    extras, notes = prepare_profiles([prof], workdir)
+    extras, notes = prepare_profiles([prof], workdir, args.step_threads)
     if prof not in extras:
         raise SystemExit(f"--crash-profile {prof}: {'; '.join(notes) or 'not a server profile'}")
     kill_monitor = args.crash_kills == "monitor"
@@ -1020,6 +1024,9 @@ def parse_args(argv=None):
     m.add_argument("--compute-slots", dest="compute_slots", type=int, default=None,
                    help="compute slots of the real servers (default: the server's own, "
                         "0 = no limit)")
+    m.add_argument("--step-threads", dest="step_threads", type=int, default=None,
+                   help="the monitor's execution.step_threads in the process and remote "
+                        "profiles (default: the config's)")
     m.add_argument("--settle-max", type=float, default=30.0,
                    help="max seconds to wait for a server to go idle after a cell")
     o = ap.add_argument_group("other sections")

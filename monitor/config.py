@@ -349,6 +349,12 @@ class ExecutionConfig(_Strict):
                               "below 90% of the cap, evicting the least recently used clients "
                               "(checkpointed) and giving the freed heap back; the last 10% "
                               "absorbs what requests allocate between two readings")
+    step_threads: int = Field(2, ge=1, le=64, description="process: detector steps of "
+                              "different clients run on this many threads at once (each "
+                              "client's steps stay in order on one thread; linking and the log "
+                              "take turns). The array work of large requests runs outside "
+                              "Python's lock, so a second thread puts a second core to use; "
+                              "1: one step at a time")
     queue_limit: int = Field(64, ge=1, description="async, process: requests waiting for the "
                              "detectors before observe() blocks (back-pressure)")
     max_lag: int = Field(0, ge=0, description="async, process: how many of a client's queries "

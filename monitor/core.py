@@ -8,6 +8,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -143,6 +144,7 @@ class Monitor:
         self._ckpt_thread = threading.Thread(target=self._run_checkpoints,
                                              name="monitor-checkpoints", daemon=True)
         self._ckpt_thread.start()
+        self._step_pool: ThreadPoolExecutor | None = None   # run_requests' other threads
         self._warmer: threading.Thread | None = None
         if warm:
             self._warmer = threading.Thread(target=self._warm, name="monitor-warm", daemon=True)
@@ -713,18 +715,49 @@ class Monitor:
 
     def run_requests(self, jobs: list, merge: bool) -> None:
         """Run observe jobs ``(client, request id, time, images, target probs, answer, level)``
-        through the detectors in arrival order, without waiting for their rows (the caller
-        waits for ``commit_ticket``); with ``merge``, consecutive jobs of a client run as one
-        step (``_merge_runs``), as async mode with ``max_lag`` does. A step whose detectors
-        fail is logged and skipped, as the async worker does (its client is restored from the
-        log on its next request). For the monitor in its own process (``monitor.process``)."""
-        for step in _merge_runs(jobs) if merge else [[j] for j in jobs]:
-            job = step[0] if len(step) == 1 else _merged_job(step)
-            try:
-                self._process(job, wait=False)
-            except Exception:  # noqa: BLE001 - one request's detectors failed: go on
-                log.exception("monitor: detectors failed on a request of client %s; its "
-                              "state is restored from the log on its next request", job[0])
+        through the detectors, each client's in arrival order, without waiting for their rows
+        (the caller waits for ``commit_ticket``); with ``merge``, consecutive jobs of a client
+        run as one step (``_merge_runs``), as async mode with ``max_lag`` does. Different
+        clients' steps run on up to ``execution.step_threads`` threads at once (this one
+        included; linking and the log take turns, in the order the log records, which replay
+        follows). A step whose detectors fail is logged and skipped, as the async worker does
+        (its client is restored from the log on its next request). For the monitor in its own
+        process (``monitor.process``)."""
+        steps = _merge_runs(jobs) if merge else [[j] for j in jobs]
+        runs = _client_runs(steps)
+        n = min(self._exec.step_threads, len(runs))
+        if n <= 1:
+            for step in steps:
+                self._run_requests_step(step)
+            return
+        if self._step_pool is None:
+            self._step_pool = ThreadPoolExecutor(self._exec.step_threads - 1,
+                                                 thread_name_prefix="monitor-steps")
+        todo = deque(runs)          # the largest first: the threads finish close together
+
+        def drain() -> None:
+            while True:
+                try:
+                    run = todo.popleft()    # (atomic: deque operations hold the GIL)
+                except IndexError:
+                    return
+                for step in run:
+                    self._run_requests_step(step)
+
+        helpers = [self._step_pool.submit(drain) for _ in range(n - 1)]
+        try:
+            drain()
+        finally:
+            for f in helpers:
+                f.result()          # (re-raises what a helper raised beyond Exception)
+
+    def _run_requests_step(self, step: list) -> None:
+        job = step[0] if len(step) == 1 else _merged_job(step)
+        try:
+            self._process(job, wait=False)
+        except Exception:  # noqa: BLE001 - one request's detectors failed: go on
+            log.exception("monitor: detectors failed on a request of client %s; its "
+                          "state is restored from the log on its next request", job[0])
 
     def _run_step(self, jobs: list) -> None:
         """One detector step of the async worker: one request, or consecutive requests of one
@@ -782,6 +815,8 @@ class Monitor:
                 self._worker.join()
             if self._warmer is not None:
                 self._warmer.join()
+            if self._step_pool is not None:
+                self._step_pool.shutdown(wait=True)
             self._ckpt_queue.put(_STOP)
             self._ckpt_thread.join()
             self.checkpoint_all()
@@ -823,6 +858,15 @@ def _merge_runs(jobs: list) -> list[list]:
         steps.append(step)
         open_[client] = (step, n)
     return steps
+
+
+def _client_runs(steps: list[list]) -> list[list[list]]:
+    """The steps grouped by client (each client's in order), the clients with the most items
+    first."""
+    by: dict[str, list] = {}
+    for step in steps:
+        by.setdefault(step[0][0], []).append(step)
+    return sorted(by.values(), key=lambda run: -sum(len(j[3]) for st in run for j in st))
 
 
 def _merged_job(jobs: list) -> tuple:

@@ -28,7 +28,8 @@ monitor serve``), with servers connecting to it over TCP (``execution.address``)
 its own log and config, outlives the servers (a restarted server finds its clients in memory),
 may be shared by several servers (level changes reach every one of them), and a server that
 loses it fails closed and reconnects by itself. The monitor's side reads each connection on one
-thread, runs the detector steps on another and answers levels on a third.
+thread, runs the detector steps on others (``execution.step_threads``: different clients' at
+once, each client's in order) and answers levels on a third.
 
 Only the embedded SQLite store is supported here (replicas sharing PostgreSQL hand clients
 over between them, which the serving process's cached levels would not see).

@@ -426,6 +426,38 @@ def test_merge_runs_keeps_each_clients_order_and_level():
     assert [sum(len(j[3]) for j in s) for s in steps] == [200, 200]
 
 
+@pytest.mark.parametrize("merge", [False, True])
+def test_steps_of_different_clients_run_on_two_threads_with_the_same_decisions(
+        streams, reference, tmp_path, monkeypatch, merge):
+    """run_requests (the monitor's own process) with step_threads = 2: rounds holding several
+    requests of each client run the clients' steps on two threads at once, each client's in
+    order; the logged decisions are the synchronous run's (with merge, a client's waiting
+    requests run as one step)."""
+    import threading
+
+    from monitor import core
+    real = core.Monitor._process
+    threads: dict[str, set] = {}
+
+    def spy(self, job, wait=True):
+        threads.setdefault(job[0], set()).add(threading.get_ident())
+        return real(self, job, wait)
+
+    monkeypatch.setattr(core.Monitor, "_process", spy)
+    clock = FakeClock()
+    db = tmp_path / "m.db"
+    with Monitor(_cfg(mode="process", step_threads=2), db, clock=clock) as mon:
+        for i in range(0, 900, 90):           # a round: 3 requests of 30 of each client
+            jobs = [(c, f"{c}-{j}", clock(), x[j:j + 30], p[j:j + 30], _answer(p[j:j + 30]),
+                     mon.current_level(c))
+                    for j in range(i, i + 90, 30) for c, (x, p) in streams.items()]
+            mon.run_requests(jobs, merge)
+        mon.flush()
+    _same(_decisions(db), reference)
+    assert len(set().union(*threads.values())) == 2      # both threads ran steps
+    assert all(len(t) >= 1 for t in threads.values()) and len(threads) == 3
+
+
 def test_execution_keys_are_validated():
     from monitor.config import ConfigError
     with pytest.raises(ConfigError, match="execution.mode"):
