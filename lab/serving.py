@@ -327,15 +327,21 @@ def real_server(name: str, extra: list[str], args, db: Path, workdir: Path,
             "--monitor-db", str(db), "--open-keys", "--dev-secret", *extra]
     if args.compute_slots is not None:
         argv += ["--compute-slots", str(args.compute_slots)]
+    if args.small_items is not None:
+        argv += ["--small-request-items", str(args.small_items)]
     s = ServerProcess(name, argv, port, workdir / f"{name}.log")
     s.companion = companion
     return s.start()
 
 
 def _slots(args) -> str:
-    n = args.compute_slots
-    return ("the default compute slots (no limit)" if n is None
-            else "no limit on compute slots" if n == 0 else f"{n} compute slots")
+    n, k = args.compute_slots, args.small_items
+    big = ("the default compute slots (no limit)" if n is None
+           else "no limit on compute slots" if n == 0 else f"{n} compute slots")
+    small = ("requests of up to 16 images one at a time (the default)" if k is None
+             else "no slot for small requests" if k == 0
+             else f"requests of up to {k} images one at a time")
+    return f"{big}, {small}"
 
 
 # --- server profiles -----------------------------------------------------------------------------
@@ -1024,6 +1030,9 @@ def parse_args(argv=None):
     m.add_argument("--compute-slots", dest="compute_slots", type=int, default=None,
                    help="compute slots of the real servers (default: the server's own, "
                         "0 = no limit)")
+    m.add_argument("--small-items", dest="small_items", type=int, default=None,
+                   help="the real servers' --small-request-items (default: the server's own, "
+                        "16; 0 = no slot for small requests)")
     m.add_argument("--step-threads", dest="step_threads", type=int, default=None,
                    help="the monitor's execution.step_threads in the process and remote "
                         "profiles (default: the config's)")

@@ -46,11 +46,12 @@ def _serve(args) -> int:
     server = Server(cfg, build_dataplane(cfg)).start()
     log.info("serving modelguard.v1.Inference and inference.GRPCInferenceService (Open "
              "Inference Protocol v2) on %s over %s, %s (max batch %d, %d workers, compute slots: "
-             "%s, %d torch threads); Ctrl-C to stop", server.address,
+             "%s, small requests: %s, %d torch threads); Ctrl-C to stop", server.address,
              ("mutual TLS" if cfg.tls_client_ca else "TLS") if server.tls else "PLAINTEXT",
              f"keys from {cfg.api_keys}" if cfg.api_keys else "open keys (any key; ids are "
              "keyed hashes)", cfg.max_batch, cfg.workers, cfg.compute_slots or "no limit",
-             cfg.torch_threads)
+             f"<= {cfg.small_request_items} images one at a time" if cfg.small_request_items
+             else "no slot of their own", cfg.torch_threads)
     server.wait()
     return 0
 
@@ -102,6 +103,10 @@ def main(argv=None) -> int:
     s.add_argument("--compute-slots", dest="compute_slots", type=int, metavar="N",
                    help="Predict calls computing at once (default 0: no limit; 1 suits "
                         "small requests: README, section 6)")
+    s.add_argument("--small-request-items", dest="small_request_items", type=int, metavar="N",
+                   help="Predict calls of at most N images compute one at a time, in a slot of "
+                        "their own; larger ones follow --compute-slots (default 16; 0: no such "
+                        "slot)")
     s.add_argument("--torch-threads", dest="torch_threads", type=int)
     s.add_argument("--max-batch", dest="max_batch", type=int)
     s.add_argument("--target", type=Path, help="target checkpoint")

@@ -50,6 +50,11 @@ class ServerConfig(BaseModel):
                                "(model, policies, detectors; waits on I/O excluded); 0: no "
                                "limit. 1 spares small requests the GIL hand-offs between "
                                "them, at the cost of large batches' parallel numpy work")
+    small_request_items: int = Field(16, ge=0, le=4096, description="Predict calls of at "
+                                     "most this many images compute one at a time, in a slot "
+                                     "of their own (such a call holds the GIL nearly "
+                                     "throughout: two of them only trade it back and forth); "
+                                     "larger calls follow compute_slots. 0: no such slot")
     torch_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads")
     max_batch: int = Field(512, ge=1, le=4096, description="images per Predict call")
     target: Path = Field(default_factory=lambda: artifacts_dir() / "target.pt")

@@ -68,7 +68,7 @@ class PredictResult:
 
 class DataPlane:
     def __init__(self, model: TargetModel, monitor, policies: dict, watermark, key: bytes,
-                 max_batch: int, compute_slots: int = 0):
+                 max_batch: int, compute_slots: int = 0, small_request_items: int = 0):
         """monitor: monitor.Monitor; policies: {Level: AnswerPolicy}; watermark: Watermark|None.
 
         compute_slots: requests computing at once (model, answer policy, watermark, the
@@ -76,9 +76,16 @@ class DataPlane:
         the log's commit) stays outside. On CPython this work holds the GIL nearly throughout,
         so concurrent requests mostly pass it back and forth; one slot spares that, but also
         stops two large batches from using two cores in numpy at once (measured by
-        `python -m lab.contention` and `python -m lab.serving --compute-slots N`; README)."""
+        `python -m lab.contention` and `python -m lab.serving --compute-slots N`; README).
+
+        small_request_items: requests of at most this many images compute one at a time, in a
+        slot of their own (0: none): one slot is what small requests gain from, while large
+        ones gain from computing at once (their numpy work runs outside the GIL)."""
         if compute_slots < 0:
             raise ValueError(f"compute_slots must be >= 0 (0: no limit), not {compute_slots}")
+        if small_request_items < 0:
+            raise ValueError(f"small_request_items must be >= 0 (0: no slot of their own), "
+                             f"not {small_request_items}")
         missing = [lvl.name for lvl in Level if lvl != Level.BLOCK and lvl not in policies]
         if missing:
             raise ValueError(f"no answer policy configured for levels {missing}")
@@ -91,6 +98,8 @@ class DataPlane:
         self.compute_slots = compute_slots
         self._gate = (threading.Semaphore(compute_slots) if compute_slots
                       else contextlib.nullcontext())
+        self.small_request_items = small_request_items
+        self._small_gate = threading.Lock() if small_request_items else None
         self._ready = threading.Event()
         self._ready.set()
         self._id_prefix = uuid.uuid4().hex[:12]
@@ -158,7 +167,8 @@ class DataPlane:
                 self.metrics.client_level(client_id, level)
             raise PermissionDenied(f"client {client_id!r} is blocked by the monitor")
         t1 = clock()
-        with self._gate:
+        small = self._small_gate is not None and len(images) <= self.small_request_items
+        with self._small_gate if small else self._gate:
             tq = clock()
             probs = self.model.predict_proba(images)
             t2 = clock()
@@ -179,7 +189,7 @@ class DataPlane:
             self.monitor.wait_durable(client_id)
         if self.metrics is not None:
             self.metrics.stages(t2 - tq, t3 - t2, (t1 - t0) + (clock() - t3),
-                                tq - t1 if self.compute_slots else None)
+                                tq - t1 if small or self.compute_slots else None)
             self.metrics.client_level(client_id, after if after is not None else level)
         return PredictResult(request_id, answer, level)
 
@@ -259,4 +269,5 @@ def build_dataplane(cfg, monitor_config=None) -> DataPlane:
                  "" if wm.signature is None else
                  f", signature {wm.signature.strength} after query {wm.signature.knee}"),
              DIGEST_SCHEME.split(":")[0])
-    return DataPlane(model, mon, policies, wm, key, cfg.max_batch, cfg.compute_slots)
+    return DataPlane(model, mon, policies, wm, key, cfg.max_batch, cfg.compute_slots,
+                     cfg.small_request_items)

@@ -100,8 +100,9 @@ class Metrics:
         self.images = Counter("modelguard_images", "Images in prediction calls, same labels",
                               labels, registry=r)
         self.latency = Histogram("modelguard_latency_seconds", "Time per prediction call in "
-                                 "each stage: decode, queue (waiting for a compute slot, "
-                                 "with compute_slots set), model, policy (defence + "
+                                 "each stage: decode, queue (waiting for a compute slot: "
+                                 "small calls, or every call with compute_slots set), "
+                                 "model, policy (defence + "
                                  "watermark), monitor (level + observe + commit), total (the "
                                  "whole handler)",
                                  ("stage",), buckets=BUCKETS, registry=r)

@@ -247,6 +247,28 @@ def test_compute_slots_bound_the_requests_computing_at_once(slots, peak):
     assert model.peak == peak and model.calls == 4
 
 
+@pytest.mark.parametrize("small, peak", [(16, 1), (0, 4)])
+def test_small_requests_compute_one_at_a_time_in_their_own_slot(small, peak):
+    model = SlowModel()
+    policies = {lvl: Tagged(lvl.name) for lvl in Level if lvl != Level.BLOCK}
+    p = DataPlane(model, FakeMonitor(), policies, None, KEY, 512, small_request_items=small)
+    x = images(16)
+    _concurrently([lambda c=c: p.predict(f"c{c}", None, x) for c in range(4)])
+    assert model.peak == peak and model.calls == 4
+
+
+def test_large_requests_do_not_wait_for_the_small_requests_slot():
+    """Above small_request_items a request follows compute_slots (here no limit): two large
+    requests and a small one compute at once; two small ones never do."""
+    model = SlowModel()
+    policies = {lvl: Tagged(lvl.name) for lvl in Level if lvl != Level.BLOCK}
+    p = DataPlane(model, FakeMonitor(), policies, None, KEY, 512, small_request_items=16)
+    big, few = images(17), images(1)
+    _concurrently([lambda: p.predict("a", None, big), lambda: p.predict("b", None, big),
+                   lambda: p.predict("c", None, few), lambda: p.predict("d", None, few)])
+    assert model.peak == 3 and model.calls == 4
+
+
 def test_a_request_waiting_for_its_commit_does_not_hold_the_compute_slot():
     """The one slot covers computing only: while one client's answer waits for the log's
     commit, another client's request is computed and answered."""
@@ -276,6 +298,8 @@ def test_a_request_waiting_for_its_commit_does_not_hold_the_compute_slot():
 def test_compute_slots_must_not_be_negative():
     with pytest.raises(ValueError, match="compute_slots must be >= 0"):
         DataPlane(FakeModel(), FakeMonitor(), {}, None, KEY, 512, compute_slots=-1)
+    with pytest.raises(ValueError, match="small_request_items must be >= 0"):
+        DataPlane(FakeModel(), FakeMonitor(), {}, None, KEY, 512, small_request_items=-1)
 
 
 @pytest.mark.parametrize("slots", [0, 1])
