@@ -583,7 +583,11 @@ def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, r
             f"server CPU % = server process CPU time / window (100 = "
             f"one core; with the monitor in its own process, both processes, that one's share "
             f"in brackets). drain s = time until the server was idle again after the cell. "
-            f"answers = the answer kind each client last received.", ""]
+            f"answers = the answer kind each client last received." + (
+                f" Every key first sent {args.key_warmup} unmeasured batch-1 requests (older "
+                f"than the young keys whose requests linking probes)." if args.key_warmup else
+                " Every cell's keys are new (young keys: linking probes each of their first "
+                "requests, a round trip in the process and remote profiles)."), ""]
         sec += md_table(MATRIX_HEADER, [])
         rep.data["matrix"] = rows
         for b, c, fmt in cells:
@@ -595,6 +599,9 @@ def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, r
                     servers = {k: v for k, v in servers.items() if k != name}
                     continue  # (the loop goes on over the dict it started with)
                 keys = [f"{name}-{fmt[:4]}-b{b}-c{c}-{j}" for j in range(c)]
+                if args.key_warmup:     # past the young keys' linking probe (probe_queries)
+                    drive(pool, s.address, keys, 1, fmt=fmt, max_requests=args.key_warmup,
+                          timeout=args.timeout)
                 r = drive(pool, s.address, keys, b, fmt=fmt, warmup=args.warmup,
                           seconds=args.seconds, server=s, timeout=args.timeout)
                 r.pop("clients")
@@ -1030,6 +1037,10 @@ def parse_args(argv=None):
     m.add_argument("--compute-slots", dest="compute_slots", type=int, default=None,
                    help="compute slots of the real servers (default: the server's own, "
                         "0 = no limit)")
+    m.add_argument("--key-warmup", dest="key_warmup", type=int, default=0,
+                   help="each cell's keys first send this many unmeasured batch-1 requests "
+                        "(e.g. 250: past linking's probe_queries, which probes a young key's "
+                        "requests before they are answered); default 0: new keys")
     m.add_argument("--small-items", dest="small_items", type=int, default=None,
                    help="the real servers' --small-request-items (default: the server's own, "
                         "16; 0 = no slot for small requests)")
@@ -1097,6 +1108,8 @@ def parse_args(argv=None):
         ap.error("batches above the server's limit of 512")
     if not 0 < a.crash_at < 1:
         ap.error("--crash-at must be between 0 and 1")
+    if a.key_warmup < 0:
+        ap.error("--key-warmup must be >= 0")
     chosen = [s for s in ("matrix", "history_latency", "crash", "cost") if getattr(a, s)]
     a.sections = chosen or ["matrix", "history_latency", "crash", "cost"]
     return a

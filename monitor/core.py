@@ -457,11 +457,11 @@ class Monitor:
                 lvl = max(lvl, self.linker.probe(client_id, x, prep))
             if len(arr) <= PREPARED_MAX_ITEMS:
                 # the request's observe reuses det_view's output and the arrays probe
-                # computed, if it is handed these same images, bit for bit unchanged
+                # computed, if it is handed images with these same bits
                 with self._prepared_lock:
                     cache = self._prepared
                     cache.pop(client_id, None)
-                    cache[client_id] = (images, arr.copy(), x, grid, prep)
+                    cache[client_id] = (arr.copy(), x, grid, prep)
                     while len(cache) > PREPARED_MAX_CLIENTS:   # the oldest goes
                         del cache[next(iter(cache))]
         return lvl
@@ -598,10 +598,9 @@ class Monitor:
 
     def _process(self, job, wait: bool = True) -> Level:
         client_id, request_id, t, images, target_probs, answer, level = job
-        given = images
         images = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28)
         probs = np.asarray(target_probs, dtype=np.float32).reshape(len(images), -1)
-        prep = self._prepared_for(client_id, given, images)
+        prep = self._prepared_for(client_id, images)
         if prep is not None:
             xd, on_grid, prep = prep
         else:
@@ -652,21 +651,22 @@ class Monitor:
                 self._await_commit(client_id)
         return level_after
 
-    def _prepared_for(self, client_id: str, given, images: np.ndarray):
-        """(det_view's items, on-grid flags, probe's arrays) that ``level`` computed for this
-        same request (the same images object, its bits unchanged since), else None."""
+    def _prepared_for(self, client_id: str, images: np.ndarray):
+        """(det_view's items, on-grid flags, probe's arrays) that ``level`` computed for the
+        client's last probed images, when ``images`` hold the same bits (they are functions of
+        the bits alone), else None. Bits, not object identity: in the monitor's own process
+        the probe's images and the observed ones arrive in two messages, as two objects."""
         if not self._prepared:
             return None
         with self._prepared_lock:
-            entry = self._prepared.get(client_id)
-            if entry is None or entry[0] is not given:
-                return None
-            del self._prepared[client_id]
-        saved = entry[1]
+            entry = self._prepared.pop(client_id, None)
+        if entry is None:
+            return None
+        saved = entry[0]
         if saved.shape != images.shape or not np.array_equal(
                 saved.view(np.uint32), np.ascontiguousarray(images).view(np.uint32)):
             return None
-        return entry[2], entry[3], entry[4]
+        return entry[1], entry[2], entry[3]
 
     def _log(self, client_id, request_id, t, images, on_grid, probs, level, answer, sent_top,
              st, transitions, pairs) -> int:

@@ -462,8 +462,9 @@ def test_batch1_candidates_and_insertion_match_the_general_path(pool, monkeypatc
 
 def test_monitor_reuses_what_level_prepared_bit_for_bit(pool, monkeypatch):
     """level(key, images) prepares the items for the linker's probe; the request's observe
-    reuses that (det_view's items, encodings, pixels, LSH slots) only for the same images,
-    unchanged. Everything logged (scores, fired bits, levels, on-grid flags, transitions,
+    reuses that (det_view's items, encodings, pixels, LSH slots) only for images with the same
+    bits: the same array, or a copy (as the monitor's own process receives them, in a second
+    message). Everything logged (scores, fired bits, levels, on-grid flags, transitions,
     pairs) and every returned level equals a run that prepares everything again, including a
     request whose images are modified in place between level() and observe()."""
     import monitor.core as C
@@ -484,12 +485,13 @@ def test_monitor_reuses_what_level_prepared_bit_for_bit(pool, monkeypatch):
         x = x.copy()
         x[:, :5] += np.float32(0.0013) * (r % 2)      # some off the 0-255 grid
         plan.append((f"k{r % 5}", x))
-    runs, reused = {}, {"n": 0}
+    runs, reused, copies_reused, cur = {}, {"n": 0}, {"n": 0}, {"copy": False}
     real = C.Monitor._prepared_for
 
-    def spy(self, client_id, given, images):
-        out = real(self, client_id, given, images)
+    def spy(self, client_id, images):
+        out = real(self, client_id, images)
         reused["n"] += out is not None
+        copies_reused["n"] += out is not None and cur["copy"]
         return out
 
     monkeypatch.setattr(C.Monitor, "_prepared_for", spy)
@@ -513,6 +515,9 @@ def test_monitor_reuses_what_level_prepared_bit_for_bit(pool, monkeypatch):
                 lvl = mon.level(key, x)
                 if i == len(plan) - 5:
                     x[0, 3, 3] = np.float32(0.5) - x[0, 3, 3]    # changed after level()
+                cur["copy"] = i % 2 == 1 and i != len(plan) - 5
+                if cur["copy"]:
+                    x = x.copy()                         # the same bits in another array
                 p = np.full((len(x), 10), 0.01, np.float32)
                 p[:, i % 10] = 0.91
                 a = Answer(np.zeros(len(x), np.int64), p, AnswerKind.PROBABILITIES)
@@ -529,5 +534,6 @@ def test_monitor_reuses_what_level_prepared_bit_for_bit(pool, monkeypatch):
             n_reused = reused["n"]
     assert runs[True] == runs[False]
     assert n_reused > 20                                   # the reuse really happened
+    assert copies_reused["n"] > 10                         # copies included
     assert reused["n"] == n_reused                         # and only with it switched on
     assert any(lv[0] > 0 for lv in runs[True][1]) and runs[True][3]   # probes raised levels
