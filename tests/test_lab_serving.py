@@ -203,3 +203,23 @@ def test_lab_contention_runs_every_setting_and_refuses_bad_input(small_target, t
         with pytest.raises(SystemExit) as e:
             contention.main(bad)
         assert e.value.code == 2
+
+
+def test_lab_steps_times_every_setting_and_refuses_bad_input(small_target, tmp_path):
+    """python -m lab.steps: every step_threads setting runs the same rounds (a time per round
+    each), and bad settings are refused before anything runs."""
+    from lab import steps
+
+    out = tmp_path / "s.json"
+    assert steps.main(["--threads", "1,2", "--clients", "2", "--batch", "8", "--items", "16",
+                       "--history", "64", "--rounds", "2", "--stream", "pool",
+                       "--target", str(small_target[0]), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["step_threads"] for r in rows] == [1, 2]
+    assert all(len(r["rounds"]) == 2 and r["wall_us_per_item"] > 0 for r in rows)
+    assert rows[0]["wall_ratio"] == 1.0
+    for bad in (["--threads", "0,2"], ["--threads", "a"], ["--batch", "0"],
+                ["--history", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            steps.main(bad)
+        assert e.value.code == 2
