@@ -730,9 +730,10 @@ class Monitor:
             for step in steps:
                 self._run_requests_step(step)
             return
-        if self._step_pool is None:
-            self._step_pool = ThreadPoolExecutor(self._exec.step_threads - 1,
-                                                 thread_name_prefix="monitor-steps")
+        with self._global:      # (a shared monitor's connections may get here at once)
+            if self._step_pool is None:
+                self._step_pool = ThreadPoolExecutor(self._exec.step_threads - 1,
+                                                     thread_name_prefix="monitor-steps")
         todo = deque(runs)          # the largest first: the threads finish close together
 
         def drain() -> None:

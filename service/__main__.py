@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     s.add_argument("--port", type=int)
     s.add_argument("--workers", type=int)
     s.add_argument("--compute-slots", dest="compute_slots", type=int, metavar="N",
-                   help="Predict calls computing at once (default 0: no limit; 1 suits "
-                        "small requests: README, section 6)")
+                   help="Predict calls of more than --small-request-items images computing "
+                        "at once (default 0: no limit; README, section 6)")
     s.add_argument("--small-request-items", dest="small_request_items", type=int, metavar="N",
                    help="Predict calls of at most N images compute one at a time, in a slot of "
                         "their own; larger ones follow --compute-slots (default 16; 0: no such "

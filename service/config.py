@@ -46,10 +46,11 @@ class ServerConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     workers: int = Field(4, ge=1, le=64, description="gRPC worker threads")
-    compute_slots: int = Field(0, ge=0, le=64, description="Predict calls computing at once "
+    compute_slots: int = Field(0, ge=0, le=64, description="Predict calls of more than "
+                               "small_request_items images computing at once "
                                "(model, policies, detectors; waits on I/O excluded); 0: no "
-                               "limit. 1 spares small requests the GIL hand-offs between "
-                               "them, at the cost of large batches' parallel numpy work")
+                               "limit. 1: one at a time (no GIL hand-offs between them, "
+                               "but no two large batches in numpy on two cores either)")
     small_request_items: int = Field(16, ge=0, le=4096, description="Predict calls of at "
                                      "most this many images compute one at a time, in a slot "
                                      "of their own (such a call holds the GIL nearly "

@@ -237,22 +237,15 @@ def _concurrently(fns):
     assert not errors, errors
 
 
-@pytest.mark.parametrize("slots, peak", [(1, 1), (2, 2), (0, 4)])
-def test_compute_slots_bound_the_requests_computing_at_once(slots, peak):
+@pytest.mark.parametrize("slots, n, peak", [
+    ({"compute_slots": 1}, 4, 1), ({"compute_slots": 2}, 4, 2), ({"compute_slots": 0}, 4, 4),
+    # small requests (<= small_request_items) compute one at a time in a slot of their own
+    ({"small_request_items": 16}, 16, 1), ({"small_request_items": 0}, 16, 4)])
+def test_compute_slots_bound_the_requests_computing_at_once(slots, n, peak):
     model = SlowModel()
     policies = {lvl: Tagged(lvl.name) for lvl in Level if lvl != Level.BLOCK}
-    p = DataPlane(model, FakeMonitor(), policies, None, KEY, 512, compute_slots=slots)
-    x = images(4)
-    _concurrently([lambda c=c: p.predict(f"c{c}", None, x) for c in range(4)])
-    assert model.peak == peak and model.calls == 4
-
-
-@pytest.mark.parametrize("small, peak", [(16, 1), (0, 4)])
-def test_small_requests_compute_one_at_a_time_in_their_own_slot(small, peak):
-    model = SlowModel()
-    policies = {lvl: Tagged(lvl.name) for lvl in Level if lvl != Level.BLOCK}
-    p = DataPlane(model, FakeMonitor(), policies, None, KEY, 512, small_request_items=small)
-    x = images(16)
+    p = DataPlane(model, FakeMonitor(), policies, None, KEY, 512, **slots)
+    x = images(n)
     _concurrently([lambda c=c: p.predict(f"c{c}", None, x) for c in range(4)])
     assert model.peak == peak and model.calls == 4
 
