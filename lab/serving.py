@@ -338,7 +338,10 @@ def _slots(args) -> str:
     n, k = args.compute_slots, args.small_items
     big = ("the default compute slots (no limit)" if n is None
            else "no limit on compute slots" if n == 0 else f"{n} compute slots")
-    small = ("requests of up to 16 images one at a time (the default)" if k is None
+    if k is None:
+        from service.config import ServerConfig
+        k_default = ServerConfig.model_fields["small_request_items"].default
+    small = (f"requests of up to {k_default} images one at a time (the default)" if k is None
              else "no slot for small requests" if k == 0
              else f"requests of up to {k} images one at a time")
     return f"{big}, {small}"
@@ -1042,8 +1045,8 @@ def parse_args(argv=None):
                         "(e.g. 250: past linking's probe_queries, which probes a young key's "
                         "requests before they are answered); default 0: new keys")
     m.add_argument("--small-items", dest="small_items", type=int, default=None,
-                   help="the real servers' --small-request-items (default: the server's own, "
-                        "16; 0 = no slot for small requests)")
+                   help="the real servers' --small-request-items (default: the server's "
+                        "own; 0 = no slot for small requests)")
     m.add_argument("--step-threads", dest="step_threads", type=int, default=None,
                    help="the monitor's execution.step_threads in the process and remote "
                         "profiles (default: the config's)")

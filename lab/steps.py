@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         fill = _jobs(target, rng, a.stream, a.clients, a.history, 256, "fill")
         for t, mon in tqdm(mons.items(), desc="history", file=sys.stderr):
             mon.run_requests(fill, False)     # the same history for every setting
-        total = a.clients * (a.items // a.batch or 1) * a.batch
+        total = a.clients * -(-a.items // a.batch) * a.batch    # (whole requests)
         for r in tqdm(range(a.rounds), desc="rounds", file=sys.stderr):
             jobs = _jobs(target, rng, a.stream, a.clients, a.items, a.batch, f"r{r}")
             for t, mon in mons.items():
