@@ -728,7 +728,7 @@ class Monitor:
         n = min(self._exec.step_threads, len(runs))
         if n <= 1:
             for step in steps:
-                self._run_requests_step(step)
+                self._run_one_step(step)
             return
         with self._global:      # (a shared monitor's connections may get here at once)
             if self._step_pool is None:
@@ -743,7 +743,7 @@ class Monitor:
                 except IndexError:
                     return
                 for step in run:
-                    self._run_requests_step(step)
+                    self._run_one_step(step)
 
         helpers = [self._step_pool.submit(drain) for _ in range(n - 1)]
         try:
@@ -752,23 +752,22 @@ class Monitor:
             for f in helpers:
                 f.result()          # (re-raises what a helper raised beyond Exception)
 
-    def _run_requests_step(self, step: list) -> None:
+    def _run_one_step(self, step: list, wait: bool = False) -> None:
+        """One detector step: one request, or consecutive requests of one client merged into
+        one (see _merge_runs). A failure of its detectors is logged and skipped (the client is
+        restored from the log on its next request); anything beyond Exception propagates."""
         job = step[0] if len(step) == 1 else _merged_job(step)
         try:
-            self._process(job, wait=False)
+            self._process(job, wait=wait)
         except Exception:  # noqa: BLE001 - one request's detectors failed: go on
             log.exception("monitor: detectors failed on a request of client %s; its "
                           "state is restored from the log on its next request", job[0])
 
     def _run_step(self, jobs: list) -> None:
-        """One detector step of the async worker: one request, or consecutive requests of one
-        client merged into one (see _merge_runs)."""
-        job = jobs[0] if len(jobs) == 1 else _merged_job(jobs)
+        """One detector step of the async worker (_run_one_step, waiting for its
+        commit), then the bookkeeping of what waits."""
         try:
-            self._process(job)
-        except Exception:  # noqa: BLE001 - one request's detectors failed: log it, go on
-            log.exception("monitor: detectors failed on a request of client %s; its state "
-                          "is restored from the log on its next request", job[0])
+            self._run_one_step(jobs, wait=True)
         except BaseException as exc:  # surfaced by observe()/flush()/close()
             self._worker_error = exc
             log.exception("monitor worker failed")
