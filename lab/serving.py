@@ -329,6 +329,8 @@ def real_server(name: str, extra: list[str], args, db: Path, workdir: Path,
         argv += ["--compute-slots", str(args.compute_slots)]
     if args.small_items is not None:
         argv += ["--small-request-items", str(args.small_items)]
+    if args.aio:
+        argv += ["--aio"]
     s = ServerProcess(name, argv, port, workdir / f"{name}.log")
     s.companion = companion
     return s.start()
@@ -578,7 +580,8 @@ def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, r
             "## Throughput and latency: server profiles vs the echo server", "",
             f"Each cell: {args.warmup:g} s warm-up, then {args.seconds:g} s measured; clients "
             f"spread over {pool.n} client processes (grpc.aio, one connection and API key each, "
-            f"pre-serialized UINT8 requests from the attack pool); server: {args.workers} gRPC "
+            f"pre-serialized UINT8 requests from the attack pool); server: "
+            f"{'grpc.aio event loop (serve --aio) and ' if args.aio else ''}{args.workers} gRPC "
             f"workers, {_slots(args)}, 1 torch thread. img/s counts images whose response "
             f"arrived in the window; × echo = the profile's img/s / the echo's img/s in the "
             f"same cell (measured just before); × monitor-off = the profile's img/s / the "
@@ -1037,6 +1040,9 @@ def parse_args(argv=None):
     m.add_argument("--warmup", type=float, default=None, help="warm-up seconds per cell (1)")
     m.add_argument("--client-procs", type=int, default=2, help="client processes (2)")
     m.add_argument("--workers", type=int, default=4, help="gRPC workers of every server (4)")
+    m.add_argument("--aio", action="store_true",
+                   help="the real servers run `serve --aio` (grpc.aio event loop; the echo "
+                        "stays the thread-pool reference)")
     m.add_argument("--compute-slots", dest="compute_slots", type=int, default=None,
                    help="compute slots of the real servers (default: the server's own, "
                         "0 = no limit)")

@@ -466,6 +466,19 @@ class Monitor:
                         del cache[next(iter(cache))]
         return lvl
 
+    def waits_for(self, client_id: str) -> bool:
+        """Whether ``level``, ``observe`` or ``wait_durable`` may now wait for this client
+        (rather than only compute): its state is not in memory (a read of the store), its
+        queries wait for the async worker beyond ``max_lag``, or a row its answer waits for is
+        not committed yet. A hint for where to run the request (``serve --aio`` runs the
+        computing ones on its event loop): a wrong answer costs time, never correctness."""
+        if client_id not in self._engines:
+            return True
+        if self._queue is not None and self._lagging(client_id):
+            return True
+        ticket = self._must_commit.get(client_id)
+        return ticket is not None and not self.store.is_committed(ticket)
+
     def wants_probe(self, client_id: str) -> bool:
         """Whether cross-client linking could raise this client's next request above its own
         level (``level`` then looks at the request's images; cheap: no pixels looked at)."""

@@ -33,6 +33,10 @@ class NullMonitor:
     def wait_durable(self, client_id: str) -> None:
         pass
 
+    def waits_for(self, client_id: str) -> bool:
+        """Never: nothing here waits."""
+        return False
+
     def flush(self) -> None:
         pass
 

@@ -824,6 +824,10 @@ class SharedMonitor(Monitor):
             self._saved[client] = (0, None)
             return eng
 
+    def waits_for(self, client_id: str) -> bool:
+        """Always: every request may read the shared store (the owner check, a handover)."""
+        return True
+
     def level(self, client_id, images=None):
         """As Monitor.level; with ``verify_owner`` a client held in memory is first checked
         against ``owners`` (one indexed read): if another replica claimed it meanwhile (and its

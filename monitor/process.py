@@ -369,6 +369,17 @@ class MonitorProcess:
                 st.level, st.ask = max(st.level, Level(lvl)), want
             return st.level
 
+    def waits_for(self, client_id: str) -> bool:
+        """Whether ``level`` would now wait: for the monitor's answer about a client it knows
+        nothing of or must ask about (a young key's probe), or for replies while more than
+        ``max_lag`` of the client's queries are in flight. A hint (``serve --aio``); a wrong
+        answer costs time, never correctness."""
+        with self._cv:
+            st = self._clients.get(client_id)
+            if st is None or st.ask:
+                return True
+            return bool(st.requests) and (self._max_lag == 0 or st.items > self._max_lag)
+
     def _forget(self) -> None:
         """Drop the oldest idle clients beyond what is remembered here (caller holds _cv)."""
         if len(self._clients) <= self._remember:

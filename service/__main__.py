@@ -46,12 +46,13 @@ def _serve(args) -> int:
     server = Server(cfg, build_dataplane(cfg)).start()
     log.info("serving modelguard.v1.Inference and inference.GRPCInferenceService (Open "
              "Inference Protocol v2) on %s over %s, %s (max batch %d, %d workers, compute slots: "
-             "%s, small requests: %s, %d torch threads); Ctrl-C to stop", server.address,
+             "%s, small requests: %s, %d torch threads%s); Ctrl-C to stop", server.address,
              ("mutual TLS" if cfg.tls_client_ca else "TLS") if server.tls else "PLAINTEXT",
              f"keys from {cfg.api_keys}" if cfg.api_keys else "open keys (any key; ids are "
              "keyed hashes)", cfg.max_batch, cfg.workers, cfg.compute_slots or "no limit",
              f"<= {cfg.small_request_items} images one at a time" if cfg.small_request_items
-             else "no slot of their own", cfg.torch_threads)
+             else "no slot of their own", cfg.torch_threads,
+             ", grpc.aio event loop" if cfg.aio else "")
     server.wait()
     return 0
 
@@ -100,6 +101,11 @@ def main(argv=None) -> int:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--workers", type=int)
+    s.add_argument("--aio", action="store_true", default=None,
+                   help="serve on grpc.aio's event loop: a call's short parts run on the loop, "
+                        "only those that may wait (a log commit, a monitor in another process) "
+                        "or run long (requests above --small-request-items) on --workers "
+                        "threads (README, section 6)")
     s.add_argument("--compute-slots", dest="compute_slots", type=int, metavar="N",
                    help="Predict calls of more than --small-request-items images computing "
                         "at once (default 0: no limit; README, section 6)")

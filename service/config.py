@@ -45,7 +45,11 @@ def artifacts_dir() -> Path:
 class ServerConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
-    workers: int = Field(4, ge=1, le=64, description="gRPC worker threads")
+    workers: int = Field(4, ge=1, le=64, description="gRPC worker threads (with aio: the "
+                         "threads for the parts of calls that may wait)")
+    aio: bool = Field(False, description="serve on grpc.aio's event loop: the short parts of a "
+                      "call run on the loop, only those that may wait or run long on the "
+                      "workers (service/aio.py; README, section 6)")
     compute_slots: int = Field(0, ge=0, le=64, description="Predict calls of more than "
                                "small_request_items images computing at once "
                                "(model, policies, detectors; waits on I/O excluded); 0: no "

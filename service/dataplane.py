@@ -23,6 +23,7 @@ from common import training
 from common.types import CLASS_NAMES, Answer, AnswerKind, Level
 from service.defences import DIGEST_SCHEME, PolicyContext, Watermark, build_policy
 from service.errors import InvalidInput, NotReady, PermissionDenied
+from service.steps import Blocking, Steps, run_steps
 from monitor.log import LogUnavailable
 from service.train import privacy_parameters
 
@@ -105,6 +106,9 @@ class DataPlane:
         self._id_prefix = uuid.uuid4().hex[:12]
         self._id_counter = itertools.count(1)
         self.metrics = None   # service.metrics.Metrics when the server exports metrics
+        # whether the monitor's calls for a client may wait (a monitor without the method:
+        # always assumed to)
+        self._waits_for = getattr(monitor, "waits_for", None) or (lambda client_id: True)
 
     def attach_metrics(self, metrics) -> None:
         """Report stage timings, the level each client is seen at and (through the monitor's
@@ -147,6 +151,15 @@ class DataPlane:
 
     def predict(self, client_id: str, request_id: str | None, images: np.ndarray,
                 want_probabilities: bool = True) -> PredictResult:
+        """Answer ``images`` for ``client_id`` (blocking; see :meth:`predict_steps`)."""
+        return run_steps(self.predict_steps(client_id, request_id, images, want_probabilities))
+
+    def predict_steps(self, client_id: str, request_id: str | None, images: np.ndarray,
+                      want_probabilities: bool = True) -> Steps:
+        """:meth:`predict` as steps (service.steps): a request above ``small_request_items``
+        images is one Blocking step (it may use a second core); a smaller one computes where it
+        is driven and yields only the monitor's calls that may wait (``waits_for``: a round
+        trip to a monitor in another process, a client's state to load, a log commit)."""
         if not self._ready.is_set():
             raise NotReady("the server is not ready (starting up or shutting down)")
         if not isinstance(images, np.ndarray) or images.dtype != np.float32 \
@@ -158,16 +171,34 @@ class DataPlane:
                                f"{getattr(images, 'dtype', type(images).__name__)} "
                                f"{getattr(images, 'shape', '')}")
         request_id = request_id or self._next_id()
+        small = self._small_gate is not None and len(images) <= self.small_request_items
+        steps = self._steps(client_id, request_id, images, want_probabilities, small)
+        if not small:
+            return (yield Blocking(run_steps, steps))
+        return (yield from steps)
+
+    def _level(self, client_id: str, images: np.ndarray) -> Level:
+        with _not_ready_without_log():   # fail-closed: no answer the log could not keep
+            return self.monitor.level(client_id, images)
+
+    def _durable(self, client_id: str) -> None:
+        with _not_ready_without_log():   # not durable in time: the answer is not sent
+            self.monitor.wait_durable(client_id)
+
+    def _steps(self, client_id: str, request_id: str, images: np.ndarray,
+               want_probabilities: bool, small: bool) -> Steps:
+        waits = self._waits_for
         clock = time.perf_counter   # stage timings for the metrics (~0.1 us a reading)
         t0 = clock()
-        with _not_ready_without_log():   # fail-closed: no answer the log could not keep
-            level = self.monitor.level(client_id, images)
+        if waits(client_id):
+            level = yield Blocking(self._level, client_id, images)
+        else:
+            level = self._level(client_id, images)
         if level >= Level.BLOCK:
             if self.metrics is not None:
                 self.metrics.client_level(client_id, level)
             raise PermissionDenied(f"client {client_id!r} is blocked by the monitor")
         t1 = clock()
-        small = self._small_gate is not None and len(images) <= self.small_request_items
         with self._small_gate if small else self._gate:
             tq = clock()
             probs = self.model.predict_proba(images)
@@ -185,8 +216,10 @@ class DataPlane:
             with _not_ready_without_log():
                 after = self.monitor.observe(client_id, request_id, images, probs, answer,
                                              level, wait=False)
-        with _not_ready_without_log():   # not durable in time: the answer is not sent
-            self.monitor.wait_durable(client_id)
+        if waits(client_id):
+            yield Blocking(self._durable, client_id)
+        else:
+            self._durable(client_id)
         if self.metrics is not None:
             self.metrics.stages(t2 - tq, t3 - t2, (t1 - t0) + (clock() - t3),
                                 tq - t1 if small or self.compute_slots else None)

@@ -32,6 +32,7 @@ from service.auth import KeyRing
 from service.dataplane import DataPlane
 from service.errors import InvalidInput, NotFound, quote
 from service.servicer import CallStats, abort_for
+from service.steps import Steps, run_steps
 
 log = logging.getLogger("modelguard.oip")
 
@@ -158,6 +159,8 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over the data plane (keys checked by the server's
     AuthInterceptor, as for modelguard.v1)."""
 
+    STEPS = {"ModelInfer": "model_infer_steps"}   # methods written as steps (service.steps)
+
     def __init__(self, plane: DataPlane, keyring: KeyRing):
         self.plane = plane
         self.keyring = keyring
@@ -194,6 +197,10 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
                      T(name=PROBS, datatype="FP32", shape=[-1, NUM_CLASSES])])
 
     def ModelInfer(self, request, context):
+        return run_steps(self.model_infer_steps(request, context))
+
+    def model_infer_steps(self, request, context) -> Steps:
+        """ModelInfer as steps (service.steps; as InferenceServicer.predict_steps)."""
         stats = CallStats()
         try:
             client = self.keyring.client_id(context.invocation_metadata())
@@ -202,8 +209,8 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             outputs = requested_outputs(request)
             images = decode_inputs(request, self.plane.max_batch)
             stats.decoded(len(images))
-            result = self.plane.predict(client, request_id or None, images,
-                                        want_probabilities=PROBS in outputs)
+            result = yield from self.plane.predict_steps(client, request_id or None, images,
+                                                         want_probabilities=PROBS in outputs)
             stats.answered(result)
             return build_infer_response(result.answer, result.request_id, self.plane.model.name,
                                         self.plane.model.version, outputs)

@@ -91,17 +91,31 @@ class Server:
             plane.attach_metrics(self.metrics)
         opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes)]
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
-                                interceptors=[AuthInterceptor(keyring, self.metrics)],
-                                options=opts)
+        auth = AuthInterceptor(keyring, self.metrics)
+        self.aio = None
+        if cfg.aio:
+            # grpc.aio on an event loop of its own: the short parts of a call run on the loop,
+            # the ones that may wait in a pool of cfg.workers threads (service/aio.py)
+            from service.aio import LoopServer
+
+            self.aio = LoopServer(opts, auth, cfg.workers)
+            self.grpc = self.aio.server
+            handler_for = self.aio.handler_for()
+            self.health = health.aio.HealthServicer()
+        else:
+            self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
+                                    interceptors=[auth], options=opts)
+            handler_for = None
+            self.health = health.HealthServicer()
         # Both APIs parse their requests' bytes themselves (servicer.raw_method_handlers):
         # malformed messages are INVALID_ARGUMENT, without grpcio's deserialization failure.
         self.grpc.add_generic_rpc_handlers((
             raw_method_handlers(pb.DESCRIPTOR.services_by_name["Inference"],
-                                InferenceServicer(plane, keyring), pb, self.metrics),
+                                InferenceServicer(plane, keyring), pb, self.metrics,
+                                handler_for),
             raw_method_handlers(oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
-                                oip.OipServicer(plane, keyring), oip_pb, self.metrics)))
-        self.health = health.HealthServicer()
+                                oip.OipServicer(plane, keyring), oip_pb, self.metrics,
+                                handler_for)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, oip.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -111,6 +125,8 @@ class Server:
         else:
             self.port = self.grpc.add_secure_port(f"{cfg.host}:{cfg.port}", creds)
         if self.port == 0:
+            if self.aio is not None:
+                self.aio.stop(0)
             raise OSError(f"could not bind {cfg.host}:{cfg.port}")
         self._stopped = threading.Event()
 
@@ -133,7 +149,10 @@ class Server:
         if self.metrics is not None:
             self.metrics.start(self.cfg.host, self.cfg.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.cfg.host, self.metrics.port)
-        self.grpc.start()
+        if self.aio is not None:
+            self.aio.start()
+        else:
+            self.grpc.start()
         self._serving = self.plane.ready()
         self._set_health(health_pb2.HealthCheckResponse.SERVING if self._serving else
                          health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -142,7 +161,10 @@ class Server:
 
     def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME, oip.SERVICE_NAME):
-            self.health.set(name, status)
+            if self.aio is not None:
+                self.aio.call(self.health.set(name, status))
+            else:
+                self.health.set(name, status)
 
     def _watch_health(self, every: float = 0.1, trim_every: float = 1.0,
                       memory_every: float = 0.1) -> None:
@@ -183,9 +205,15 @@ class Server:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.health.enter_graceful_shutdown()
-        self.plane.shutdown()
-        self.grpc.stop(self.cfg.grace_s if grace is None else grace).wait()
+        grace = self.cfg.grace_s if grace is None else grace
+        if self.aio is not None:
+            self.aio.call(self.health.enter_graceful_shutdown())
+            self.plane.shutdown()
+            self.aio.stop(grace)
+        else:
+            self.health.enter_graceful_shutdown()
+            self.plane.shutdown()
+            self.grpc.stop(grace).wait()
         self.plane.close()
         if self.metrics is not None:
             self.metrics.stop()

@@ -18,6 +18,7 @@ from service.auth import KeyRing
 from service.dataplane import DataPlane
 from service.errors import (InvalidInput, NotFound, NotReady, PermissionDenied, Unauthenticated,
                             quote)
+from service.steps import Steps, run_steps
 
 log = logging.getLogger("modelguard.servicer")
 
@@ -194,39 +195,49 @@ class RateLimitedLog:
 malformed_log = RateLimitedLog(log)
 
 
-def raw_method_handlers(service, servicer, messages, metrics=None) -> grpc.GenericRpcHandler:
+def raw_method_handlers(service, servicer, messages, metrics=None,
+                        handler_for=None) -> grpc.GenericRpcHandler:
     """The generic handler of ``service`` (a ServiceDescriptor; unary methods) whose methods take
-    the request's raw bytes and parse them here, instead of through grpcio's deserializer: a
-    malformed message becomes INVALID_ARGUMENT with a reason (and one rate-limited log line),
-    not grpcio's deserialization-failure path (which logs a traceback per call and was measured
-    to keep ~19 KB per failed call in grpcio 1.85.1). ``messages`` is the module of the
-    service's generated message classes."""
+    the request's raw bytes and parse them here (parse_request), instead of through grpcio's
+    deserializer: a malformed message becomes INVALID_ARGUMENT with a reason (and one
+    rate-limited log line), not grpcio's deserialization-failure path (which logs a traceback
+    per call and was measured to keep ~19 KB per failed call in grpcio 1.85.1). ``messages`` is
+    the module of the service's generated message classes. ``handler_for(servicer, name,
+    req_cls, full_method, metrics)`` makes each method's handler (default: the thread-pool
+    server's; service.aio has the event loop's)."""
+    handler_for = handler_for or _thread_handler
     handlers = {}
     for m in service.methods:
         req_cls = getattr(messages, m.input_type.name)
         resp_cls = getattr(messages, m.output_type.name)
         full = f"/{service.full_name}/{m.name}"
         handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-            _parsing(getattr(servicer, m.name), req_cls, full, metrics),
+            handler_for(servicer, m.name, req_cls, full, metrics),
             request_deserializer=None, response_serializer=resp_cls.SerializeToString)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-def _parsing(fn, req_cls, method: str, metrics):
+def parse_request(raw: bytes, req_cls, method: str, metrics, context):
+    """``raw`` parsed as ``req_cls``; a malformed message aborts the call INVALID_ARGUMENT."""
+    try:
+        return req_cls.FromString(raw)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        peer = context.peer()
+        malformed_log.warning("malformed %s message (%d bytes) from %s on %s: %s",
+                              req_cls.DESCRIPTOR.full_name, len(raw), peer, method,
+                              quote(str(exc)))
+        if metrics is not None and method.endswith(PREDICTION_METHODS):
+            metrics.request(api_of(method), "INVALID_ARGUMENT", None, None, 0, None)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"malformed {req_cls.DESCRIPTOR.full_name} message ({len(raw)} bytes): "
+                      "not a valid protobuf encoding")
+
+
+def _thread_handler(servicer, name: str, req_cls, method: str, metrics):
+    fn = getattr(servicer, name)
+
     def handler(raw, context):
-        try:
-            request = req_cls.FromString(raw)
-        except (DecodeError, RuntimeWarning, ValueError) as exc:
-            peer = context.peer()
-            malformed_log.warning("malformed %s message (%d bytes) from %s on %s: %s",
-                                  req_cls.DESCRIPTOR.full_name, len(raw), peer, method,
-                                  quote(str(exc)))
-            if metrics is not None and method.endswith(PREDICTION_METHODS):
-                metrics.request(api_of(method), "INVALID_ARGUMENT", None, None, 0, None)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"malformed {req_cls.DESCRIPTOR.full_name} message ({len(raw)} bytes): "
-                          "not a valid protobuf encoding")
-        return fn(request, context)
+        return fn(parse_request(raw, req_cls, method, metrics, context), context)
     return handler
 
 
@@ -237,25 +248,33 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self.keyring = keyring
         self.metrics = metrics   # counts the calls it rejects (service.metrics.Metrics)
 
-    def intercept_service(self, continuation, handler_call_details):
+    def rejection(self, handler_call_details) -> str | None:
+        """Why this call is refused UNAUTHENTICATED (None: it passes)."""
         method = handler_call_details.method
         if is_public(method):
-            return continuation(handler_call_details)
+            return None
         try:
             self.keyring.client_id(handler_call_details.invocation_metadata)
         except Unauthenticated as exc:
-            message = str(exc)
             if self.metrics is not None and method.endswith(PREDICTION_METHODS):
                 self.metrics.request(api_of(method), "UNAUTHENTICATED", None, None, 0, None)
+            return str(exc)
+        return None
 
-            def deny(request, context):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    def intercept_service(self, continuation, handler_call_details):
+        message = self.rejection(handler_call_details)
+        if message is None:
+            return continuation(handler_call_details)
 
-            return grpc.unary_unary_rpc_method_handler(deny)
-        return continuation(handler_call_details)
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        return grpc.unary_unary_rpc_method_handler(deny)
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
+    STEPS = {"Predict": "predict_steps"}   # methods written as steps (service.steps)
+
     def __init__(self, plane: DataPlane, keyring: KeyRing):
         self.plane = plane
         self.keyring = keyring
@@ -275,6 +294,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             outputs=[pb.TensorMetadata(**t) for t in m["outputs"]])
 
     def Predict(self, request, context):
+        return run_steps(self.predict_steps(request, context))
+
+    def predict_steps(self, request, context) -> Steps:
+        """Predict as steps (service.steps): the thread-pool server runs them with run_steps,
+        ``serve --aio`` on its event loop."""
         stats = CallStats()
         try:
             client = self.keyring.client_id(context.invocation_metadata())
@@ -284,8 +308,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             images = codec.decode_images(request.datatype, request.shape, request.raw_input,
                                          self.plane.max_batch)
             stats.decoded(len(images))
-            result = self.plane.predict(client, request_id, images,
-                                        want_probabilities=request.output != pb.OUTPUT_LABEL)
+            result = yield from self.plane.predict_steps(
+                client, request_id, images, want_probabilities=request.output != pb.OUTPUT_LABEL)
             stats.answered(result)
             return build_response(request.format, result.answer, result.request_id,
                                   self.plane.model.name, self.plane.model.version)

@@ -320,3 +320,92 @@ def test_time_waiting_for_a_compute_slot_is_reported_apart(slots):
         assert sorted(q > 0.19 for _, q in p.metrics.calls) == [False, True]  # one waited
     else:
         assert [q for _, q in p.metrics.calls] == [None, None]
+
+
+# -- a prediction as steps (service.steps): what leaves the driver's thread ----------------------
+
+class WaitingMonitor(FakeMonitor):
+    """FakeMonitor whose calls may wait (``waits_for``), recording the thread of each call."""
+
+    def __init__(self, waits: bool, fail_level: Exception | None = None):
+        super().__init__()
+        self.waits, self.fail_level, self.threads = waits, fail_level, {}
+
+    def waits_for(self, client_id):
+        return self.waits
+
+    def level(self, client_id, images=None):
+        self.threads["level"] = threading.current_thread().name
+        if self.fail_level is not None:
+            raise self.fail_level
+        return super().level(client_id, images)
+
+    def wait_durable(self, client_id):
+        self.threads["durable"] = threading.current_thread().name
+
+
+def _steps_plane(mon, small_items=16):
+    policies = {lvl: Tagged(lvl.name) for lvl in Level if lvl != Level.BLOCK}
+    return DataPlane(FakeModel(), mon, policies, None, KEY, max_batch=512,
+                     small_request_items=small_items)
+
+
+def test_a_small_request_yields_only_the_monitor_calls_that_may_wait():
+    # a monitor that never waits: the whole request computes where it is driven
+    p = _steps_plane(WaitingMonitor(False))
+    steps = p.predict_steps("c", "r1", images(4))
+    with pytest.raises(StopIteration) as done:
+        steps.send(None)
+    assert done.value.value.level == Level.NORMAL and p.model.calls == 1
+    # one that may: its level and its durable wait are handed out, the model runs in between
+    p = _steps_plane(WaitingMonitor(True))
+    steps = p.predict_steps("c", "r2", images(4))
+    first = steps.send(None)
+    assert p.model.calls == 0
+    second = steps.send(first.fn(*first.args))
+    assert p.model.calls == 1 and len(p.monitor.seen) == 1
+    assert second.fn(*second.args) is None
+    with pytest.raises(StopIteration) as done:
+        steps.send(None)
+    assert done.value.value.answer.labels.shape == (4,)
+
+
+def test_a_large_request_is_one_step_that_does_everything_where_it_runs():
+    p = _steps_plane(WaitingMonitor(False))
+    steps = p.predict_steps("c", "r1", images(17))     # above small_request_items
+    step = steps.send(None)
+    assert p.model.calls == 0 and p.monitor.seen == []
+    result = step.fn(*step.args)
+    assert p.model.calls == 1 and len(p.monitor.seen) == 1
+    with pytest.raises(StopIteration) as done:
+        steps.send(result)
+    assert done.value.value is result
+
+
+def test_steps_on_an_event_loop_run_the_waits_in_the_executor_and_errors_come_back():
+    import asyncio
+    from concurrent import futures
+
+    from monitor.log import LogUnavailable
+    from service.errors import NotReady
+    from service.steps import run_steps_async
+
+    with futures.ThreadPoolExecutor(1, thread_name_prefix="waits") as ex:
+        mon = WaitingMonitor(True)
+        p = _steps_plane(mon)
+        loop_thread = []
+
+        async def go(plane):
+            loop_thread.append(threading.current_thread().name)
+            return await run_steps_async(plane.predict_steps("c", "r1", images(3)), ex)
+
+        r = asyncio.run(go(p))
+        assert r.answer.labels.shape == (3,)
+        assert mon.threads["level"].startswith("waits")
+        assert mon.threads["durable"].startswith("waits")
+        # a failure in a step is thrown into the request where it waited: the log's
+        # LogUnavailable becomes the data plane's NotReady, and nothing is computed
+        failing = _steps_plane(WaitingMonitor(True, LogUnavailable("disk full")))
+        with pytest.raises(NotReady, match="disk full"):
+            asyncio.run(go(failing))
+        assert failing.model.calls == 0
