@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from common.steps import Blocking, Steps
 from common.types import Answer, Level
 from monitor.config import MonitorConfig, load_config
 from monitor.engine import ClientEngine, det_view
@@ -608,6 +609,23 @@ class Monitor:
         Raises LogUnavailable when that does not happen within the commit timeout."""
         if self._durable and self._queue is None:
             self._await_commit(client_id)
+
+    def level_steps(self, client_id: str, images: np.ndarray | None = None) -> Steps:
+        """:meth:`level` as steps (common.steps): one Blocking step when :meth:`waits_for`
+        says it may wait, else computed in place."""
+        if self.waits_for(client_id):
+            return (yield Blocking(self.level, client_id, images))
+        return self.level(client_id, images)
+
+    def durable_steps(self, client_id: str) -> Steps:
+        """:meth:`wait_durable` as steps (common.steps): a Blocking step only while a row the
+        answer waits for is not committed yet."""
+        if self._durable and self._queue is None:
+            ticket = self._must_commit.get(client_id)
+            if ticket is not None and not self.store.is_committed(ticket):
+                yield Blocking(self.wait_durable, client_id)
+                return
+        self.wait_durable(client_id)
 
     def _process(self, job, wait: bool = True) -> Level:
         client_id, request_id, t, images, target_probs, answer, level = job

@@ -33,9 +33,14 @@ class NullMonitor:
     def wait_durable(self, client_id: str) -> None:
         pass
 
-    def waits_for(self, client_id: str) -> bool:
-        """Never: nothing here waits."""
-        return False
+    def level_steps(self, client_id: str, images=None):
+        """level as steps (common.steps): none."""
+        return Level.NORMAL
+        yield   # a generator
+
+    def durable_steps(self, client_id: str):
+        """wait_durable as steps: none."""
+        yield from ()
 
     def flush(self) -> None:
         pass

@@ -49,12 +49,14 @@ import ssl
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from common.steps import Blocking, Steps, Waiting, run_steps
 from common.types import Answer, Level
 from monitor.config import MonitorConfig, parse_address
 from monitor.log import LogUnavailable
@@ -83,6 +85,17 @@ def link_key(secret: str) -> bytes:
     other with: derived from the server's secret, so both read the same secret file and the
     secret itself never serves two purposes."""
     return hmac.new(secret.encode(), b"modelguard monitor link v1", hashlib.sha256).digest()
+
+
+def _settle(fut: futures.Future, reply) -> None:
+    """Deliver the monitor's ``reply`` (a value, or an exception it raised) to ``fut``."""
+    try:
+        if isinstance(reply, BaseException):
+            fut.set_exception(reply)
+        else:
+            fut.set_result(reply)
+    except futures.InvalidStateError:
+        pass      # given up on meanwhile (timed out, cancelled)
 
 
 class MonitorProcess:
@@ -122,7 +135,7 @@ class MonitorProcess:
         self._clients: OrderedDict[str, _Known] = OrderedDict()
         self._waiting = 0     # requests sent, not yet read by the monitor (queue_limit bounds)
         self._unacked = 0     # requests sent, not yet acknowledged
-        self._replies: dict[int, object] = {}
+        self._futures: dict[int, futures.Future] = {}   # replies awaited, by token
         self._tokens = itertools.count(1)
         self._listeners: list[Callable] = []
         self._child_ready = False
@@ -177,24 +190,30 @@ class MonitorProcess:
 
     def _ask(self, kind: str, *args, timeout: float = REPLY_TIMEOUT_S):
         """Send a request to the monitor and wait for its reply."""
+        return self._asking(kind, *args, timeout=timeout).run()
+
+    def _asking(self, kind: str, *args, timeout: float = REPLY_TIMEOUT_S) -> Waiting:
+        """Send a request to the monitor; the Waiting step (common.steps) of its reply. The
+        reply fails with LogUnavailable when the connection is lost first, or after
+        ``timeout`` seconds."""
         token = next(self._tokens)
         self._check()
-        gen = self._send((kind, token) + args)
-        deadline = time.monotonic() + timeout
+        fut: futures.Future = futures.Future()
         with self._cv:
-            while token not in self._replies:
-                if self._dead is not None or self._gen != gen:
-                    raise LogUnavailable(self._dead or "the connection to the monitor was "
-                                         "lost before it answered")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise LogUnavailable(f"the monitor did not answer {kind!r} "
-                                         f"within {timeout:g} s")
-                self._cv.wait(min(left, 1.0))
-            reply = self._replies.pop(token)
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
+            self._futures[token] = fut
+        try:
+            self._send((kind, token) + args)
+        except BaseException:
+            with self._cv:
+                self._futures.pop(token, None)
+            raise
+
+        def late() -> LogUnavailable:
+            with self._cv:
+                self._futures.pop(token, None)
+            return LogUnavailable(f"the monitor did not answer {kind!r} within {timeout:g} s")
+
+        return Waiting(fut, timeout, late)
 
     def _check(self) -> None:
         if self._closed:
@@ -212,7 +231,10 @@ class MonitorProcess:
                     log.error("%s: requests fail closed until %s", why,
                               "the server restarts" if self.address is None
                               else "the monitor is reachable again")
+            pending, self._futures = self._futures, {}
             self._cv.notify_all()
+        for fut in pending.values():     # nothing will answer them now
+            _settle(fut, LogUnavailable(why))
 
     def _link(self) -> None:
         """The receiving thread: the child's pipe until it closes; or connect to the monitor at
@@ -276,8 +298,9 @@ class MonitorProcess:
                 self._acked(*msg[1:])
             elif kind == "reply":
                 with self._cv:
-                    self._replies[msg[1]] = msg[2]
-                    self._cv.notify_all()
+                    fut = self._futures.pop(msg[1], None)
+                if fut is not None:
+                    _settle(fut, msg[2])
             elif kind == "taken":
                 with self._cv:
                     self._waiting -= msg[1]
@@ -340,24 +363,31 @@ class MonitorProcess:
         """The level to answer this client's request at: once at most ``max_lag`` of its
         queries wait for the detectors. Raises LogUnavailable when the monitor is gone or
         reports its log failing (``log.on_failure = "closed"``)."""
+        return run_steps(self.level_steps(client_id, images))
+
+    def level_steps(self, client_id: str, images: np.ndarray | None = None) -> Steps:
+        """:meth:`level` as steps (common.steps): the monitor's answer, when it must be asked
+        (a client it knows nothing of yet, a young key's probe), is a Waiting step; a wait for
+        its replies while more than ``max_lag`` of the client's queries are in flight is a
+        Blocking one; a client whose level is known here takes no step at all."""
         self._check()
         if self._child_health is not None and self._fail_closed:
             raise LogUnavailable(f"the monitor's log cannot be written "
                                  f"({self._child_health}); try again later")
         with self._cv:
             st = self._clients.get(client_id)
-            while st is not None and st.requests and (
-                    self._max_lag == 0 or st.items > self._max_lag):
-                if self._dead is not None:
-                    raise LogUnavailable(self._dead)
-                self._cv.wait(1.0)
-                st = self._clients.get(client_id)
+            lagging = st is not None and st.requests and (
+                self._max_lag == 0 or st.items > self._max_lag)
+        if lagging:
+            yield Blocking(self._await_lag, client_id)
+        with self._cv:
+            st = self._clients.get(client_id)
             if st is not None:
                 self._clients.move_to_end(client_id)
                 if not st.ask:
                     return st.level
         probe = images if self._linking else None
-        lvl, qn, want = self._ask("level", client_id, probe)
+        lvl, qn, want = yield self._asking("level", client_id, probe)
         with self._cv:
             st = self._clients.get(client_id)
             if st is None:
@@ -369,16 +399,17 @@ class MonitorProcess:
                 st.level, st.ask = max(st.level, Level(lvl)), want
             return st.level
 
-    def waits_for(self, client_id: str) -> bool:
-        """Whether ``level`` would now wait: for the monitor's answer about a client it knows
-        nothing of or must ask about (a young key's probe), or for replies while more than
-        ``max_lag`` of the client's queries are in flight. A hint (``serve --aio``); a wrong
-        answer costs time, never correctness."""
+    def _await_lag(self, client_id: str) -> None:
+        """Wait until at most ``max_lag`` of the client's queries are in flight (with max_lag
+        0: none)."""
         with self._cv:
             st = self._clients.get(client_id)
-            if st is None or st.ask:
-                return True
-            return bool(st.requests) and (self._max_lag == 0 or st.items > self._max_lag)
+            while st is not None and st.requests and (
+                    self._max_lag == 0 or st.items > self._max_lag):
+                if self._dead is not None:
+                    raise LogUnavailable(self._dead)
+                self._cv.wait(1.0)
+                st = self._clients.get(client_id)
 
     def _forget(self) -> None:
         """Drop the oldest idle clients beyond what is remembered here (caller holds _cv)."""
@@ -446,6 +477,10 @@ class MonitorProcess:
 
     def wait_durable(self, client_id: str) -> None:
         """Nothing: a client's next request waits for its previous rows (see ``level``)."""
+
+    def durable_steps(self, client_id: str) -> Steps:
+        """wait_durable as steps: none."""
+        yield from ()
 
     def flush(self) -> None:
         """Return once everything sent so far is processed and committed."""

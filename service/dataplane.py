@@ -23,7 +23,7 @@ from common import training
 from common.types import CLASS_NAMES, Answer, AnswerKind, Level
 from service.defences import DIGEST_SCHEME, PolicyContext, Watermark, build_policy
 from service.errors import InvalidInput, NotReady, PermissionDenied
-from service.steps import Blocking, Steps, run_steps
+from common.steps import Blocking, Steps, run_steps
 from monitor.log import LogUnavailable
 from service.train import privacy_parameters
 
@@ -106,9 +106,21 @@ class DataPlane:
         self._id_prefix = uuid.uuid4().hex[:12]
         self._id_counter = itertools.count(1)
         self.metrics = None   # service.metrics.Metrics when the server exports metrics
-        # whether the monitor's calls for a client may wait (a monitor without the method:
-        # always assumed to)
-        self._waits_for = getattr(monitor, "waits_for", None) or (lambda client_id: True)
+
+    @property
+    def monitor(self):
+        return self._monitor
+
+    @monitor.setter
+    def monitor(self, monitor) -> None:
+        # (deploy/replica.py swaps in a SharedMonitor after building the plane)
+        self._monitor = monitor
+        # its level and durable wait as steps (common.steps): its own, or one Blocking step
+        # whenever its waits_for hint says the call may wait (always, without the hint)
+        self._level_steps = getattr(monitor, "level_steps", None) or _hinted(
+            monitor, monitor.level)
+        self._durable_steps = getattr(monitor, "durable_steps", None) or _hinted(
+            monitor, monitor.wait_durable)
 
     def attach_metrics(self, metrics) -> None:
         """Report stage timings, the level each client is seen at and (through the monitor's
@@ -156,7 +168,7 @@ class DataPlane:
 
     def predict_steps(self, client_id: str, request_id: str | None, images: np.ndarray,
                       want_probabilities: bool = True) -> Steps:
-        """:meth:`predict` as steps (service.steps): a request above ``small_request_items``
+        """:meth:`predict` as steps (common.steps): a request above ``small_request_items``
         images is one Blocking step (it may use a second core); a smaller one computes where it
         is driven and yields only the monitor's calls that may wait (``waits_for``: a round
         trip to a monitor in another process, a client's state to load, a log commit)."""
@@ -177,23 +189,19 @@ class DataPlane:
             return (yield Blocking(run_steps, steps))
         return (yield from steps)
 
-    def _level(self, client_id: str, images: np.ndarray) -> Level:
+    def _level(self, client_id: str, images: np.ndarray) -> Steps:
         with _not_ready_without_log():   # fail-closed: no answer the log could not keep
-            return self.monitor.level(client_id, images)
+            return (yield from self._level_steps(client_id, images))
 
-    def _durable(self, client_id: str) -> None:
+    def _durable(self, client_id: str) -> Steps:
         with _not_ready_without_log():   # not durable in time: the answer is not sent
-            self.monitor.wait_durable(client_id)
+            yield from self._durable_steps(client_id)
 
     def _steps(self, client_id: str, request_id: str, images: np.ndarray,
                want_probabilities: bool, small: bool) -> Steps:
-        waits = self._waits_for
         clock = time.perf_counter   # stage timings for the metrics (~0.1 us a reading)
         t0 = clock()
-        if waits(client_id):
-            level = yield Blocking(self._level, client_id, images)
-        else:
-            level = self._level(client_id, images)
+        level = yield from self._level(client_id, images)
         if level >= Level.BLOCK:
             if self.metrics is not None:
                 self.metrics.client_level(client_id, level)
@@ -216,10 +224,7 @@ class DataPlane:
             with _not_ready_without_log():
                 after = self.monitor.observe(client_id, request_id, images, probs, answer,
                                              level, wait=False)
-        if waits(client_id):
-            yield Blocking(self._durable, client_id)
-        else:
-            self._durable(client_id)
+        yield from self._durable(client_id)
         if self.metrics is not None:
             self.metrics.stages(t2 - tq, t3 - t2, (t1 - t0) + (clock() - t3),
                                 tq - t1 if small or self.compute_slots else None)
@@ -229,6 +234,19 @@ class DataPlane:
     def close(self) -> None:
         self.shutdown()
         self.monitor.close()
+
+
+def _hinted(monitor, call):
+    """``call`` as steps for a monitor without steps of its own: one Blocking step when its
+    ``waits_for`` hint says the call may wait for the client (always, without the hint), else
+    called in place."""
+    waits = getattr(monitor, "waits_for", None)
+
+    def steps(client_id: str, *args) -> Steps:
+        if waits is None or waits(client_id):
+            return (yield Blocking(call, client_id, *args))
+        return call(client_id, *args)
+    return steps
 
 
 def build_dataplane(cfg, monitor_config=None) -> DataPlane:

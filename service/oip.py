@@ -32,7 +32,7 @@ from service.auth import KeyRing
 from service.dataplane import DataPlane
 from service.errors import InvalidInput, NotFound, quote
 from service.servicer import CallStats, abort_for
-from service.steps import Steps, run_steps
+from common.steps import Steps, run_steps
 
 log = logging.getLogger("modelguard.oip")
 
@@ -159,7 +159,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over the data plane (keys checked by the server's
     AuthInterceptor, as for modelguard.v1)."""
 
-    STEPS = {"ModelInfer": "model_infer_steps"}   # methods written as steps (service.steps)
+    STEPS = {"ModelInfer": "model_infer_steps"}   # methods written as steps (common.steps)
 
     def __init__(self, plane: DataPlane, keyring: KeyRing):
         self.plane = plane
@@ -200,7 +200,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         return run_steps(self.model_infer_steps(request, context))
 
     def model_infer_steps(self, request, context) -> Steps:
-        """ModelInfer as steps (service.steps; as InferenceServicer.predict_steps)."""
+        """ModelInfer as steps (common.steps; as InferenceServicer.predict_steps)."""
         stats = CallStats()
         try:
             client = self.keyring.client_id(context.invocation_metadata())

@@ -18,7 +18,7 @@ from service.auth import KeyRing
 from service.dataplane import DataPlane
 from service.errors import (InvalidInput, NotFound, NotReady, PermissionDenied, Unauthenticated,
                             quote)
-from service.steps import Steps, run_steps
+from common.steps import Steps, run_steps
 
 log = logging.getLogger("modelguard.servicer")
 
@@ -273,7 +273,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    STEPS = {"Predict": "predict_steps"}   # methods written as steps (service.steps)
+    STEPS = {"Predict": "predict_steps"}   # methods written as steps (common.steps)
 
     def __init__(self, plane: DataPlane, keyring: KeyRing):
         self.plane = plane
@@ -297,7 +297,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return run_steps(self.predict_steps(request, context))
 
     def predict_steps(self, request, context) -> Steps:
-        """Predict as steps (service.steps): the thread-pool server runs them with run_steps,
+        """Predict as steps (common.steps): the thread-pool server runs them with run_steps,
         ``serve --aio`` on its event loop."""
         stats = CallStats()
         try:

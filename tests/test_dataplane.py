@@ -322,7 +322,7 @@ def test_time_waiting_for_a_compute_slot_is_reported_apart(slots):
         assert [q for _, q in p.metrics.calls] == [None, None]
 
 
-# -- a prediction as steps (service.steps): what leaves the driver's thread ----------------------
+# -- a prediction as steps (common.steps): what leaves the driver's thread ----------------------
 
 class WaitingMonitor(FakeMonitor):
     """FakeMonitor whose calls may wait (``waits_for``), recording the thread of each call."""
@@ -388,7 +388,7 @@ def test_steps_on_an_event_loop_run_the_waits_in_the_executor_and_errors_come_ba
 
     from monitor.log import LogUnavailable
     from service.errors import NotReady
-    from service.steps import run_steps_async
+    from common.steps import run_steps_async
 
     with futures.ThreadPoolExecutor(1, thread_name_prefix="waits") as ex:
         mon = WaitingMonitor(True)

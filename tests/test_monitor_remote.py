@@ -178,8 +178,8 @@ def test_servers_share_one_monitor_and_a_restarted_server_finds_its_clients(stre
             a.flush()
             assert a.level("jbda") == Level.SWITCH
             asked = []
-            real = b._ask
-            b._ask = lambda kind, *args, **kw: asked.append(kind) or real(kind, *args, **kw)
+            real = b._asking     # every question to the monitor goes through it
+            b._asking = lambda kind, *args, **kw: asked.append(kind) or real(kind, *args, **kw)
             _until(lambda: b._clients["jbda"].level == Level.SWITCH, "b hears of the change",
                    timeout=10)
             assert b.level("jbda") == Level.SWITCH and b.queries("jbda") == 600
@@ -191,8 +191,8 @@ def test_servers_share_one_monitor_and_a_restarted_server_finds_its_clients(stre
         c = served.connect()
         try:
             asked = []
-            real = c._ask
-            c._ask = lambda kind, *args, **kw: asked.append(kind) or real(kind, *args, **kw)
+            real = c._asking     # every question to the monitor goes through it
+            c._asking = lambda kind, *args, **kw: asked.append(kind) or real(kind, *args, **kw)
             assert c.queries("jbda") == 600 and asked == []
         finally:
             c.close()
@@ -427,3 +427,41 @@ def test_tls_files_that_cannot_be_used_are_said_at_start(certs, tmp_path, capsys
         assert monitor_main(["--db", str(tmp_path / "m.db"), "serve", "--listen",
                              "127.0.0.1:0", *args]) == 2
         assert why in capsys.readouterr().err
+
+
+def test_level_steps_wait_for_the_monitors_reply_on_no_thread_and_fail_when_it_is_lost(
+        streams, tmp_path):
+    """A process monitor's level as steps (``serve --aio``): asking the monitor is a future the
+    link's receiving thread completes, so an event loop awaits it with no thread of its own;
+    a monitor lost while a reply is awaited fails it at once (LogUnavailable), not after the
+    reply timeout."""
+    import asyncio
+
+    from common.steps import run_steps_async
+
+    class NoThreads:
+        def submit(self, *a, **k):
+            raise AssertionError("a step went to a thread")
+
+    x, _ = streams["natural"]
+    mon = MonitorProcess(_cfg(mode="process"), tmp_path / "m.db", clock=FakeClock())
+    try:
+        steps = mon.level_steps("a", x[:1])
+        step = steps.send(None)
+        reply = step.future.result(30)          # delivered by the link's thread: nobody asked
+        with pytest.raises(StopIteration) as done:
+            steps.send(reply)
+        assert done.value.value == Level.NORMAL
+        assert asyncio.run(run_steps_async(mon.level_steps("b", x[1:2]), NoThreads())) \
+            == Level.NORMAL
+        os.kill(mon.pid, signal.SIGSTOP)        # the next question stays unanswered...
+        step = mon.level_steps("c", x[2:3]).send(None)
+        time.sleep(0.2)
+        assert not step.future.done()
+        t0 = time.monotonic()
+        os.kill(mon.pid, signal.SIGKILL)        # ...until the monitor is gone
+        with pytest.raises(LogUnavailable, match="exited"):
+            step.run()
+        assert time.monotonic() - t0 < 10
+    finally:
+        mon.close()

@@ -376,8 +376,8 @@ def test_process_mode_restart_knows_the_restored_clients_without_asking(streams,
         while not mon.ready() and time.monotonic() < deadline:
             time.sleep(0.02)
         asked = []
-        real = mon._ask
-        mon._ask = lambda kind, *a, **k: asked.append(kind) or real(kind, *a, **k)
+        real = mon._asking     # every question to the monitor's process goes through it
+        mon._asking = lambda kind, *a, **k: asked.append(kind) or real(kind, *a, **k)
         assert {c: mon.queries(c) for c in streams} == {c: 900 for c in streams}
         assert asked == []
         for c in streams:
