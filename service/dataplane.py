@@ -7,6 +7,7 @@ return the answer. The gRPC servicer (service/servicer.py) only decodes, calls t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -20,10 +21,10 @@ import numpy as np
 import torch
 
 from common import training
+from common.steps import Blocking, Steps, call_steps, run_steps
 from common.types import CLASS_NAMES, Answer, AnswerKind, Level
 from service.defences import DIGEST_SCHEME, PolicyContext, Watermark, build_policy
 from service.errors import InvalidInput, NotReady, PermissionDenied
-from common.steps import Blocking, Steps, run_steps
 from monitor.log import LogUnavailable
 from service.train import privacy_parameters
 
@@ -115,12 +116,12 @@ class DataPlane:
     def monitor(self, monitor) -> None:
         # (deploy/replica.py swaps in a SharedMonitor after building the plane)
         self._monitor = monitor
-        # its level and durable wait as steps (common.steps): its own, or one Blocking step
-        # whenever its waits_for hint says the call may wait (always, without the hint)
-        self._level_steps = getattr(monitor, "level_steps", None) or _hinted(
-            monitor, monitor.level)
-        self._durable_steps = getattr(monitor, "durable_steps", None) or _hinted(
-            monitor, monitor.wait_durable)
+        # its level and durable wait as steps (common.steps): its own, or (a monitor without
+        # them) each call one Blocking step
+        self._level_steps = getattr(monitor, "level_steps", None) or functools.partial(
+            call_steps, monitor.level)
+        self._durable_steps = getattr(monitor, "durable_steps", None) or functools.partial(
+            call_steps, monitor.wait_durable)
 
     def attach_metrics(self, metrics) -> None:
         """Report stage timings, the level each client is seen at and (through the monitor's
@@ -170,8 +171,9 @@ class DataPlane:
                       want_probabilities: bool = True) -> Steps:
         """:meth:`predict` as steps (common.steps): a request above ``small_request_items``
         images is one Blocking step (it may use a second core); a smaller one computes where it
-        is driven and yields only the monitor's calls that may wait (``waits_for``: a round
-        trip to a monitor in another process, a client's state to load, a log commit)."""
+        is driven and yields only the steps of the monitor's level and durable wait (the
+        monitor's ``level_steps`` and ``durable_steps``: a round trip to a monitor in another
+        process, a client's state to load, a log commit)."""
         if not self._ready.is_set():
             raise NotReady("the server is not ready (starting up or shutting down)")
         if not isinstance(images, np.ndarray) or images.dtype != np.float32 \
@@ -234,19 +236,6 @@ class DataPlane:
     def close(self) -> None:
         self.shutdown()
         self.monitor.close()
-
-
-def _hinted(monitor, call):
-    """``call`` as steps for a monitor without steps of its own: one Blocking step when its
-    ``waits_for`` hint says the call may wait for the client (always, without the hint), else
-    called in place."""
-    waits = getattr(monitor, "waits_for", None)
-
-    def steps(client_id: str, *args) -> Steps:
-        if waits is None or waits(client_id):
-            return (yield Blocking(call, client_id, *args))
-        return call(client_id, *args)
-    return steps
 
 
 def build_dataplane(cfg, monitor_config=None) -> DataPlane:

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from common.steps import Blocking
 from common.types import Answer, AnswerKind, Level
 from service.dataplane import DataPlane
 from service.defences import Watermark, build_policy
@@ -325,14 +326,21 @@ def test_time_waiting_for_a_compute_slot_is_reported_apart(slots):
 # -- a prediction as steps (common.steps): what leaves the driver's thread ----------------------
 
 class WaitingMonitor(FakeMonitor):
-    """FakeMonitor whose calls may wait (``waits_for``), recording the thread of each call."""
+    """FakeMonitor with steps (common.steps): its level and durable wait are Blocking steps
+    when ``waits``, else computed in place; it records the thread of each call."""
 
     def __init__(self, waits: bool, fail_level: Exception | None = None):
         super().__init__()
         self.waits, self.fail_level, self.threads = waits, fail_level, {}
 
-    def waits_for(self, client_id):
-        return self.waits
+    def level_steps(self, client_id, images=None):
+        if self.waits:
+            return (yield Blocking(self.level, client_id, images))
+        return self.level(client_id, images)
+
+    def durable_steps(self, client_id):
+        if self.waits:
+            yield Blocking(self.wait_durable, client_id)
 
     def level(self, client_id, images=None):
         self.threads["level"] = threading.current_thread().name
