@@ -3,6 +3,7 @@
 CA do not; under mutual TLS a client without a certificate is refused."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -28,6 +29,11 @@ def _server(small_target, workdir, certs, mutual=False):
     extra = {"tls_client_ca": certs / "ca.pem"} if mutual else {}
     server, _, _ = start_server(small_target[0], workdir, tls_cert=certs / "server.pem",
                                 tls_key=certs / "server.key", **extra)
+    # health says NOT_SERVING until the monitor has restored its clients in the background
+    # (on a busy test process that took more than the tests before the health one, once)
+    deadline = time.monotonic() + 30
+    while not server._serving and time.monotonic() < deadline:
+        time.sleep(0.02)
     return server
 
 
