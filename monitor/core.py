@@ -477,6 +477,10 @@ class Monitor:
             return True
         if self._queue is not None and self._lagging(client_id):
             return True
+        return self._commit_pending(client_id)
+
+    def _commit_pending(self, client_id: str) -> bool:
+        """A row the client's next answer waits for is not committed yet."""
         ticket = self._must_commit.get(client_id)
         return ticket is not None and not self.store.is_committed(ticket)
 
@@ -620,12 +624,10 @@ class Monitor:
     def durable_steps(self, client_id: str) -> Steps:
         """:meth:`wait_durable` as steps (common.steps): a Blocking step only while a row the
         answer waits for is not committed yet."""
-        if self._durable and self._queue is None:
-            ticket = self._must_commit.get(client_id)
-            if ticket is not None and not self.store.is_committed(ticket):
-                yield Blocking(self.wait_durable, client_id)
-                return
-        self.wait_durable(client_id)
+        if self._durable and self._queue is None and self._commit_pending(client_id):
+            yield Blocking(self.wait_durable, client_id)
+        else:
+            self.wait_durable(client_id)
 
     def _process(self, job, wait: bool = True) -> Level:
         client_id, request_id, t, images, target_probs, answer, level = job

@@ -375,9 +375,7 @@ class MonitorProcess:
             raise LogUnavailable(f"the monitor's log cannot be written "
                                  f"({self._child_health}); try again later")
         with self._cv:
-            st = self._clients.get(client_id)
-            lagging = st is not None and st.requests and (
-                self._max_lag == 0 or st.items > self._max_lag)
+            lagging = self._lagging(self._clients.get(client_id))
         if lagging:
             yield Blocking(self._await_lag, client_id)
         with self._cv:
@@ -403,13 +401,16 @@ class MonitorProcess:
         """Wait until at most ``max_lag`` of the client's queries are in flight (with max_lag
         0: none)."""
         with self._cv:
-            st = self._clients.get(client_id)
-            while st is not None and st.requests and (
-                    self._max_lag == 0 or st.items > self._max_lag):
+            while self._lagging(self._clients.get(client_id)):
                 if self._dead is not None:
                     raise LogUnavailable(self._dead)
                 self._cv.wait(1.0)
-                st = self._clients.get(client_id)
+
+    def _lagging(self, st: _Known | None) -> bool:
+        """More of the client's queries are in flight than ``max_lag`` allows (with max_lag 0:
+        any request of it); caller holds _cv."""
+        return st is not None and bool(st.requests) and (
+            self._max_lag == 0 or st.items > self._max_lag)
 
     def _forget(self) -> None:
         """Drop the oldest idle clients beyond what is remembered here (caller holds _cv)."""

@@ -4,9 +4,10 @@ The thread-pool server hands every call from gRPC's poller thread to a worker th
 with a one-image request that hand-off, and the GIL trading between the threads, costs more
 than the request's own work (README, section 6). Here a call's short parts (parsing, the key,
 the model, the answer policy, the watermark, the monitor's computing) run on the event loop
-itself, and only the parts that may wait or run long (common.steps.Blocking: a log commit, a
-round trip to a monitor in another process, a client's state to load, a request above
-``small_request_items`` images) go to a thread pool of ``workers`` threads.
+itself. The parts that may wait or run long (common.steps.Blocking: a log commit, a client's
+state to load, a request above ``small_request_items`` images) go to a thread pool of
+``workers`` threads; the reply of a monitor in another process (common.steps.Waiting) is a
+future the loop awaits, with no thread of its own.
 
 Only the transport differs: the servicers, the data plane and the errors-to-codes mapping
 (servicer.STATUS_OF) are the thread-pool server's.
@@ -19,8 +20,8 @@ from concurrent import futures
 
 import grpc
 
-from service.servicer import AuthInterceptor, parse_request
 from common.steps import run_steps_async
+from service.servicer import AuthInterceptor, parse_request
 
 
 class _Abort(Exception):
