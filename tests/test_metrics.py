@@ -40,11 +40,12 @@ def matching(samples: dict, name: str, **labels) -> dict:
             if k[0] == name and want <= k[1]}
 
 
-@pytest.fixture
-def metrics_server(small_target, tmp_path_factory):
-    """A fresh server per test: the counts start at zero."""
+@pytest.fixture(params=[False, True], ids=["threads", "aio"])
+def metrics_server(small_target, tmp_path_factory, request):
+    """A fresh server per test: the counts start at zero. Both transports (``serve --aio``
+    counts the same)."""
     server = start_oip_server(small_target[0], tmp_path_factory.mktemp("metrics"),
-                              metrics_port=0, volume=VOLUME)
+                              metrics_port=0, volume=VOLUME, aio=request.param)
     yield server
     server.stop(0.5)
 

@@ -41,7 +41,7 @@ def oip_monitor_config(volume: int = VOLUME):
 
 
 def start_oip_server(target: Path, workdir: Path, metrics_port: int | None = None,
-                     volume: int = VOLUME):
+                     volume: int = VOLUME, aio: bool = False):
     from service.config import ServerConfig
     from service.dataplane import build_dataplane
     from service.server import Server
@@ -49,7 +49,7 @@ def start_oip_server(target: Path, workdir: Path, metrics_port: int | None = Non
     cfg = ServerConfig(port=0, max_batch=64, workers=4, artifacts=workdir, target=target,
                        monitor_db=workdir / "monitor.db", grace_s=1.0, secret="test-secret",
                        dev_secret=True, open_keys=True,
-                       metrics_port=metrics_port)
+                       metrics_port=metrics_port, aio=aio)
     return Server(cfg, build_dataplane(cfg, oip_monitor_config(volume))).start()
 
 
