@@ -29,13 +29,12 @@ import hashlib
 import hmac
 import importlib
 import json
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from lab.legacy import load_legacy as load_package
 
 # the last commit before issue #8 item 4 (HMAC-SHA256 digests per use, per-image loops)
 DEFAULT_REF = "e93f0e2043caa47a6e7bb7ca05801f9aff13377b"
@@ -47,18 +46,7 @@ SIZES = (1, 64, 256)
 
 def load_legacy(ref: str, repo: Path):
     """The defence package as it was at ``ref``, importable as ``_legacy_defences``."""
-    root = Path(tempfile.mkdtemp(prefix="mg-legacy-"))
-    pkg = root / LEGACY_PKG
-    pkg.mkdir()
-    for name in DEFENCE_FILES:
-        try:
-            src = subprocess.run(["git", "-C", str(repo), "show", f"{ref}:service/defences/{name}.py"],
-                                 capture_output=True, text=True, check=True).stdout
-        except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-            raise SystemExit(f"cannot read service/defences/{name}.py at {ref} with git: {exc}")
-        (pkg / f"{name}.py").write_text(src.replace("service.defences", LEGACY_PKG))
-    sys.path.insert(0, str(root))
-    return importlib.import_module(LEGACY_PKG)
+    return load_package(ref, repo, "service.defences", LEGACY_PKG, DEFENCE_FILES)
 
 
 def legacy_context(mod, client: str, request_id: str):

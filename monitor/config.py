@@ -21,7 +21,7 @@ from common.types import Level
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 # bumped whenever detector semantics or the pickled state layout change: stored states of another
 # version are not loaded (the state is rebuilt from the log instead)
-ENGINE_VERSION = "batched-dct8-3"
+ENGINE_VERSION = "batched-dct8-4"
 
 
 class ConfigError(ValueError):

@@ -35,8 +35,9 @@ from scipy import special
 from monitor import features as _features
 from monitor.config import (DETECTOR_NAMES, NearDuplicateConfig, OODConfig, PradaConfig,
                             SimilarityConfig, VolumeConfig)
-from monitor.features import (BASIS, DIM, Ring, approx_sq, lower_bound_sq,
-                              attack_like_pairs, pair_dist, pixel_dist, sq_norms, to_u8,
+from monitor.features import (BASIS, DIM, LB_COLS, SQ_COLS, Ring, approx_sq,
+                              attack_like_pairs, lb_queries, lb_rows, pair_dist, pixel_dist,
+                              sq_norms, sq_queries, sq_rows, stored_encodings, to_u8,
                               total_variation)
 
 PIX = 28 * 28
@@ -157,6 +158,27 @@ class Items:
         return sq_norms(self.v)
 
     @cached_property
+    def lb_q(self) -> np.ndarray:
+        """float32 (N, LB_COLS): the items as queries of lower-bound searches
+        (monitor.features.lb_queries)."""
+        return lb_queries(self.enc, self.norm, self.res)
+
+    @cached_property
+    def lb_h(self) -> np.ndarray:
+        """float32 (N, LB_COLS): the items as stored rows of those searches (lb_rows)."""
+        return lb_rows(self.enc, self.norm, self.res)
+
+    @cached_property
+    def sq_q(self) -> np.ndarray:
+        """float32 (N, SQ_COLS): the items as queries of DCT-distance searches (sq_queries)."""
+        return sq_queries(self.enc, self.norm)
+
+    @cached_property
+    def sq_h(self) -> np.ndarray:
+        """float32 (N, SQ_COLS): the items as stored rows of those searches (sq_rows)."""
+        return sq_rows(self.enc, self.norm)
+
+    @cached_property
     def grid(self) -> np.ndarray:
         """bool (N,): the item is exactly k/255 for integers k in 0..255."""
         y = self.v * np.float32(255.0)
@@ -199,20 +221,19 @@ class Items:
 
 
 class PixelRing(Ring):
-    """A Ring of items (v), their encodings (e), squared encoding norms (n) and residual norms
-    (r). Pickled compactly: items on the 0-255 grid (most of them) as uint8, the rest as
+    """A Ring of items (v), their rows for lower-bound searches (a: monitor.features.lb_rows,
+    which hold the encodings, their squared norms and the residual norms), on-grid flags (g)
+    and squared pixel norms (p). Pickled compactly: items on the 0-255 grid (most of them) as uint8, the rest as
     float16 when that holds them exactly (det_view rounds every off-grid item to float16, so
     the items of a live or replayed stream always are), else float32; restored bit for bit
     (k/255 in float32 exactly as det_view makes it)."""
 
     def __init__(self, size: int):
-        super().__init__(size, v=((PIX,), np.float32), e=((DIM,), np.float32),
-                         n=((), np.float64), r=((), np.float32), g=((), bool),
-                         p=((), np.float64))
+        super().__init__(size, v=((PIX,), np.float32), a=((LB_COLS,), np.float32),
+                         g=((), bool), p=((), np.float64))
 
     def add_items(self, items: "Items", rows: np.ndarray | slice = slice(None)) -> None:
-        self.add(v=items.v[rows], e=items.enc[rows], n=items.norm[rows], r=items.res[rows],
-                 g=items.grid[rows], p=items.pnorm[rows])
+        self.add(v=items.v[rows], a=items.lb_h[rows], g=items.grid[rows], p=items.pnorm[rows])
 
     _CHUNK = 256    # rows converted at once (a chunk's scratch stays in the CPU cache)
 
@@ -342,11 +363,11 @@ class Prada(Detector):
         When the bounds exclude little (items whose energy lies outside the 64 frequencies, such
         as noise), one pixel-space matrix product finds the candidates instead: the cost per
         item stays bounded by the set size either way."""
-        Gv, Ge, Gn, Gr, Gp = self.G[c].get("v", "e", "n", "r", "p")
+        Gv, Ga, Gp = self.G[c].get("v", "a", "p")
         if len(Gv) == 0:
             self._nearest = np.zeros(len(idx), dtype=np.int64)
             return np.full(len(idx), np.inf)
-        lb = lower_bound_sq(items.enc[idx], items.norm[idx], items.res[idx], Ge, Gn, Gr)
+        lb = items.lb_q[idx] @ Ga.T
         best = lb.argmin(1)
         u = pair_dist(items.v, idx, Gv, best)
         cand = lb <= (u * u + SQ_TOL)[:, None].astype(np.float32)
@@ -658,13 +679,14 @@ def _pairs_below(items: Items, idx: np.ndarray, bound: np.ndarray) -> np.ndarray
     return out
 
 
-def _gather(He: np.ndarray, enc: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Rows of the history ``He`` (idx < m) or of the request's items ``enc`` (idx - m)."""
-    m = len(He)
+def _gather(Ha: np.ndarray, enc: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Encodings of the history's stored rows ``Ha`` (idx < m) or of the request's items
+    ``enc`` (idx - m)."""
+    m = len(Ha)
     own = idx >= m
     out = np.empty(idx.shape + (enc.shape[1],), np.float32)
     if m:
-        out[~own] = He[idx[~own]]
+        out[~own] = stored_encodings(Ha[idx[~own]])
     out[own] = enc[idx[own] - m]
     return out
 
@@ -679,7 +701,7 @@ class Similarity(Detector):
     def __init__(self, cfg: SimilarityConfig):
         self.cfg = cfg
         self.threshold = cfg.threshold
-        self.hist = Ring(cfg.history, e=((DIM,), np.float32), n=((), np.float64))
+        self.hist = Ring(cfg.history, a=((SQ_COLS,), np.float32))   # sq_rows of the items
 
     def nbytes(self) -> int:
         return self.hist.nbytes()
@@ -695,15 +717,15 @@ class Similarity(Detector):
         score = np.full(n, np.nan)
         rows = np.flatnonzero(m + np.arange(n) >= k)
         if len(rows):
-            He, Hn = self.hist.get("e", "n")
-            q, qn = items.enc[rows], items.norm[rows]
+            (Ha,) = self.hist.get("a")
+            q = items.enc[rows]
             own = items.intra[rows]                                 # (r, n), inf for j >= i
             own_idx = np.broadcast_to(m + np.arange(n), own.shape)
-            cols, pick = _k_nearest(torch, q, qn, He, Hn, own, own_idx, k, m)
+            cols, pick = _k_nearest(torch, items.sq_q[rows], Ha, own, own_idx, k, m)
             idx = np.take_along_axis(cols, pick, axis=1)
-            d = pixel_dist(_gather(He, items.enc, idx), q[:, None, :])  # float32, no BLAS
+            d = pixel_dist(_gather(Ha, items.enc, idx), q[:, None, :])  # float32, no BLAS
             score[rows] = d.mean(1)
-        self.hist.add(e=items.enc, n=items.norm)
+        self.hist.add(a=items.sq_h)
         with np.errstate(invalid="ignore"):
             return score, score < self.cfg.threshold
 
@@ -714,16 +736,16 @@ class Similarity(Detector):
         score = math.nan
         if m >= k:
             rows = np.zeros(1, np.intp)
-            He, Hn = self.hist.get("e", "n")
-            q, qn = items.enc[rows], items.norm[rows]
+            (Ha,) = self.hist.get("a")
+            q = items.enc[rows]
             own = np.full((1, 1), np.inf, np.float32)
             own_idx = np.full((1, 1), m, np.int64)
-            cols, pick = _k_nearest(torch, q, qn, He, Hn, own, own_idx, k, m)
+            cols, pick = _k_nearest(torch, items.sq_q, Ha, own, own_idx, k, m)
             idx = cols[:, pick[0]]                    # np.take_along_axis for one row
-            g = He[idx] if int(idx.max()) < m else _gather(He, items.enc, idx)
+            g = stored_encodings(Ha[idx]) if int(idx.max()) < m else _gather(Ha, items.enc, idx)
             d = pixel_dist(g, q[:, None, :])
             score = float(np.add.reduce(d, axis=1)[0]) / k    # d.mean(1): sum / count
-        self.hist.add(e=items.enc, n=items.norm)
+        self.hist.add(a=items.sq_h)
         return np.array([score]), np.array([score < self.cfg.threshold])
 
 
@@ -743,17 +765,17 @@ def _grow(d: float, T: float, gn: int, gs: float, gq: float):
     return True, max(T, mean - math.sqrt(max(gq / gn - mean * mean, 0.0))), gn, gs, gq
 
 
-def _k_nearest(torch, q, qn, He, Hn, own, own_idx, k: int, m: int):
+def _k_nearest(torch, qa, Ha, own, own_idx, k: int, m: int):
     """(cols, pick): candidate indices (rows, c) into history + request and, per row, the
     positions in them of the k smallest approximate distances among the ``m`` history entries
-    (their k nearest first when m > k: torch.topk, faster than argpartition) and the request's
-    own earlier items (``own``, +inf where not earlier; their indices ``own_idx``)."""
+    (stored rows ``Ha``, queries ``qa``: monitor.features.sq_rows / sq_queries; their k nearest
+    first when m > k: torch.topk, faster than argpartition) and the request's own earlier items
+    (``own``, +inf where not earlier; their indices ``own_idx``)."""
     if m > k:
-        top = torch.topk(torch.from_numpy(approx_sq(q, qn, He, Hn)), k, dim=1,
-                         largest=False, sorted=False)
+        top = torch.topk(torch.from_numpy(qa @ Ha.T), k, dim=1, largest=False, sorted=False)
         hv, hi = top.values.numpy(), top.indices.numpy()
     else:
-        hv = approx_sq(q, qn, He, Hn)
+        hv = qa @ Ha.T
         hi = np.broadcast_to(np.arange(m), hv.shape)
     vals = np.concatenate([hv, own], axis=1)
     cols = np.concatenate([hi, own_idx], axis=1)
@@ -819,10 +841,9 @@ class NearDuplicate(Detector):
         n = len(items)
         near = np.zeros(n, dtype=bool)
         hi = np.float32(cfg.radius ** 2 + SQ_TOL)
-        Hv, He, Hn, Hr = self.hist.get("v", "e", "n", "r")
+        Hv, Ha = self.hist.get("v", "a")
         if len(Hv):
-            self._search(near, lower_bound_sq(items.enc, items.norm, items.res, He, Hn, Hr),
-                         hi, items.v, Hv)
+            self._search(near, items.lb_q @ Ha.T, hi, items.v, Hv)
         if n > 1 or not _features.FAST_PATHS:   # earlier items of the request (one item has
             # none: its only pair, with itself, is +inf)
             self._search(near, items.intra_lb, hi, items.v, items.v)

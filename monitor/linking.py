@@ -123,7 +123,7 @@ def _attack_like(a, ia, b, ib, swap, cfg: LinkingConfig):
 
 def _lower_bounds(enc, res, henc, hres, ii, ss) -> np.ndarray:
     """Lower bounds of the squared pixel distances between the request's items ii[k] and the
-    index's items ss[k] (float32; see monitor.features.lower_bound_sq), in cache-sized
+    index's items ss[k] (float32; see monitor.features.lb_queries), in cache-sized
     blocks."""
     n = len(ii)
     out = np.empty(n, np.float32)

@@ -223,3 +223,76 @@ def test_lab_steps_times_every_setting_and_refuses_bad_input(small_target, tmp_p
         with pytest.raises(SystemExit) as e:
             steps.main(bad)
         assert e.value.code == 2
+
+
+def _git_repo(path: Path, files: dict[str, str]) -> str:
+    """Commit ``files`` (relative path -> text) to a git repository at ``path`` (created on the
+    first call); returns the commit."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    if not (path / ".git").exists():
+        subprocess.run(["git", "init", "-q", str(path)], check=True, env=env)
+    for rel, text in files.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text)
+    subprocess.run(["git", "-C", str(path), "add", "-A"], check=True, env=env)
+    subprocess.run(["git", "-C", str(path), "commit", "-q", "-m", "c"], check=True, env=env)
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], check=True, env=env,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_load_legacy_imports_a_package_as_it_was_with_its_own_imports_renamed(tmp_path):
+    """lab.legacy.load_legacy: the package's files at the old commit, under a private name; its
+    imports of itself point at that name (so the old module sees the old sibling), and nothing
+    of the current package is touched."""
+    from lab.legacy import load_legacy
+
+    repo = tmp_path / "repo"
+    old = _git_repo(repo, {"pkgx/__init__.py": "", "pkgx/b.py": "V = 1\n",
+                           "pkgx/a.py": "from pkgx.b import V\nfrom pkgx import b\nW = b.V\n"})
+    _git_repo(repo, {"pkgx/b.py": "V = 2\n"})
+    mod = load_legacy(old, repo, "pkgx", "_old_pkgx_t")
+    import importlib
+    a = importlib.import_module("_old_pkgx_t.a")
+    assert (a.V, a.W) == (1, 1)
+    assert "pkgx" not in sys.modules and mod.__name__ == "_old_pkgx_t"
+    with pytest.raises(SystemExit, match="no-such-ref"):
+        load_legacy("no-such-ref", repo, "pkgx", "_old_pkgx_t2")
+    plain = _git_repo(repo, {"pkgx/a.py": "import pkgx.b\nW = pkgx.b.V\n"})
+    with pytest.raises(SystemExit, match="plain import"):
+        load_legacy(plain, repo, "pkgx", "_old_pkgx_t3")
+
+
+def test_detector_ab_reports_no_difference_for_the_same_code_and_sees_a_change(small_target,
+                                                                               tmp_path):
+    """python -m lab.detector_ab: the working tree's detectors against themselves (committed to
+    a scratch repository) decide the same and score the same; against a copy whose similarity
+    scores are shifted by 1 it reports a score difference of 1; bad input is refused."""
+    from lab import detector_ab
+
+    src = {f"monitor/{m}.py": (REPO / "monitor" / f"{m}.py").read_text()
+           for m in ("config", "features", "detectors")}
+    repo = tmp_path / "repo"
+    same = _git_repo(repo, src)
+    shift = "            return score, score < self.cfg.threshold"
+    assert src["monitor/detectors.py"].count(shift) == 1
+    src["monitor/detectors.py"] = src["monitor/detectors.py"].replace(
+        shift, "            return score + 1.0, score < self.cfg.threshold")
+    shifted = _git_repo(repo, src)
+    common = ["--repo", str(repo), "--streams", "perturb", "--batches", "32", "--history", "256",
+              "--items", "128", "--target", str(small_target[0])]
+    out = tmp_path / "same.json"
+    assert detector_ab.main(["--ref", same, "--json", str(out), *common]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    for d in detector_ab.DETECTORS:
+        assert row[d]["flags_differ"] == 0 and row[d]["max_score_diff"] == 0, d
+        assert row[d]["old_us"] > 0 and row[d]["new_us"] > 0
+    out = tmp_path / "shifted.json"
+    assert detector_ab.main(["--ref", shifted, "--json", str(out), *common]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["similarity"]["max_score_diff"] == pytest.approx(1.0)
+    assert row["prada"]["max_score_diff"] == 0 and row["near_duplicate"]["flags_differ"] == 0
+    for bad in (["--streams", "nope"], ["--batches", "0"], ["--batches", "x"]):
+        with pytest.raises(SystemExit) as e:
+            detector_ab.main(bad)
+        assert e.value.code == 2
