@@ -450,6 +450,7 @@ class Writer(threading.Thread):
         self._cv = threading.Condition()
         self._abandon = threading.Event()
         self.committed = 0      # every item put with a ticket <= this is committed
+        self._ended = False     # run() has returned (is_alive() stays True until just after)
         self.start()
 
     def put(self, item) -> int:
@@ -479,7 +480,7 @@ class Writer(threading.Thread):
         the writer has failed for good."""
         with self._cv:
             return self._cv.wait_for(lambda: self.committed >= ticket or self.error is not None
-                                     or not self.is_alive(), timeout) \
+                                     or self._ended or not self.is_alive(), timeout) \
                 and self.committed >= ticket
 
     # --- housekeeping: retention and the size cap -------------------------------------------
@@ -595,7 +596,8 @@ class Writer(threading.Thread):
                 items = take_batch(self.q, item, self.batch_size, self.flush_seconds)
                 stop = self._write_retrying(items)
                 with self._cv:
-                    self.committed = max(self.committed, items[-1][0])
+                    # (the stop marker's ticket is 0: the batch's largest is what it commits)
+                    self.committed = max(self.committed, max(seq for seq, _ in items))
                     self._cv.notify_all()
                 for _ in items:
                     self.q.task_done()
@@ -605,6 +607,7 @@ class Writer(threading.Thread):
             log.error("monitor log writer stopped: %r", exc)
         finally:
             with self._cv:
+                self._ended = True      # waiters wake to find nothing more will be committed
                 self._cv.notify_all()
             self.con.close()
 

@@ -320,3 +320,39 @@ def test_server_on_a_full_disk_answers_unavailable_goes_not_serving_and_recovers
     finally:
         ch.close()
         server.stop(0.5)
+
+
+def test_close_right_after_answers_that_did_not_wait_for_their_commit(tmp_path, monkeypatch):
+    """A monitor closed while its last rows are still queued (observe(wait=False), as a server
+    stopping with answers in flight): close() returns promptly, the rows are written, and the
+    closing checkpoint, which waits for them, is stored. Before the fix the stop marker (ticket
+    0) ended the writer's last batch, so ``committed`` stayed below those rows' tickets: the
+    checkpoint writer either waited forever or failed with "stopped before the requests"."""
+    import threading
+
+    _slow_disk(monkeypatch, 0.05)          # the rows are still queued when close() starts
+    for trial in range(3):
+        db = tmp_path / f"m{trial}.db"
+        mon = Monitor(load_config(None), db)
+        x, p = _near_copies(6, seed=trial), _probs(6, seed=trial)
+        lvl = mon.level("c")
+        for i in range(0, 6, 2):
+            mon.observe("c", f"r{i}", x[i:i + 2], p[i:i + 2],
+                        Answer(p[i:i + 2].argmax(1), p[i:i + 2], AnswerKind.PROBABILITIES),
+                        lvl, wait=False)
+        errors = []
+
+        def close():
+            try:
+                mon.close()
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        th = threading.Thread(target=close, daemon=True)
+        th.start()
+        th.join(30)
+        assert not th.is_alive(), "close() hung"
+        assert errors == []
+        assert _logged_items(db, "c") == 6
+        with Monitor(load_config(None), db) as again:
+            assert again.store.load_state("c")["qn"] == 6
