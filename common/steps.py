@@ -97,6 +97,36 @@ async def run_steps_async(steps: Steps, executor):
             value, error = None, exc
 
 
+def start_steps(steps: Steps) -> tuple[bool, object]:
+    """Advance ``steps`` to its first step: (True, its value) when it finished without one,
+    else (False, the first step); :func:`rest_of_steps` then yields the rest. For a caller
+    that must leave a critical section before anything waits (a lock held across a yield
+    would be held by a suspended request), and computes in place when nothing does."""
+    try:
+        return False, steps.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def rest_of_steps(steps: Steps, first) -> Steps:
+    """The steps of ``steps`` from its ``first`` one (taken out by :func:`start_steps`) on:
+    yields each, sends its value (or throws its error) back, returns the generator's value."""
+    step = first
+    while True:
+        try:
+            value = yield step
+        except Exception as exc:  # noqa: BLE001 - thrown into the generator, which decides
+            try:
+                step = steps.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        try:
+            step = steps.send(value)
+        except StopIteration as stop:
+            return stop.value
+
+
 def call_steps(fn: Callable, *args) -> Steps:
     """``fn(*args)`` as steps of one Blocking step (for code that has no steps of its own)."""
     return (yield Blocking(fn, *args))

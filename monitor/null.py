@@ -38,6 +38,12 @@ class NullMonitor:
         return Level.NORMAL
         yield   # a generator
 
+    def observe_steps(self, client_id: str, request_id: str, images, target_probs, answer,
+                      level: Level):
+        """observe as steps: none."""
+        return self.observe(client_id, request_id, images, target_probs, answer, level)
+        yield   # a generator
+
     def durable_steps(self, client_id: str):
         """wait_durable as steps: none."""
         yield from ()

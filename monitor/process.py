@@ -479,6 +479,15 @@ class MonitorProcess:
     def wait_durable(self, client_id: str) -> None:
         """Nothing: a client's next request waits for its previous rows (see ``level``)."""
 
+    def observe_steps(self, client_id: str, request_id: str, images: np.ndarray,
+                      target_probs: np.ndarray, answer: Answer, level: Level) -> Steps:
+        """:meth:`observe` as steps (common.steps): sent in place, or one Blocking step while
+        ``queue_limit`` requests wait for the monitor (observe waits for room then)."""
+        args = (client_id, request_id, images, target_probs, answer, level)
+        if self._waiting >= self._queue_limit:
+            return (yield Blocking(self.observe, *args))
+        return self.observe(*args)
+
     def durable_steps(self, client_id: str) -> Steps:
         """wait_durable as steps: none."""
         yield from ()

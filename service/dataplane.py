@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from common import training
-from common.steps import Blocking, Steps, call_steps, run_steps
+from common.steps import (Blocking, Steps, call_steps, rest_of_steps, run_steps,
+                          start_steps)
 from common.types import CLASS_NAMES, Answer, AnswerKind, Level
 from service.defences import DIGEST_SCHEME, PolicyContext, Watermark, build_policy
 from service.errors import InvalidInput, NotReady, PermissionDenied
@@ -122,6 +123,8 @@ class DataPlane:
             call_steps, monitor.level)
         self._durable_steps = getattr(monitor, "durable_steps", None) or functools.partial(
             call_steps, monitor.wait_durable)
+        self._observe_steps = getattr(monitor, "observe_steps", None) or functools.partial(
+            call_steps, functools.partial(monitor.observe, wait=False))
 
     def attach_metrics(self, metrics) -> None:
         """Report stage timings, the level each client is seen at and (through the monitor's
@@ -223,9 +226,16 @@ class DataPlane:
                 answer = Answer(answer.labels, None, AnswerKind.LABEL_ONLY, answer.model,
                                 answer.watermarked)
             t3 = clock()
+            # observed here when the monitor computes in place; a step that may wait is
+            # yielded only after the slot is released (held across a yield, the slot would
+            # be held by a suspended request, and the event loop would wait for it forever)
+            observing = self._observe_steps(client_id, request_id, images, probs, answer,
+                                            level)
             with _not_ready_without_log():
-                after = self.monitor.observe(client_id, request_id, images, probs, answer,
-                                             level, wait=False)
+                done, after = start_steps(observing)
+        if not done:
+            with _not_ready_without_log():
+                after = yield from rest_of_steps(observing, after)
         yield from self._durable(client_id)
         if self.metrics is not None:
             self.metrics.stages(t2 - tq, t3 - t2, (t1 - t0) + (clock() - t3),

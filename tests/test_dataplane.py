@@ -327,11 +327,23 @@ def test_time_waiting_for_a_compute_slot_is_reported_apart(slots):
 
 class WaitingMonitor(FakeMonitor):
     """FakeMonitor with steps (common.steps): its level and durable wait are Blocking steps
-    when ``waits``, else computed in place; it records the thread of each call."""
+    when ``waits``, else computed in place; observe is a Blocking step when
+    ``observe_waits``; it records the thread of each call."""
 
-    def __init__(self, waits: bool, fail_level: Exception | None = None):
+    def __init__(self, waits: bool, fail_level: Exception | None = None,
+                 observe_waits: bool = False):
         super().__init__()
         self.waits, self.fail_level, self.threads = waits, fail_level, {}
+        self.observe_waits = observe_waits
+
+    def observe_steps(self, *args):
+        if self.observe_waits:
+            return (yield Blocking(self.observe, *args))
+        return self.observe(*args)
+
+    def observe(self, *args, **kw):
+        self.threads["observe"] = threading.current_thread().name
+        return super().observe(*args, **kw)
 
     def level_steps(self, client_id, images=None):
         if self.waits:
@@ -411,9 +423,37 @@ def test_steps_on_an_event_loop_run_the_waits_in_the_executor_and_errors_come_ba
         assert r.answer.labels.shape == (3,)
         assert mon.threads["level"].startswith("waits")
         assert mon.threads["durable"].startswith("waits")
+        assert not mon.threads["observe"].startswith("waits")      # it said it need not wait
+        # an observe that may wait (another thread holds what it needs) runs in the executor
+        busy = WaitingMonitor(False, observe_waits=True)
+        r = asyncio.run(go(_steps_plane(busy)))
+        assert r.answer.labels.shape == (3,) and len(busy.seen) == 1
+        assert busy.threads["observe"].startswith("waits")
+        assert not busy.threads["level"].startswith("waits")
         # a failure in a step is thrown into the request where it waited: the log's
         # LogUnavailable becomes the data plane's NotReady, and nothing is computed
         failing = _steps_plane(WaitingMonitor(True, LogUnavailable("disk full")))
         with pytest.raises(NotReady, match="disk full"):
             asyncio.run(go(failing))
         assert failing.model.calls == 0
+
+
+def test_an_observe_that_must_wait_is_yielded_after_the_small_requests_slot_is_released():
+    """Held across a yield, the slot would be held by a suspended request: on an event loop the
+    next small request would then wait for it in place, forever."""
+    mon = WaitingMonitor(False, observe_waits=True)
+    p = _steps_plane(mon)
+    steps = p.predict_steps("c", "r1", images(2))
+    step = steps.send(None)                       # the observe, handed out
+    assert step.fn == mon.observe and p.model.calls == 1 and mon.seen == []
+    assert not p._small_gate.locked()
+    with pytest.raises(StopIteration) as done:
+        steps.send(step.run())
+    assert len(mon.seen) == 1 and done.value.value.answer.labels.shape == (2,)
+    # an error of the step comes back into the request (the log's error: not ready)
+    from monitor.log import LogUnavailable
+    from service.errors import NotReady
+    steps = p.predict_steps("c", "r2", images(2))
+    steps.send(None)
+    with pytest.raises(NotReady, match="gone"):
+        steps.throw(LogUnavailable("gone"))

@@ -172,3 +172,44 @@ def test_answer_length_mismatch_is_rejected():
         with pytest.raises(ValueError, match="answer has 2 items for 3 images"):
             mon.observe("c", "r", rng.random((3, 28, 28)).astype(np.float32), p,
                         _answer(p[:2]), Level.NORMAL)
+
+
+@pytest.mark.parametrize("busy", ["client", "linking"])
+def test_observe_as_steps_waits_on_a_worker_when_another_thread_holds_its_locks(tmp_path, busy):
+    """Monitor.observe_steps computes in place when nothing it needs is held; while another
+    thread holds the client's lock or linking's lock (a worker's large request) it computes
+    nothing and hands out one Blocking step instead, which does the work once run (an event
+    loop would otherwise wait for that other request in place, and every call with it)."""
+    from common.steps import Blocking
+
+    mon = Monitor(load_config(None), tmp_path / "m.db")
+    x, p = _stream(n=6)
+    lvl = mon.level("c", x[:2])
+    steps = mon.observe_steps("c", "r1", x[:2], p[:2], _answer(p[:2]), lvl)
+    with pytest.raises(StopIteration):
+        steps.send(None)                               # in place: no step at all
+    assert mon.queries("c") == 2
+    lock = mon._lock("c") if busy == "client" else mon._link_lock
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            release.wait(10)
+
+    th = threading.Thread(target=hold)
+    th.start()
+    assert held.wait(5)
+    steps = mon.observe_steps("c", "r2", x[2:4], p[2:4], _answer(p[2:4]), lvl)
+    step = steps.send(None)
+    assert isinstance(step, Blocking) and mon.queries("c") == 2
+    if busy == "linking":       # level reads the linker's groups under that lock too
+        assert isinstance(mon.level_steps("c", x[2:4]).send(None), Blocking)
+    release.set()
+    th.join()
+    with pytest.raises(StopIteration):
+        steps.send(step.run())
+    assert mon.queries("c") == 4
+    mon.close()
+    with QueryLog(tmp_path / "m.db") as qlog:
+        assert [r["qn"] for r in qlog.iter_rows("c")] == [1, 2, 3, 4]

@@ -465,3 +465,34 @@ def test_level_steps_wait_for_the_monitors_reply_on_no_thread_and_fail_when_it_i
         assert time.monotonic() - t0 < 10
     finally:
         mon.close()
+
+
+def test_observe_steps_hand_out_a_step_instead_of_blocking_while_the_queue_is_full(streams,
+                                                                                    tmp_path):
+    """A process monitor's observe is a send; while ``queue_limit`` requests wait for the
+    monitor, observe waits for room, so as steps it is then one Blocking step (an event loop
+    would otherwise wait in place). Once the monitor moves again the step completes."""
+    from common.steps import Blocking
+
+    x, p = streams["natural"]
+    mon = MonitorProcess(_cfg(mode="process", queue_limit=2), tmp_path / "m.db",
+                         clock=FakeClock())
+    try:
+        lvl = mon.level("a", x[:1])
+        os.kill(mon.pid, signal.SIGSTOP)            # nothing is acknowledged meanwhile
+        for i in range(2):
+            steps = mon.observe_steps("a", f"r{i}", x[i:i + 1], p[i:i + 1],
+                                      _answer(p[i:i + 1]), lvl)
+            with pytest.raises(StopIteration):
+                steps.send(None)                    # sent in place
+        steps = mon.observe_steps("a", "r2", x[2:3], p[2:3], _answer(p[2:3]), lvl)
+        step = steps.send(None)
+        assert isinstance(step, Blocking)
+        os.kill(mon.pid, signal.SIGCONT)
+        with pytest.raises(StopIteration):
+            steps.send(step.run())
+        mon.flush()
+        assert mon.queries("a") == 3
+    finally:
+        os.kill(mon.pid, signal.SIGCONT)
+        mon.close()
