@@ -447,10 +447,30 @@ def drive(pool: ClientPool, address: str, keys: list[str], batch: int, *, fmt: s
     t_start = time.monotonic() + 0.4 + 0.02 * len(keys)  # time for the clients to connect
     m0 = t_start + warmup
     m1 = m0 + seconds if seconds is not None else t_start + max_total_s
+    used = start_clients(pool, address, keys, batch, t_start, m0, m1, fmt=fmt,
+                         max_requests=max_requests, source=source, timeout=timeout,
+                         stop_on_error=stop_on_error)
+    return collect_clients(pool, used, m0, m1, seconds, server=server, timeout=timeout,
+                           tick=tick, tick_every=tick_every)
+
+
+def start_clients(pool: ClientPool, address: str, keys: list[str], batch: int, t_start: float,
+                  m0: float, m1: float, *, fmt: str = "predictions", max_requests: int = 10 ** 9,
+                  source: str = "pool", timeout: float = 60.0, stop_on_error: bool = False
+                  ) -> list[int]:
+    """Start ``keys`` in ``pool``'s processes: requests from ``t_start``, measured from ``m0``
+    to ``m1`` (monotonic clock). :func:`collect_clients` gathers the results."""
     spec = {"address": address, "batch": batch, "format": fmt, "t_start": t_start, "m0": m0,
             "m1": m1, "max_requests": max_requests, "source": source, "timeout": timeout,
             "stop_on_error": stop_on_error}
-    used = pool.start(spec, keys)
+    return pool.start(spec, keys)
+
+
+def collect_clients(pool: ClientPool, used: list[int], m0: float, m1: float,
+                    seconds: float | None, *, server: ServerProcess | None = None,
+                    timeout: float = 60.0, tick=None, tick_every: float = 0.5) -> dict:
+    """The results of the clients :func:`start_clients` started: totals, latencies, the
+    per-client results (and the server's CPU over the window, given the server)."""
     cpu0 = cpu1 = None
     if server is not None and seconds is not None:
         time.sleep(max(0.0, m0 - time.monotonic()))
@@ -639,6 +659,71 @@ def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, r
         for name, s in servers.items():
             if name != "echo":
                 s.stop()
+
+
+# --- section: small requests beside large ones -------------------------------------------------
+def section_mixed(args, pool: ClientPool, echo: ServerProcess, workdir: Path, rep: Report,
+                  pool_x: np.ndarray) -> None:
+    """Clients sending one image per request while others send ``--mixed-batch`` at once, all
+    at the same time: what the large requests cost the small ones (their p50/p99/max) and
+    what each kind carries, on the echo and on one server profile (``--mixed-profile``)."""
+    prof, b, ns, nl = args.mixed_profile, args.mixed_batch, args.mixed_small, args.mixed_large
+    log(f"\n## Small requests beside large ones: {ns} clients at batch 1 and {nl} at batch "
+        f"{b}, {args.mixed_seconds:g} s ({prof} profile{', serve --aio' if args.aio else ''})\n")
+    extras, notes = prepare_profiles([prof], workdir, args.step_threads)
+    if prof not in extras:
+        raise SystemExit(f"--mixed-profile {prof}: {'; '.join(notes) or 'not a server profile'}")
+    s = real_server(f"mixed-{prof}", extras[prof], args, workdir / "mixed.db", workdir, prof)
+    large_pool = ClientPool(1, pool_x)
+    res: dict = {"profile": prof, "aio": bool(args.aio), "small_clients": ns,
+                 "large_clients": nl, "large_batch": b, "seconds": args.mixed_seconds}
+    try:
+        log(f"  server ready after {s.wait_ready():.1f} s")
+        for name, srv in (("echo", echo), (prof, s)):
+            small = [f"mixed-{name}-s{j}" for j in range(ns)]
+            large = [f"mixed-{name}-l{j}" for j in range(nl)]
+            if args.key_warmup and srv is not echo:     # past linking's young-key probe
+                drive(pool, srv.address, small + large, 1, max_requests=args.key_warmup,
+                      timeout=args.timeout)
+            t_start = time.monotonic() + 0.4 + 0.02 * (ns + nl)
+            m0 = t_start + args.warmup
+            m1 = m0 + args.mixed_seconds
+            used_s = start_clients(pool, srv.address, small, 1, t_start, m0, m1,
+                                   fmt="packed", timeout=args.timeout)
+            used_l = start_clients(large_pool, srv.address, large, b, t_start, m0, m1,
+                                   fmt="packed", timeout=args.timeout)
+            rs = collect_clients(pool, used_s, m0, m1, args.mixed_seconds,
+                                 timeout=args.timeout)
+            rl = collect_clients(large_pool, used_l, m0, m1, args.mixed_seconds,
+                                 timeout=args.timeout)
+            for r in (rs, rl):
+                r.pop("clients")
+                if r["errors"]:
+                    rep.note(f"mixed {name}: errors {r['errors']}")
+            keep = ("img_s", "p50_ms", "p99_ms", "max_ms", "errors", "answers")
+            res[name] = {"small": {k: rs.get(k) for k in keep},
+                         "large": {k: rl.get(k) for k in keep}}
+            log(f"  {name:8s} batch 1: {rs['img_s']} img/s, p50 {rs['p50_ms']} / p99 "
+                f"{rs['p99_ms']} / max {rs['max_ms']} ms;  batch {b}: {rl['img_s']} img/s, "
+                f"p50 {rl['p50_ms']} / p99 {rl['p99_ms']} ms")
+            if srv is not echo:
+                srv.settle(max_s=args.settle_max)
+    finally:
+        large_pool.close()
+        s.stop()
+    rep.data["mixed"] = res
+    rows = [[name, f"{res[name]['small']['img_s']}", f"{res[name]['small']['p50_ms']}",
+             f"{res[name]['small']['p99_ms']}", f"{res[name]['small']['max_ms']}",
+             f"{res[name]['large']['img_s']}", f"{res[name]['large']['p99_ms']}"]
+            for name in ("echo", prof)]
+    rep.md["mixed"] = [
+        "## Small requests beside large ones", "",
+        f"{ns} clients at batch 1 and {nl} at batch {b}, all at once, {args.mixed_seconds:g} s "
+        f"measured after {args.warmup:g} s; packed responses; server: {prof} profile"
+        f"{' with serve --aio' if args.aio else ''}.", "",
+        *md_table(["server", "batch-1 img/s", "p50 ms", "p99 ms", "max ms",
+                   f"batch-{b} img/s", f"batch-{b} p99 ms"], rows)]
+    rep.write()
 
 
 # --- section: unary latency at a long history ------------------------------------------------------
@@ -1027,6 +1112,8 @@ def parse_args(argv=None):
                      help="unary p50/p99 after 100k queries of history")
     sec.add_argument("--crash", action="store_true", help="kill -9 under load, restart, recover")
     sec.add_argument("--cost", action="store_true", help="in-process monitor cost per item")
+    sec.add_argument("--mixed", action="store_true",
+                     help="batch-1 clients beside large-batch clients, at once")
     m = ap.add_argument_group("matrix")
     m.add_argument("--profiles", type=_names, default=None,
                    help="comma-separated, among echo," + ",".join(PROFILES) +
@@ -1071,6 +1158,15 @@ def parse_args(argv=None):
                    help="--crash: the server profile (default: default)")
     o.add_argument("--hl-profile", default="default", choices=PROFILES,
                    help="--history-latency: the server profile (default: default)")
+    o.add_argument("--mixed-profile", default="default", choices=PROFILES,
+                   help="--mixed: the server profile (default: default)")
+    o.add_argument("--mixed-batch", type=int, default=256,
+                   help="--mixed: the large clients' batch (256)")
+    o.add_argument("--mixed-small", type=int, default=None, help="--mixed: batch-1 clients (4)")
+    o.add_argument("--mixed-large", type=int, default=None,
+                   help="--mixed: large-batch clients (2)")
+    o.add_argument("--mixed-seconds", type=float, default=None,
+                   help="--mixed: measured seconds (20)")
     o.add_argument("--crash-kills", default="server", choices=("server", "all", "monitor"),
                    help="--crash: what is killed: the server; all: the server and its child "
                         "processes at once (process profiles: the monitor's process too); "
@@ -1106,6 +1202,9 @@ def parse_args(argv=None):
     a.crash_clients = dflt(a.crash_clients, 32, 8)
     a.crash_queries = dflt(a.crash_queries, 5000, 640)
     a.cost_calls1, a.cost_calls256 = (50, 5) if q else (200, 20)
+    a.mixed_small = dflt(a.mixed_small, 4, 2)
+    a.mixed_large = dflt(a.mixed_large, 2, 1)
+    a.mixed_seconds = dflt(a.mixed_seconds, 20.0, 1.0)
     a.formats = dflt(a.formats, list(FORMATS), ["predictions"])
     bad = [p for p in a.profiles if p != "echo" and p not in PROFILES]
     if bad:
@@ -1119,7 +1218,13 @@ def parse_args(argv=None):
         ap.error("--crash-at must be between 0 and 1")
     if a.key_warmup < 0:
         ap.error("--key-warmup must be >= 0")
-    chosen = [s for s in ("matrix", "history_latency", "crash", "cost") if getattr(a, s)]
+    if not 1 <= a.mixed_batch <= 512 or a.mixed_small < 1 or a.mixed_large < 1:
+        ap.error("--mixed-batch must be 1..512, --mixed-small and --mixed-large >= 1")
+    if a.mixed_seconds <= 0:
+        ap.error("--mixed-seconds must be > 0")
+    chosen = [s for s in ("matrix", "history_latency", "crash", "cost", "mixed")
+              if getattr(a, s)]
+    # (--mixed runs only when asked for: the default run is the issue's sections)
     a.sections = chosen or ["matrix", "history_latency", "crash", "cost"]
     return a
 
@@ -1145,7 +1250,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     needs_server = (any(p != "echo" for p in args.profiles) and "matrix" in args.sections) or \
-        any(s in args.sections for s in ("history_latency", "crash"))
+        any(s in args.sections for s in ("history_latency", "crash", "mixed"))
     if needs_server and not (args.artifacts / "target.pt").exists():
         print(f"error: no target checkpoint at {args.artifacts / 'target.pt'}; run `make models` "
               f"(trains the target and the defence pool) or pass --artifacts", file=sys.stderr)
@@ -1162,7 +1267,7 @@ def main(argv=None) -> int:
     from common.data import DataUnavailable
     try:
         pool_x = np.ascontiguousarray(data.attack_pool().x)  # test images 0-4999
-        if any(s in args.sections for s in ("matrix", "history_latency", "crash")):
+        if any(s in args.sections for s in ("matrix", "history_latency", "crash", "mixed")):
             log(f"starting {args.client_procs} client processes and the echo server ...")
             pool = ClientPool(args.client_procs, pool_x)
             echo = echo_server(args.workers, workdir)
@@ -1186,6 +1291,7 @@ def main(argv=None) -> int:
         run("matrix", section_matrix, args, pool, echo, workdir, rep)
         run("history_latency", section_history_latency, args, pool, echo, workdir, rep)
         run("crash", section_crash, args, pool, workdir, rep)
+        run("mixed", section_mixed, args, pool, echo, workdir, rep, pool_x)
         if echo is not None:  # the in-process cost section gets the machine to itself
             echo.stop()
         if pool is not None:
