@@ -174,42 +174,41 @@ def test_answer_length_mismatch_is_rejected():
                         _answer(p[:2]), Level.NORMAL)
 
 
-@pytest.mark.parametrize("busy", ["client", "linking"])
-def test_observe_as_steps_waits_on_a_worker_when_another_thread_holds_its_locks(tmp_path, busy):
-    """Monitor.observe_steps computes in place when nothing it needs is held; while another
-    thread holds the client's lock or linking's lock (a worker's large request) it computes
-    nothing and hands out one Blocking step instead, which does the work once run (an event
-    loop would otherwise wait for that other request in place, and every call with it)."""
-    from common.steps import Blocking
+def test_observe_as_steps_hands_out_a_step_only_when_the_async_queue_is_full(tmp_path):
+    """Monitor.observe_steps computes in place (a lock another thread holds is waited for in
+    place, measured no worse); in async mode, while the queue to the detectors is full
+    (observe would wait for them to make room), it computes nothing and hands out one
+    Blocking step instead, which does the work once run."""
+    import time
 
-    mon = Monitor(load_config(None), tmp_path / "m.db")
-    x, p = _stream(n=6)
-    lvl = mon.level("c", x[:2])
-    steps = mon.observe_steps("c", "r1", x[:2], p[:2], _answer(p[:2]), lvl)
-    with pytest.raises(StopIteration):
-        steps.send(None)                               # in place: no step at all
-    assert mon.queries("c") == 2
-    lock = mon._lock("c") if busy == "client" else mon._link_lock
-    held, release = threading.Event(), threading.Event()
+    from common.steps import Blocking, run_steps
 
-    def hold():
-        with lock:
-            held.set()
-            release.wait(10)
+    cfg = load_config(None).model_dump(mode="python")
+    cfg["execution"].update(mode="async", queue_limit=1)
+    cfg["policies"] = {k.name.lower(): v for k, v in cfg["policies"].items()}
+    mon = Monitor(config_from_dict(cfg), tmp_path / "m.db")
+    x, p = _stream(n=12)
+    lvl = Level.NORMAL
+    for k, c in enumerate("cde"):                      # each client's state in memory
+        assert mon.level(c, x[:2]) == lvl
+        run_steps(mon.observe_steps(c, "r0", x[:2], p[:2], _answer(p[:2]), lvl))
+    mon.flush()
+    def until(cond):
+        end = time.monotonic() + 10
+        while not cond() and time.monotonic() < end:
+            time.sleep(0.01)
+        return cond()
 
-    th = threading.Thread(target=hold)
-    th.start()
-    assert held.wait(5)
-    steps = mon.observe_steps("c", "r2", x[2:4], p[2:4], _answer(p[2:4]), lvl)
-    step = steps.send(None)
-    assert isinstance(step, Blocking) and mon.queries("c") == 2
-    if busy == "linking":       # level reads the linker's groups under that lock too
-        assert isinstance(mon.level_steps("c", x[2:4]).send(None), Blocking)
-    release.set()
-    th.join()
+    with mon._lock("c"):                               # the detectors' worker waits for it
+        for c, cond in (("c", mon._queue.empty), ("d", mon._queue.full)):
+            with pytest.raises(StopIteration):         # in place: c's taken, d's queued
+                mon.observe_steps(c, "r1", x[2:4], p[2:4], _answer(p[2:4]), lvl).send(None)
+            assert until(cond)
+        steps = mon.observe_steps("e", "r1", x[4:6], p[4:6], _answer(p[4:6]), lvl)
+        step = steps.send(None)
+        assert isinstance(step, Blocking) and mon.queries("e") == 2
     with pytest.raises(StopIteration):
         steps.send(step.run())
-    assert mon.queries("c") == 4
+    mon.flush()
+    assert [mon.queries(c) for c in "cde"] == [4, 4, 4]
     mon.close()
-    with QueryLog(tmp_path / "m.db") as qlog:
-        assert [r["qn"] for r in qlog.iter_rows("c")] == [1, 2, 3, 4]
