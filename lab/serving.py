@@ -417,6 +417,15 @@ def prepare_profiles(names: list[str], workdir: Path, step_threads: int | None =
     return out, notes
 
 
+def profile_flags(prof: str, option: str, workdir: Path, args) -> list[str]:
+    """The server flags of one profile a section asked for with ``option`` (--hl-profile,
+    --crash-profile, --mixed-profile); exits with the reason when it cannot run here."""
+    extras, notes = prepare_profiles([prof], workdir, args.step_threads)
+    if prof not in extras:
+        raise SystemExit(f"{option} {prof}: {'; '.join(notes) or 'not a server profile'}")
+    return extras[prof]
+
+
 def _with_children(pid: int) -> list[int]:
     """pid and its descendants alive now (Linux /proc/PID/task/TID/children)."""
     out, todo = [], [pid]
@@ -670,10 +679,8 @@ def section_mixed(args, pool: ClientPool, echo: ServerProcess, workdir: Path, re
     prof, b, ns, nl = args.mixed_profile, args.mixed_batch, args.mixed_small, args.mixed_large
     log(f"\n## Small requests beside large ones: {ns} clients at batch 1 and {nl} at batch "
         f"{b}, {args.mixed_seconds:g} s ({prof} profile{', serve --aio' if args.aio else ''})\n")
-    extras, notes = prepare_profiles([prof], workdir, args.step_threads)
-    if prof not in extras:
-        raise SystemExit(f"--mixed-profile {prof}: {'; '.join(notes) or 'not a server profile'}")
-    s = real_server(f"mixed-{prof}", extras[prof], args, workdir / "mixed.db", workdir, prof)
+    flags = profile_flags(prof, "--mixed-profile", workdir, args)
+    s = real_server(f"mixed-{prof}", flags, args, workdir / "mixed.db", workdir, prof)
     large_pool = ClientPool(1, pool_x)
     res: dict = {"profile": prof, "aio": bool(args.aio), "small_clients": ns,
                  "large_clients": nl, "large_batch": b, "seconds": args.mixed_seconds}
@@ -747,10 +754,8 @@ def section_history_latency(args, pool: ClientPool, echo: ServerProcess, workdir
     h, calls, nc, prof = args.hl_history, args.hl_calls, 4, args.hl_profile
     log(f"\n## Unary latency at {h:,} queries of history ({nc} clients x {calls} calls, "
         f"{prof} profile)\n")
-    extras, notes = prepare_profiles([prof], workdir, args.step_threads)
-    if prof not in extras:
-        raise SystemExit(f"--hl-profile {prof}: {'; '.join(notes) or 'not a server profile'}")
-    s = real_server(f"hl-{prof}", extras[prof], args, workdir / "hl.db", workdir, prof)
+    flags = profile_flags(prof, "--hl-profile", workdir, args)
+    s = real_server(f"hl-{prof}", flags, args, workdir / "hl.db", workdir, prof)
     res: dict = {"history": h, "clients": nc, "calls": calls, "profile": prof}
     try:
         log(f"  server ready after {s.wait_ready():.1f} s")
@@ -846,15 +851,13 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
     log(f"\n## Crash recovery: {nc} clients x {per * b:,} queries (batch {b}), kill -9 at "
         f"{args.crash_at:.0%} of the load\n")
     prof = args.crash_profile
-    extras, notes = prepare_profiles([prof], workdir, args.step_threads)
-    if prof not in extras:
-        raise SystemExit(f"--crash-profile {prof}: {'; '.join(notes) or 'not a server profile'}")
+    flags = profile_flags(prof, "--crash-profile", workdir, args)
     kill_monitor = args.crash_kills == "monitor"
     if kill_monitor and not prof.startswith("remote"):
         raise SystemExit(f"--crash-kills monitor needs a profile whose monitor runs on its own "
                          f"(remote, remote-lag), not {prof}")
     db = workdir / "crash.db"
-    s = real_server(f"crash-{prof}", extras[prof], args, db, workdir, prof)
+    s = real_server(f"crash-{prof}", flags, args, db, workdir, prof)
     victim = s.companion if kill_monitor else s
     res: dict = {"clients": nc, "queries_per_client": per * b, "batch": b,
                  "profile": prof, "killed": args.crash_kills}
