@@ -68,14 +68,22 @@ class Waiting:
             raise self.on_timeout() from None
 
 
+def advance(steps: Steps, value=None, error: Exception | None = None) -> tuple[bool, object]:
+    """Send ``value`` (or throw ``error``) into ``steps``: (True, the generator's value) when it
+    finished, else (False, its next step). The one place the drivers below move a request."""
+    try:
+        return False, (steps.send(value) if error is None else steps.throw(error))
+    except StopIteration as stop:
+        return True, stop.value
+
+
 def run_steps(steps: Steps):
     """Run a request's steps on this thread; returns the generator's value."""
     value, error = None, None
     while True:
-        try:
-            step = steps.send(value) if error is None else steps.throw(error)
-        except StopIteration as stop:
-            return stop.value
+        done, step = advance(steps, value, error)
+        if done:
+            return step
         try:
             value, error = step.run(), None
         except Exception as exc:  # noqa: BLE001 - thrown into the generator, which decides
@@ -87,44 +95,28 @@ async def run_steps_async(steps: Steps, executor):
     concurrent.futures executor); returns the generator's value."""
     value, error = None, None
     while True:
-        try:
-            step = steps.send(value) if error is None else steps.throw(error)
-        except StopIteration as stop:
-            return stop.value
+        done, step = advance(steps, value, error)
+        if done:
+            return step
         try:
             value, error = await step.run_async(executor), None
         except Exception as exc:  # noqa: BLE001 - thrown into the generator, which decides
             value, error = None, exc
 
 
-def start_steps(steps: Steps) -> tuple[bool, object]:
-    """Advance ``steps`` to its first step: (True, its value) when it finished without one,
-    else (False, the first step); :func:`rest_of_steps` then yields the rest. For a caller
-    that must leave a critical section before anything waits (a lock held across a yield
-    would be held by a suspended request), and computes in place when nothing does."""
-    try:
-        return False, steps.send(None)
-    except StopIteration as stop:
-        return True, stop.value
-
-
 def rest_of_steps(steps: Steps, first) -> Steps:
-    """The steps of ``steps`` from its ``first`` one (taken out by :func:`start_steps`) on:
-    yields each, sends its value (or throws its error) back, returns the generator's value."""
-    step = first
-    while True:
+    """The steps of ``steps`` from its ``first`` one on (taken out by :func:`advance`, for a
+    caller that must leave a critical section before anything waits: a lock held across a
+    yield would be held by a suspended request): yields each, sends its value (or throws its
+    error) back, returns the generator's value."""
+    done, step = False, first
+    while not done:
         try:
-            value = yield step
+            value, error = (yield step), None
         except Exception as exc:  # noqa: BLE001 - thrown into the generator, which decides
-            try:
-                step = steps.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-            continue
-        try:
-            step = steps.send(value)
-        except StopIteration as stop:
-            return stop.value
+            value, error = None, exc
+        done, step = advance(steps, value, error)
+    return step
 
 
 def call_steps(fn: Callable, *args) -> Steps:

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from common import training
-from common.steps import (Blocking, Steps, call_steps, rest_of_steps, run_steps,
-                          start_steps)
+from common.steps import Blocking, Steps, advance, call_steps, rest_of_steps, run_steps
 from common.types import CLASS_NAMES, Answer, AnswerKind, Level
 from service.defences import DIGEST_SCHEME, PolicyContext, Watermark, build_policy
 from service.errors import InvalidInput, NotReady, PermissionDenied
@@ -232,7 +231,7 @@ class DataPlane:
             observing = self._observe_steps(client_id, request_id, images, probs, answer,
                                             level)
             with _not_ready_without_log():
-                done, after = start_steps(observing)
+                done, after = advance(observing)
         if not done:
             with _not_ready_without_log():
                 after = yield from rest_of_steps(observing, after)
