@@ -22,9 +22,10 @@ real server. Sections (all of them when none is chosen):
                profile's img/s / the echo's img/s in that cell.
 ``--history-latency``  unary (batch 1) p50/p99 for 4 clients, fresh and after each sent 100k
                queries (default profile), with the echo's for reference.
-``--crash``    32 clients x ~5,000 queries (batch 64); ``kill -9`` of the server during the
-               load; restart on the same database; time to ServerReady and the latency of every
-               client's first request after the restart (median, max). ``--crash-kills
+``--crash``    32 clients x ~5,000 queries (batch 64), and 8 more; ``kill -9`` of the server
+               during the load; restart on the same database; time to ServerReady and the
+               latency of the 32 clients' first requests after the restart, all at once
+               (median, max), then of the 8 others' one client at a time. ``--crash-kills
                monitor`` (remote profiles): the monitor is killed instead, and a new one
                started on the same log and port.
 ``--cost``     in process: monitor.Monitor's observe() cost per item at a client history of
@@ -845,11 +846,11 @@ _KILLED = {"server": "server was", "all": "server and its children were",
 
 
 def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
-    nc, q, b = args.crash_clients, args.crash_queries, 64
+    nc, ns, q, b = args.crash_clients, args.crash_sequential, args.crash_queries, 64
     per = math.ceil(q / b)
-    total = nc * per * b
-    log(f"\n## Crash recovery: {nc} clients x {per * b:,} queries (batch {b}), kill -9 at "
-        f"{args.crash_at:.0%} of the load\n")
+    total = (nc + ns) * per * b
+    log(f"\n## Crash recovery: {nc} + {ns} clients x {per * b:,} queries (batch {b}), kill -9 "
+        f"at {args.crash_at:.0%} of the load\n")
     prof = args.crash_profile
     flags = profile_flags(prof, "--crash-profile", workdir, args)
     kill_monitor = args.crash_kills == "monitor"
@@ -859,12 +860,13 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
     db = workdir / "crash.db"
     s = real_server(f"crash-{prof}", flags, args, db, workdir, prof)
     victim = s.companion if kill_monitor else s
-    res: dict = {"clients": nc, "queries_per_client": per * b, "batch": b,
+    res: dict = {"clients": nc, "clients_one_at_a_time": ns, "queries_per_client": per * b,
+                 "batch": b,
                  "profile": prof, "killed": args.crash_kills}
     s2 = None
     try:
         log(f"  server ready after {s.wait_ready():.1f} s")
-        keys = [f"crash-{j}" for j in range(nc)]
+        keys = [f"crash-{j}" for j in range(nc + ns)]
         pool.reset_progress()
         bar, tick0 = _progress_bar(total, "load before the crash", pool)
         killed = {}
@@ -936,12 +938,25 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
             res["restart_ready_s"] = round(s2.wait_ready(), 2)
             log(f"  restarted on the same database: ServerReady true after "
                 f"{res['restart_ready_s']} s")
-        first = drive(pool, s2.address, keys, 1, max_requests=1, timeout=args.crash_timeout,
-                      max_total_s=args.crash_timeout)
+        first = drive(pool, s2.address, keys[:nc], 1, max_requests=1,
+                      timeout=args.crash_timeout, max_total_s=args.crash_timeout)
         lat = [c["lat_ms"][0] for c in first["clients"] if c["lat_ms"]]
         res["first_request"] = {"n": len(lat), "median_ms": _pct(lat, 50),
                                 "max_ms": round(max(lat), 1) if lat else None,
                                 "errors": first["errors"], "answers": first["answers"]}
+        # the others one at a time: what restoring costs a client, without the queue of a
+        # burst; each client's second request right after is the reference
+        one, two, errs = [], [], Counter()
+        for k in keys[nc:]:
+            r = drive(pool, s2.address, [k], 1, max_requests=2, timeout=args.crash_timeout,
+                      max_total_s=args.crash_timeout)
+            one += [c["lat_ms"][0] for c in r["clients"] if c["lat_ms"]]
+            two += [c["lat_ms"][1] for c in r["clients"] if len(c["lat_ms"]) > 1]
+            errs.update(r["errors"])
+        res["first_request_one_at_a_time"] = {
+            "n": len(one), "median_ms": _pct(one, 50),
+            "max_ms": round(max(one), 1) if one else None, "errors": dict(errs),
+            "second_request_median_ms": _pct(two, 50)}
         fresh = drive(pool, s2.address, [f"crash-new-{j}" for j in range(nc)], 1,
                       max_requests=1, timeout=args.crash_timeout, max_total_s=args.crash_timeout)
         lat2 = [c["lat_ms"][0] for c in fresh["clients"] if c["lat_ms"]]
@@ -961,7 +976,11 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
                              "example": restored[0] if restored else None}
         log(f"  first request of each of the {nc} clients (concurrently): median "
             f"{res['first_request']['median_ms']} ms, max {res['first_request']['max_ms']} ms, "
-            f"errors {first['errors'] or 'none'}; {nc} new clients: median "
+            f"errors {first['errors'] or 'none'}; {ns} others one at a time: median "
+            f"{res['first_request_one_at_a_time']['median_ms']} ms, max "
+            f"{res['first_request_one_at_a_time']['max_ms']} ms (their second requests: "
+            f"median {res['first_request_one_at_a_time']['second_request_median_ms']} ms); "
+            f"{nc} new clients: median "
             f"{res['first_request_new_clients']['median_ms']} ms, max "
             f"{res['first_request_new_clients']['max_ms']} ms; restored-client log lines: "
             f"{res['server_log']['clients_restored_messages']} "
@@ -973,7 +992,7 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         rep.data["crash"] = res
         sec = rep.md["crash"] = [
             "## Crash recovery", "",
-            f"Profile {prof}. {nc} clients x {per * b:,} queries (batch {b}) from the attack "
+            f"Profile {prof}. {nc + ns} clients x {per * b:,} queries (batch {b}) from the attack "
             f"pool; the {_KILLED[args.crash_kills]} killed with SIGKILL at "
             f"{args.crash_at:.0%} of the "
             f"load, then " + ("a new monitor started on the same log and port (the server "
@@ -990,10 +1009,15 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
                     f"was spawned"]
         if "first_request" in res:
             fr, nf = res["first_request"], res["first_request_new_clients"]
+            fo = res["first_request_one_at_a_time"]
             sec += [f"- first request (batch 1) of every one of the {nc} clients, "
                     f"concurrently: median **{_f1(fr['median_ms'])} ms**, max "
                     f"**{_f1(fr['max_ms'])} ms** "
                     f"({fr['n']} answered; errors {fr['errors'] or 'none'})",
+                    f"- first request of each of the {ns} other clients, one client at a time: "
+                    f"median **{_f1(fo['median_ms'])} ms**, max **{_f1(fo['max_ms'])} ms** "
+                    f"({fo['n']} answered; errors {fo['errors'] or 'none'}); their second "
+                    f"requests right after: median {_f1(fo['second_request_median_ms'])} ms",
                     f"- for comparison, the first request of {nc} new clients right after: "
                     f"median {_f1(nf['median_ms'])} ms, max {_f1(nf['max_ms'])} ms",
                     f"- the restarted server's monitor logged "
@@ -1175,7 +1199,10 @@ def parse_args(argv=None):
                         "processes at once (process profiles: the monitor's process too); "
                         "monitor: (remote profiles) the monitor it connects to (default: "
                         "server)")
-    o.add_argument("--crash-clients", type=int, default=None, help="--crash clients (32)")
+    o.add_argument("--crash-clients", type=int, default=None,
+                   help="--crash clients whose first requests after the restart go at once (32)")
+    o.add_argument("--crash-sequential", type=int, default=None,
+                   help="--crash clients whose first requests go one client at a time (8)")
     o.add_argument("--crash-queries", type=int, default=None,
                    help="--crash queries per client (5000)")
     o.add_argument("--crash-at", type=float, default=0.5,
@@ -1203,6 +1230,7 @@ def parse_args(argv=None):
     a.hl_history = dflt(a.hl_history, 100_000, 5_000)
     a.hl_calls = dflt(a.hl_calls, 500, 50)
     a.crash_clients = dflt(a.crash_clients, 32, 8)
+    a.crash_sequential = dflt(a.crash_sequential, 8, 2)
     a.crash_queries = dflt(a.crash_queries, 5000, 640)
     a.cost_calls1, a.cost_calls256 = (50, 5) if q else (200, 20)
     a.mixed_small = dflt(a.mixed_small, 4, 2)

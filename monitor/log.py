@@ -678,6 +678,36 @@ def recent_items_of(page, decode, limit: int) -> list[tuple]:
     return out[::-1]
 
 
+# how far back the log is read for the clients a restart restores first (request rows)
+RECENT_CLIENT_ROWS = 100_000
+
+
+def recent_clients_of(page, checkpointed: list[str], limit: int,
+                      max_rows: int = RECENT_CLIENT_ROWS) -> list[str]:
+    """Any store's ``recent_clients``: the clients of the newest request rows, newest first
+    (``page(last_seq)`` gives (seq, client) rows newest first, all when ``last_seq`` is None;
+    at most ``max_rows`` rows are read), then the ``checkpointed`` ones (most recently
+    checkpointed first) not among them; at most ``limit``. After a crash the clients active
+    last are the ones whose logged queries their checkpoints do not cover yet."""
+    out: dict[str, None] = {}
+    last, read = None, 0
+    while len(out) < limit and read < max_rows:
+        rows = page(last)
+        if not rows:
+            break
+        for r in rows:
+            out.setdefault(r["client"])
+            if len(out) >= limit:
+                break
+        read += len(rows)
+        last = rows[-1]["seq"]
+    for c in checkpointed:
+        if len(out) >= limit:
+            break
+        out.setdefault(c)
+    return list(out)
+
+
 class QueryLog:
     """Read access to a monitor database (and the watermark verifier's entry point)."""
 
@@ -841,8 +871,13 @@ class QueryLog:
         return self.checkpoints.load(client)
 
     def recent_clients(self, limit: int) -> list[str]:
-        """Clients with a checkpoint, most recently checkpointed first."""
-        return self.checkpoints.recent(limit)
+        """The clients a restart restores first: those of the newest logged requests, then
+        those most recently checkpointed (see recent_clients_of)."""
+        def page(last):
+            sql = "SELECT seq, client FROM requests" + (" WHERE seq < ?" if last else "") + \
+                " ORDER BY seq DESC LIMIT 1024"
+            return self.con.execute(sql, (last,) if last else ()).fetchall()
+        return recent_clients_of(page, self.checkpoints.recent(limit), limit)
 
     # --- watermark verifier ---------------------------------------------------------------------
     def watermark_records(self, client_id: str | None = None

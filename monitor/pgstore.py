@@ -46,8 +46,8 @@ from psycopg.rows import dict_row, tuple_row
 from common.types import Level
 from monitor.core import Monitor
 from monitor.engine import ClientEngine, det_view
-from monitor.log import (Batch, Decoded, LogUnavailable, SCHEMA_VERSION, recent_items_of,
-                         series_of, take_batch, transition_row)
+from monitor.log import (Batch, Decoded, LogUnavailable, SCHEMA_VERSION, recent_clients_of,
+                         recent_items_of, series_of, take_batch, transition_row)
 from monitor.store import MonitorStore
 
 log = logging.getLogger("modelguard.pgstore")
@@ -673,8 +673,12 @@ class PgStore(MonitorStore):
         return recent_items_of(page, lambda r: Decoded(r, raw=True), limit)
 
     def recent_clients(self, limit):
-        return [r["client"] for r in self._q(
-            "SELECT client FROM client_state ORDER BY updated DESC LIMIT %s", (limit,))]
+        def page(last):
+            return self._q("SELECT seq, client FROM requests" +
+                           (" WHERE seq < %s" if last else "") + " ORDER BY seq DESC LIMIT 1024",
+                           (last,) if last else ())
+        return recent_clients_of(page, [r["client"] for r in self._q(
+            "SELECT client FROM client_state ORDER BY updated DESC LIMIT %s", (limit,))], limit)
 
     # --- reads for tools and tests (the QueryLog's views) ------------------------------------------
     def client_ids(self) -> list[str]:
@@ -725,10 +729,12 @@ class PgStore(MonitorStore):
         return "modelguard_owner" + (f"_{self.schema}" if self.schema else "")
 
     def owned_clients(self, limit: int) -> list[str]:
-        """This replica's clients with a checkpoint, most recently checkpointed first."""
+        """This replica's clients, the most recently claimed or checkpointed first (with or
+        without a checkpoint: after a crash, those without one replay their whole stream)."""
         return [r["client"] for r in self._q(
-            "SELECT s.client FROM client_state s JOIN owners o USING (client) WHERE "
-            "o.replica = %s ORDER BY s.updated DESC LIMIT %s", (self.replica, limit))]
+            "SELECT o.client FROM owners o LEFT JOIN client_state s USING (client) WHERE "
+            "o.replica = %s ORDER BY GREATEST(s.updated, o.since) DESC LIMIT %s",
+            (self.replica, limit))]
 
     def owner(self, client: str) -> str | None:
         r = self._q("SELECT replica FROM owners WHERE client=%s", (client,), many=False)

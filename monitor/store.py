@@ -122,7 +122,9 @@ class MonitorStore(ABC):
 
     @abstractmethod
     def recent_clients(self, limit: int) -> list[str]:
-        """Clients with a stored checkpoint, most recently checkpointed first."""
+        """At most ``limit`` clients for a restart to restore before traffic: those of the
+        newest logged requests first (after a crash, their checkpoints lag the log), then the
+        most recently checkpointed (monitor.log.recent_clients_of)."""
 
 
 class SQLiteStore(MonitorStore):

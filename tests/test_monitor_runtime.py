@@ -12,7 +12,7 @@ import pytest
 from common.clock import FakeClock
 from common.types import Answer, AnswerKind, Level
 from monitor import Monitor, QueryLog, load_config
-from monitor.log import SCORE_COLUMNS
+from monitor.log import SCORE_COLUMNS, recent_clients_of
 from tests.streams import three_streams
 
 
@@ -485,6 +485,58 @@ def test_warm_start_restores_recent_clients_before_ready(streams, tmp_path):
         assert all(mon2._engines[c].qn == 300 for c in streams)
     finally:
         mon2.close()
+
+
+def test_warm_start_after_a_crash_restores_clients_that_have_no_checkpoint(streams, tmp_path,
+                                                                        caplog):
+    """kill -9 before any client reached checkpoint_every: nothing is checkpointed, so the
+    clients come back from the log; the warm start replays them before ready, not their first
+    requests. The clients logged last come first when max_clients does not hold them all."""
+    db = tmp_path / "m.db"
+    mon = Monitor(_cfg(checkpoint_every=5000), db, clock=FakeClock())
+    _run(mon, streams, upto=300)
+    before = {c: mon.level(c) for c in streams}
+    mon.flush()
+    mon._closed = True         # the process "dies": no close(), no checkpoint
+    assert mon.store.load_state("natural") is None
+    caplog.set_level(logging.INFO, logger="modelguard.monitor")
+    mon2 = Monitor(_cfg(checkpoint_every=5000), db, clock=FakeClock(), warm=True)
+    try:
+        for _ in range(200):
+            if mon2.ready():
+                break
+            time.sleep(0.05)
+        assert mon2.ready()
+        assert sorted(mon2.resident_ids()) == sorted(streams)
+        assert {c: mon2._engines[c].level for c in streams} == before
+        assert all(mon2._engines[c].qn == 300 for c in streams)
+        replayed = [r.getMessage() for r in caplog.records if "replayed" in r.getMessage()]
+        assert len(replayed) == 3 and all("queries 1..300" in m for m in replayed)
+        # the last client logged comes first (_run logs natural, jbda, mnist in turn)
+        assert mon2.store.recent_clients(1) == [list(streams)[-1]]
+        caplog.clear()
+        x, p = streams["jbda"]
+        mon2.observe("jbda", "after", x[300:330], p[300:330], _answer(p[300:330]),
+                     mon2.level("jbda"))
+        assert not [r for r in caplog.records if "replayed" in r.getMessage()]
+        assert mon2.store.recent_clients(1) == ["jbda"]
+    finally:
+        mon2.close()
+
+
+def test_recent_clients_are_the_newest_logged_then_the_checkpointed():
+    rows = [{"seq": s, "client": c} for s, c in
+            [(9, "a"), (8, "b"), (7, "a"), (6, "c"), (5, "d"), (4, "b")]]
+
+    def page(last):
+        left = [r for r in rows if last is None or r["seq"] < last]
+        return left[:2]                       # two rows a page
+
+    assert recent_clients_of(page, ["e", "b"], 10) == ["a", "b", "c", "d", "e"]
+    assert recent_clients_of(page, ["e"], 2) == ["a", "b"]
+    # the log is read only so far back; the checkpointed fill the rest
+    assert recent_clients_of(page, ["e", "d"], 10, max_rows=4) == ["a", "b", "c", "e", "d"]
+    assert recent_clients_of(lambda last: [], ["e"], 3) == ["e"]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

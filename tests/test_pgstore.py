@@ -210,7 +210,11 @@ def test_restart_resumes_level_and_detector_state(place, streams, reference, kee
     mon.store.close()
     if not keep_state:
         place.drop_checkpoints()
-    mon2 = Monitor(cfg, store=place.open(), clock=clock)
+    store = place.open()
+    # what a warm start restores first: the clients logged last (with or without a checkpoint)
+    # (_run logs the clients in turn, so the newest rows are theirs in reverse order)
+    assert store.recent_clients(3) == list(streams)[::-1]
+    mon2 = Monitor(cfg, store=store, clock=clock)
     assert mon2.level("jbda") == levels["jbda"][14]
     assert mon2._engines["jbda"].qn == 420
     second = _run(mon2, streams, start=420)
@@ -367,6 +371,28 @@ def test_fail_closed_refuses_and_fail_open_answers_while_postgresql_is_down(pg, 
     assert mons["open"].store.max_qn("open-1") == 20           # queued while down, then written
     for mon in mons.values():
         mon.close()
+
+
+def test_a_replica_warms_the_clients_it_owns_even_before_their_first_checkpoint(pg, streams):
+    """A replica killed before any of its clients reached checkpoint_every, restarted under
+    its name: the warm start restores all its clients (from the log) before it is ready."""
+    srv, schema = pg
+    cfg = _cfg(checkpoint_every=5000)
+    a = SharedMonitor(cfg, PgStore(srv.dsn, "W", schema=schema), clock=FakeClock())
+    _run(a, streams, upto=90)
+    a.flush()
+    a._closed = True            # killed: no close, no checkpoint
+    a.store.close()
+    a2 = SharedMonitor(cfg, PgStore(srv.dsn, "W", schema=schema), clock=FakeClock(), warm=True)
+    try:
+        assert sorted(a2.store.owned_clients(10)) == sorted(streams)
+        t0 = time.monotonic()
+        while not a2.ready() and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert sorted(a2.resident_ids()) == sorted(streams)
+        assert all(a2._engines[c].qn == 90 for c in streams)
+    finally:
+        a2.close()
 
 
 def test_a_client_handed_to_another_replica_keeps_its_state_and_comes_back(pg, streams,
