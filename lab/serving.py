@@ -553,6 +553,63 @@ def matrix_cells(r: dict) -> list:
             " ".join(f"{k}:{v}" for k, v in sorted(r["errors"].items())) or ""]
 
 
+# The issue's targets (issue 8), read from whatever sections ran: (what, measured, verdict)
+def target_verdicts(data: dict) -> list[tuple[str, str, str]]:
+    """Each target of the wire-speed issue against this run's figures: "met", "not met", or
+    "not measured" (its section did not run, or not at the target's scale)."""
+    out = []
+
+    def verdict(ok):
+        return "met" if ok else "not met"
+
+    for batch, want in ((256, 0.25), (1, 0.5)):
+        what = f"default profile, 4 clients, batch {batch}: >= {want} x echo img/s"
+        cells = [r for r in data.get("matrix", []) if r["profile"] == "default"
+                 and r["batch"] == batch and r["clients"] == 4
+                 and r.get("ratio_to_echo") is not None]
+        if not cells:
+            out.append((what, "–", "not measured"))
+            continue
+        best = max(cells, key=lambda r: r["ratio_to_echo"])
+        got = ", ".join(f"{r['ratio_to_echo']:.3f} ({r['format']}, {r['img_s']:,.0f} img/s)"
+                        for r in cells)
+        out.append((what, got, verdict(best["ratio_to_echo"] >= want)))
+    hl = data.get("history_latency") or {}
+    what = "default profile, 4 clients at 100,000 queries of history: unary p99 <= 5 ms"
+    long = hl.get("long") or {}
+    if long.get("p99_ms") is None:
+        out.append((what, "–", "not measured"))
+    else:
+        got = (f"p99 {long['p99_ms']} ms ({hl.get('profile')}, {hl.get('history', 0):,} "
+               f"queries each; echo {(hl.get('echo') or {}).get('p99_ms')} ms)")
+        at_scale = hl.get("history", 0) >= 100_000 and hl.get("profile") == "default"
+        out.append((what, got, verdict(long["p99_ms"] <= 5.0) if at_scale else "not measured"))
+    what = "monitor cost per item at 1M queries of history <= 2 x at 1k (batch 1 and 256)"
+    cost = {r["history"]: r for r in data.get("cost", []) if r.get("filled") == r["history"]}
+    if 1000 in cost and 1_000_000 in cost:
+        ratios = {b: cost[1_000_000][f"ms_per_item_b{b}"] / cost[1000][f"ms_per_item_b{b}"]
+                  for b in (1, 256)}
+        out.append((what, ", ".join(f"batch {b}: {v:.2f} x" for b, v in ratios.items()),
+                    verdict(max(ratios.values()) <= 2.0)))
+    else:
+        out.append((what, "–", "not measured"))
+    what = "kill -9 under load, restart: every client's first request within 50 ms"
+    cr = data.get("crash") or {}
+    fr, fo = cr.get("first_request") or {}, cr.get("first_request_one_at_a_time") or {}
+    if fr.get("max_ms") is None:
+        out.append((what, "–", "not measured"))
+    else:
+        got = (f"{fr['n']} at once: max {fr['max_ms']} ms (median {fr['median_ms']})"
+               + (f"; {fo['n']} one at a time: max {fo['max_ms']} ms" if fo.get("max_ms")
+                  is not None else "") + f" ({cr.get('profile')} profile)")
+        worst = max(v for v in (fr["max_ms"], fo.get("max_ms")) if v is not None)
+        ok = worst <= 50.0 and not fr.get("errors") and not fo.get("errors")
+        # at the section's default scale (a quick run's few short clients restore trivially)
+        at_scale = cr.get("clients", 0) >= 32 and cr.get("queries_per_client", 0) >= 5000
+        out.append((what, got, verdict(ok) if at_scale else "not measured"))
+    return out
+
+
 class Report:
     def __init__(self, out_dir: Path, meta: dict):
         self.dir = out_dir
@@ -566,6 +623,9 @@ class Report:
     def write(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data["meta"]["loadavg_end"] = os.getloadavg()
+        verdicts = target_verdicts(self.data)
+        self.data["targets"] = [dict(zip(("target", "measured", "verdict"), t))
+                                for t in verdicts]
         (self.dir / "serving.json").write_text(json.dumps(self.data, indent=2, default=str))
         m = self.data["meta"]
         lines = ["# Wire-speed benchmark (`python -m lab.serving`)", "",
@@ -573,6 +633,8 @@ class Report:
                  f"{m['loadavg_start'][0]:.2f}, commit {m['commit']}"
                  f"{' (+ uncommitted changes)' if m['dirty'] else ''}. Command: "
                  f"`{m['command']}`", ""]
+        lines += ["## The issue's targets (issue 8) in this run", ""]
+        lines += md_table(["target", "measured", "verdict"], [list(t) for t in verdicts]) + [""]
         for sec in self.md.values():
             lines += sec + [""]
         if self.data["notes"]:
@@ -1346,6 +1408,11 @@ def main(argv=None) -> int:
         if pool is not None:
             pool.close()
         rep.write()
+        measured = [t for t in rep.data["targets"] if t["verdict"] != "not measured"]
+        if measured:
+            log("\nthe issue's targets (issue 8) in this run:")
+            for t in measured:
+                log(f"  {t['verdict'].upper():8s} {t['target']}: {t['measured']}")
         for f in workdir.glob("*.db*"):  # query logs can be large; the servers' logs stay
             with contextlib.suppress(OSError):
                 f.unlink()

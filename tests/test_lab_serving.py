@@ -339,3 +339,43 @@ def test_crash_and_mixed_sections_against_a_real_server(small_target, tmp_path):
             assert m[name][kind]["img_s"] > 0 and not m[name][kind]["errors"], (name, kind)
     md = (out / "serving.md").read_text()
     assert "## Crash recovery" in md and "## Small requests beside large ones" in md
+    assert "| kill -9 under load, restart: every client's first request within 50 ms |" in md
+
+
+def test_target_verdicts_read_each_target_from_the_sections_that_ran():
+    from lab.serving import target_verdicts
+
+    def verdicts(data):
+        return [v for _, _, v in target_verdicts(data)]
+
+    assert verdicts({}) == ["not measured"] * 5
+
+    def cell(batch, ratio, fmt="packed", profile="default", clients=4):
+        return {"profile": profile, "batch": batch, "clients": clients, "format": fmt,
+                "img_s": 1000.0 * ratio, "ratio_to_echo": ratio}
+
+    data = {
+        # batch 256: the better format counts; batch 1: below 0.5; other cells are ignored
+        "matrix": [cell(256, 0.1, "predictions"), cell(256, 0.3), cell(1, 0.4),
+                   cell(1, 0.9, profile="monitor-off"), cell(1, 0.9, clients=1)],
+        "history_latency": {"profile": "default", "history": 100_000,
+                            "echo": {"p99_ms": 1.0}, "long": {"p99_ms": 4.0}},
+        "cost": [{"history": 1000, "filled": 1000, "ms_per_item_b1": 1.0,
+                  "ms_per_item_b256": 0.1},
+                 {"history": 1_000_000, "filled": 1_000_000, "ms_per_item_b1": 1.5,
+                  "ms_per_item_b256": 0.25}],
+        "crash": {"profile": "default", "clients": 32, "queries_per_client": 5056,
+                  "first_request": {"n": 32, "median_ms": 20.0, "max_ms": 40.0, "errors": {}},
+                  "first_request_one_at_a_time": {"n": 8, "max_ms": 60.0, "errors": {}}},
+    }
+    assert verdicts(data) == ["met", "not met", "met", "not met", "not met"]
+    assert "1.50 x" in target_verdicts(data)[3][1] and "2.50 x" in target_verdicts(data)[3][1]
+    # a quick run's short history is not the target's; nor is a 1M fill that stopped early
+    data["history_latency"]["history"] = 5_000
+    data["cost"][1]["filled"] = 600_000
+    data["crash"]["first_request_one_at_a_time"]["max_ms"] = 10.0
+    assert verdicts(data) == ["met", "not met", "not measured", "not measured", "met"]
+    data["crash"]["first_request"]["errors"] = {"UNAVAILABLE": 1}
+    assert verdicts(data)[4] == "not met"
+    data["crash"]["clients"] = 8                 # --quick
+    assert verdicts(data)[4] == "not measured"
