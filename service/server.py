@@ -25,6 +25,8 @@ from service.servicer import AuthInterceptor, InferenceServicer, raw_method_hand
 
 log = logging.getLogger("modelguard.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+# a memory housekeeping round (fit_memory, malloc_trim) slower than this is logged
+SLOW_HOUSEKEEPING_S = 0.25
 
 
 def keyring_for(cfg: ServerConfig) -> KeyRing:
@@ -188,6 +190,11 @@ class Server:
             if evicted or now - last_trim >= trim_every:
                 last_trim = now
                 trim_heap()
+            took = time.monotonic() - now
+            if took > SLOW_HOUSEKEEPING_S:   # every allocating thread may have waited for it
+                log.warning("memory housekeeping took %.2f s (fitting client state to "
+                            "execution.max_rss_mb, %d evicted, and returning free heap pages)",
+                            took, evicted)
             ready = self.plane.ready()
             if ready == self._serving or self._stopped.is_set():
                 continue

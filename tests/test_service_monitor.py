@@ -125,3 +125,26 @@ def test_levels_survive_restart(small_target, tmp_path):
             assert c.predict(x[:3]).probs is None  # still LABEL_ONLY after the restart
     finally:
         server.stop(1.0)
+
+
+def test_slow_memory_housekeeping_is_logged(small_target, tmp_path, monkeypatch, caplog):
+    """A round of the health watcher's memory housekeeping (fit_memory, then malloc_trim) that
+    takes long stalls every thread that allocates meanwhile: it is logged with its duration."""
+    import logging
+
+    import service.server as server_mod
+
+    monkeypatch.setattr(server_mod, "trim_heap", lambda: time.sleep(0.4))
+    caplog.set_level(logging.WARNING, logger="modelguard.server")
+    s = _server(small_target, tmp_path, 10 ** 6, "noise")
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+                "memory housekeeping took" in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+    finally:
+        s.stop()
+    msgs = [r.getMessage() for r in caplog.records if "memory housekeeping" in r.getMessage()]
+    assert msgs and "0 evicted" in msgs[0]
+    took = float(msgs[0].split("took ")[1].split(" s")[0])
+    assert 0.35 <= took < 5.0
