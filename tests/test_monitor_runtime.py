@@ -468,6 +468,14 @@ def test_execution_keys_are_validated():
         _cfg(max_lag=64)
 
 
+def _until_ready(mon, timeout: float = 10.0) -> None:
+    """Wait for a warm-starting monitor to report ready (its background restore done)."""
+    deadline = time.monotonic() + timeout
+    while not mon.ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mon.ready(), f"not ready after {timeout:g} s"
+
+
 def test_warm_start_restores_recent_clients_before_ready(streams, tmp_path):
     db = tmp_path / "m.db"
     with Monitor(_cfg(), db, clock=FakeClock()) as mon:
@@ -475,11 +483,7 @@ def test_warm_start_restores_recent_clients_before_ready(streams, tmp_path):
         before = {c: mon.level(c) for c in streams}
     mon2 = Monitor(_cfg(), db, clock=FakeClock(), warm=True)
     try:
-        for _ in range(100):
-            if mon2.ready():
-                break
-            time.sleep(0.05)
-        assert mon2.ready()
+        _until_ready(mon2)
         assert mon2.resident_clients() == 3        # restored in the background, not on demand
         assert {c: mon2._engines[c].level for c in streams} == before
         assert all(mon2._engines[c].qn == 300 for c in streams)
@@ -502,11 +506,7 @@ def test_warm_start_after_a_crash_restores_clients_that_have_no_checkpoint(strea
     caplog.set_level(logging.INFO, logger="modelguard.monitor")
     mon2 = Monitor(_cfg(checkpoint_every=5000), db, clock=FakeClock(), warm=True)
     try:
-        for _ in range(200):
-            if mon2.ready():
-                break
-            time.sleep(0.05)
-        assert mon2.ready()
+        _until_ready(mon2)
         assert sorted(mon2.resident_ids()) == sorted(streams)
         assert {c: mon2._engines[c].level for c in streams} == before
         assert all(mon2._engines[c].qn == 300 for c in streams)
