@@ -446,6 +446,12 @@ def _pct(a: list[float], q: float) -> float | None:
     return round(float(np.percentile(a, q)), 3) if len(a) else None
 
 
+def _first_latencies(lat: list[float]) -> dict:
+    """How many first requests answered, their median and their maximum (ms)."""
+    return {"n": len(lat), "median_ms": _pct(lat, 50),
+            "max_ms": round(max(lat), 1) if lat else None}
+
+
 def drive(pool: ClientPool, address: str, keys: list[str], batch: int, *, fmt: str = "predictions",
           warmup: float = 0.0, seconds: float | None = None, max_requests: int = 10 ** 9,
           source: str = "pool", timeout: float = 60.0, stop_on_error: bool = False,
@@ -1003,9 +1009,8 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         first = drive(pool, s2.address, keys[:nc], 1, max_requests=1,
                       timeout=args.crash_timeout, max_total_s=args.crash_timeout)
         lat = [c["lat_ms"][0] for c in first["clients"] if c["lat_ms"]]
-        res["first_request"] = {"n": len(lat), "median_ms": _pct(lat, 50),
-                                "max_ms": round(max(lat), 1) if lat else None,
-                                "errors": first["errors"], "answers": first["answers"]}
+        res["first_request"] = {**_first_latencies(lat), "errors": first["errors"],
+                                "answers": first["answers"]}
         # the others one at a time: what restoring costs a client, without the queue of a
         # burst; each client's second request right after is the reference
         one, two, errs = [], [], Counter()
@@ -1015,15 +1020,12 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
             one += [c["lat_ms"][0] for c in r["clients"] if c["lat_ms"]]
             two += [c["lat_ms"][1] for c in r["clients"] if len(c["lat_ms"]) > 1]
             errs.update(r["errors"])
-        res["first_request_one_at_a_time"] = {
-            "n": len(one), "median_ms": _pct(one, 50),
-            "max_ms": round(max(one), 1) if one else None, "errors": dict(errs),
-            "second_request_median_ms": _pct(two, 50)}
+        res["first_request_one_at_a_time"] = {**_first_latencies(one), "errors": dict(errs),
+                                              "second_request_median_ms": _pct(two, 50)}
         fresh = drive(pool, s2.address, [f"crash-new-{j}" for j in range(nc)], 1,
                       max_requests=1, timeout=args.crash_timeout, max_total_s=args.crash_timeout)
         lat2 = [c["lat_ms"][0] for c in fresh["clients"] if c["lat_ms"]]
-        res["first_request_new_clients"] = {"n": len(lat2), "median_ms": _pct(lat2, 50),
-                                            "max_ms": round(max(lat2), 1) if lat2 else None,
+        res["first_request_new_clients"] = {**_first_latencies(lat2),
                                             "errors": fresh["errors"]}
         # what the restarted monitor said about each client it restored (the wording is the
         # monitor's; counted by kind, with an example line)

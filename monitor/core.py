@@ -1,6 +1,7 @@
 """The Monitor: the service's only entry point (``level`` and ``observe``) plus ``close``."""
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import shutil
@@ -633,13 +634,11 @@ class Monitor:
         (``python -m lab.serving --mixed --aio --key-warmup 250``, 4 batch-1 clients beside 2
         at batch 256, two pairs): batch-1 p99 95-96 ms against 78-82 in place, on two cores
         the worker only adds a hand-off and a share of the GIL to the same wait."""
-        args = (client_id, request_id, images, target_probs, answer, level)
+        observe = functools.partial(self.observe, client_id, request_id, images, target_probs,
+                                    answer, level, wait=False)
         if self.waits_for(client_id) or (self._queue is not None and self._queue.full()):
-            return (yield Blocking(self._observe_nowait, *args))
-        return self.observe(*args, wait=False)
-
-    def _observe_nowait(self, *args) -> Level:
-        return self.observe(*args, wait=False)
+            return (yield Blocking(observe))
+        return observe()
 
     def durable_steps(self, client_id: str) -> Steps:
         """:meth:`wait_durable` as steps (common.steps): a Blocking step only while a row the
