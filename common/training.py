@@ -77,8 +77,20 @@ def train(model: nn.Module, x: np.ndarray, targets: np.ndarray, cfg: TrainConfig
     return model
 
 
+def thread_ready() -> int:
+    """Apply torch's thread count (torch.set_num_threads) to the calling thread before it runs a
+    model; returns the count. torch applies it to a new thread's OpenMP and MKL pools only
+    when that thread first asks (at::get_num_threads, or a parallel ATen loop); a matrix
+    product run before that (a Linear layer on a fresh gRPC worker thread) takes OpenMP's
+    default, every core: it competes with the server's other threads for the cores, and splits
+    its sums differently, answering in different last bits than the same model on another
+    thread (seen on a 2-core AVX-512 machine). A thread-local check after the first call."""
+    return torch.get_num_threads()
+
+
 @torch.no_grad()
 def predict_proba(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    thread_ready()
     model.eval()
     out = [torch.softmax(model(to_tensor(x[i:i + batch_size])), 1)
            for i in range(0, len(x), batch_size)]

@@ -61,3 +61,53 @@ def test_missing_data_says_how_to_fix(tmp_path, monkeypatch):
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="unknown architecture"):
         nets.build("resnet")
+
+
+@pytest.mark.parametrize("where", ["common.training", "service.dataplane"])
+def test_a_model_answers_the_same_bits_on_any_thread(small_target, where):
+    """torch.set_num_threads(1) in the main thread; a fresh thread (as a gRPC worker is) that
+    runs the model first thing answers bit for bit as the main thread does. Without
+    training.thread_ready the fresh thread's matrix products took OpenMP's default of every
+    core and differed in the last bits (seen on a 2-core AVX-512 machine)."""
+    import threading
+
+    from service.dataplane import TargetModel
+    path, _ = small_target
+    x = data.attack_pool().x[:40]
+    if where == "common.training":
+        model, _ = training.load_checkpoint(path)
+        run = lambda: training.predict_proba(model, x)            # noqa: E731
+    else:
+        target = TargetModel.load(path)
+        xf = x.astype(np.float32) / 255.0
+        run = lambda: target.predict_proba(xf)                    # noqa: E731
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main = run()
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("p", run()))
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert main.shape == (40, 10)
+    np.testing.assert_array_equal(out["p"], main)
+
+
+
+def test_the_served_model_gives_an_image_the_same_bits_whatever_it_is_sent_with(small_target):
+    """The served target (float64, rounded once): each image's probabilities are the same bits
+    alone, among 2 others, 39 others or 256 others, and close to the float32 model's. In float32
+    one image alone and among 7 others differed in the last bits (a 2-core AVX-512 machine),
+    which broke the functionally equivalent extraction over gRPC."""
+    from service.dataplane import TargetModel
+    path, _ = small_target
+    target = TargetModel.load(path)
+    x = data.attack_pool().x[:257].astype(np.float32) / 255.0
+    alone = np.concatenate([target.predict_proba(x[i:i + 1]) for i in range(len(x))])
+    assert alone.dtype == np.float32
+    for n in (3, 40, 257):
+        np.testing.assert_array_equal(target.predict_proba(x[:n]), alone[:n])
+    model, _ = training.load_checkpoint(path)
+    np.testing.assert_allclose(training.predict_proba(model, x), alone, atol=1e-5)
