@@ -707,13 +707,11 @@ class Similarity(Detector):
         return self.hist.nbytes()
 
     def observe_batch(self, items, t):
-        import torch
-
         k = self.cfg.k
         n = len(items)
         m = self.hist.m
         if n == 1 and _features.FAST_PATHS:
-            return self._observe_one(items, torch, k, m)
+            return self._observe_one(items, k, m)
         score = np.full(n, np.nan)
         rows = np.flatnonzero(m + np.arange(n) >= k)
         if len(rows):
@@ -721,7 +719,7 @@ class Similarity(Detector):
             q = items.enc[rows]
             own = items.intra[rows]                                 # (r, n), inf for j >= i
             own_idx = np.broadcast_to(m + np.arange(n), own.shape)
-            cols, pick = _k_nearest(torch, items.sq_q[rows], Ha, own, own_idx, k, m)
+            cols, pick = _k_nearest(items.sq_q[rows], Ha, own, own_idx, k, m)
             idx = np.take_along_axis(cols, pick, axis=1)
             d = pixel_dist(_gather(Ha, items.enc, idx), q[:, None, :])  # float32, no BLAS
             score[rows] = d.mean(1)
@@ -729,7 +727,7 @@ class Similarity(Detector):
         with np.errstate(invalid="ignore"):
             return score, score < self.cfg.threshold
 
-    def _observe_one(self, items, torch, k: int, m: int):
+    def _observe_one(self, items, k: int, m: int):
         """observe_batch for one item: the same products and top-k selections (so the same
         neighbours in the same order, and the same mean), without the request's B x B term
         (its only entry, the item against itself, is +inf) or the row bookkeeping."""
@@ -740,7 +738,7 @@ class Similarity(Detector):
             q = items.enc[rows]
             own = np.full((1, 1), np.inf, np.float32)
             own_idx = np.full((1, 1), m, np.int64)
-            cols, pick = _k_nearest(torch, items.sq_q, Ha, own, own_idx, k, m)
+            cols, pick = _k_nearest(items.sq_q, Ha, own, own_idx, k, m)
             idx = cols[:, pick[0]]                    # np.take_along_axis for one row
             g = stored_encodings(Ha[idx]) if int(idx.max()) < m else _gather(Ha, items.enc, idx)
             d = pixel_dist(g, q[:, None, :])
@@ -765,23 +763,61 @@ def _grow(d: float, T: float, gn: int, gs: float, gq: float):
     return True, max(T, mean - math.sqrt(max(gq / gn - mean * mean, 0.0))), gn, gs, gq
 
 
-def _k_nearest(torch, qa, Ha, own, own_idx, k: int, m: int):
+# smallest_k: columns per block, and the fewest blocks (as a multiple of k) worth the two steps
+BLOCK_COLS = 16
+BLOCKS_MIN_K = 4
+
+
+def _k_smallest_cols(a: np.ndarray, k: int) -> np.ndarray:
+    """Column indices (r, k) of the k smallest entries of each row of ``a`` (in no particular
+    order): numpy's introselect (measured on (256, 625) float32 rows: 0.5 ms, torch.topk 1.3)."""
+    if k >= a.shape[1]:
+        return np.broadcast_to(np.arange(a.shape[1]), a.shape).copy()
+    return np.argpartition(a, k - 1, axis=1)[:, :k]
+
+
+def smallest_k(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, column indices) of the k smallest entries of each row of ``s`` (float32 (r, m),
+    m > k; in no particular order), ties at the k-th value broken by the selection. Wide rows
+    take two cheaper steps instead of one selection over every column: the columns are cut
+    into blocks of ``BLOCK_COLS`` (block b holds columns b, b + nb, b + 2 nb, ...; the last m
+    mod BLOCK_COLS columns are always candidates), the k blocks with the smallest minima are
+    kept, and the selection runs over their columns only. Exact: the k kept blocks each hold
+    an entry <= tau (the largest kept minimum), so the k-th smallest entry is <= tau, and every
+    block holding an entry < tau has a minimum < tau and is kept. Measured at 256 x 10,000,
+    k = 50 (the default Similarity), in process: 3 ms against 8 ms for torch.topk over every
+    column."""
+    r, m = s.shape
+    nb = m // BLOCK_COLS
+    if nb < BLOCKS_MIN_K * k:
+        cols = _k_smallest_cols(s, k)
+        return np.take_along_axis(s, cols, axis=1), cols
+    body = s[:, :nb * BLOCK_COLS].reshape(r, BLOCK_COLS, nb)
+    mins = np.minimum.reduce(body, axis=1)                  # (r, nb), element-wise passes
+    keep = _k_smallest_cols(mins, k)
+    cols = (keep[:, None, :] + nb * np.arange(BLOCK_COLS)[:, None]).reshape(r, -1)
+    if nb * BLOCK_COLS < m:
+        tail = np.arange(nb * BLOCK_COLS, m)
+        cols = np.concatenate([cols, np.broadcast_to(tail, (r, len(tail)))], axis=1)
+    vals = np.take(s, cols + (np.arange(r) * m)[:, None])   # flat: faster than along an axis
+    pick = _k_smallest_cols(vals, k)
+    return np.take_along_axis(vals, pick, axis=1), np.take_along_axis(cols, pick, axis=1)
+
+
+def _k_nearest(qa, Ha, own, own_idx, k: int, m: int):
     """(cols, pick): candidate indices (rows, c) into history + request and, per row, the
     positions in them of the k smallest approximate distances among the ``m`` history entries
     (stored rows ``Ha``, queries ``qa``: monitor.features.sq_rows / sq_queries; their k nearest
-    first when m > k: torch.topk, faster than argpartition) and the request's own earlier items
+    first when m > k: smallest_k) and the request's own earlier items
     (``own``, +inf where not earlier; their indices ``own_idx``)."""
     if m > k:
-        top = torch.topk(torch.from_numpy(qa @ Ha.T), k, dim=1, largest=False, sorted=False)
-        hv, hi = top.values.numpy(), top.indices.numpy()
+        hv, hi = smallest_k(qa @ Ha.T, k)
     else:
         hv = qa @ Ha.T
         hi = np.broadcast_to(np.arange(m), hv.shape)
     vals = np.concatenate([hv, own], axis=1)
     cols = np.concatenate([hi, own_idx], axis=1)
-    pick = torch.topk(torch.from_numpy(vals), k, dim=1, largest=False, sorted=False
-                      ).indices.numpy()
-    return cols, pick
+    return cols, _k_smallest_cols(vals, k)
 
 
 class NearDuplicate(Detector):

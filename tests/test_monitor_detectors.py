@@ -676,3 +676,23 @@ def test_pixel_ring_pickles_its_items_compactly_and_restores_them_bit_for_bit(fa
             assert back.n == ring.n
             for c in ring.cols:
                 assert _bits(back.cols[c][:m]) == _bits(ring.cols[c][:m]), c
+
+
+@pytest.mark.parametrize("m", [3207, 4000, 10000])
+def test_smallest_k_finds_the_k_smallest_of_wide_rows(m):
+    """The two-step top-k (block minima, then the kept blocks' columns) returns, per row, k
+    columns whose values are the k smallest of the row (compared with a full sort), on rows
+    with many equal values and where the block count leaves a tail of columns."""
+    from monitor.detectors import BLOCK_COLS, BLOCKS_MIN_K, smallest_k
+    rng = np.random.default_rng(m)
+    k = 50
+    assert m // BLOCK_COLS >= BLOCKS_MIN_K * k            # the two-step path runs
+    s = rng.standard_normal((64, m)).astype(np.float32)
+    s[:16] = np.round(s[:16] * 4) / 4                      # many ties
+    s[16:24, m - 7:] = -100.0                              # the smallest in the tail columns
+    s[24:32, : 3 * k] = -50.0 - rng.random((8, 3 * k))     # clustered in the first blocks
+    vals, cols = smallest_k(s, k)
+    assert cols.shape == (64, k)
+    assert all(len(set(r)) == k for r in cols.tolist())    # k distinct columns per row
+    np.testing.assert_array_equal(np.take_along_axis(s, cols, 1), vals)
+    np.testing.assert_array_equal(np.sort(vals, 1), np.sort(s, 1)[:, :k])
