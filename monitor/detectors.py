@@ -36,8 +36,8 @@ from monitor import features as _features
 from monitor.config import (DETECTOR_NAMES, NearDuplicateConfig, OODConfig, PradaConfig,
                             SimilarityConfig, VolumeConfig)
 from monitor.features import (BASIS, DIM, LB_COLS, SQ_COLS, Ring, approx_sq,
-                              attack_like_pairs, lb_queries, lb_rows, pair_dist, pixel_dist,
-                              sq_norms, sq_queries, sq_rows, stored_encodings, to_u8,
+                              attack_like_pairs, lb_queries, lb_rows, nonzero2d, pair_dist,
+                              pixel_dist, sq_norms, sq_queries, sq_rows, stored_encodings, to_u8,
                               total_variation)
 
 PIX = 28 * 28
@@ -374,7 +374,7 @@ class Prada(Detector):
         if np.count_nonzero(cand) > PIXEL_PAIRS_MAX_SHARE * cand.size:
             s = approx_sq(items.v[idx], items.pnorm[idx], Gv, Gp)   # float32, pixel space
             cand = s <= (s.min(1) + PIXEL_SQ_TOL)[:, None]
-        ri, cj = np.nonzero(cand)
+        ri, cj = nonzero2d(cand)
         d = pair_dist(items.v, idx[ri], Gv, cj)
         out = u.copy()
         arg = best.copy()
@@ -672,7 +672,7 @@ def _pairs_below(items: Items, idx: np.ndarray, bound: np.ndarray) -> np.ndarray
         s = approx_sq(q, qn, q, qn)
         s[np.triu_indices(k)] = np.inf
         cand = s <= (lim + np.float32(PIXEL_SQ_TOL))[:, None]
-    ri, cj = np.nonzero(cand)
+    ri, cj = nonzero2d(cand)
     out = np.full((k, k), np.inf)
     if len(ri):
         out[ri, cj] = pair_dist(items.v, idx[ri], items.v, idx[cj])
@@ -858,7 +858,7 @@ class NearDuplicate(Detector):
         near[rows[hit]] = True
         cand[rows[hit]] = False
         cand[rows, best] = False
-        ri, cj = np.nonzero(cand)
+        ri, cj = nonzero2d(cand)
         if len(ri):
             d = pair_dist(q, ri, h, cj)
             hit = (d > cfg.duplicate) & (d < cfg.radius)

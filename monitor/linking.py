@@ -43,8 +43,8 @@ from common.types import Level
 from monitor.config import LinkingConfig
 from monitor import features as _features
 from monitor.engine import Transition
-from monitor.features import (DIM, TWO_SIDED, encode, perturbation_stats, residual_norms,
-                              to_u8, total_variation)
+from monitor.features import (DIM, TWO_SIDED, encode, nonzero2d, perturbation_stats,
+                              residual_norms, to_u8, total_variation)
 
 _SEED = 0x51B1  # LSH projections are part of the method: fixed, so replay is exact
 
@@ -223,7 +223,7 @@ class LinkIndex:
         seq.sort(axis=1)
         keep = seq >= lo
         keep[:, 1:] &= seq[:, 1:] != seq[:, :-1]               # each (item, entry) once
-        ii, jj = np.nonzero(keep)                              # by item, then entry
+        ii, jj = nonzero2d(keep)                               # by item, then entry
         s = seq[ii, jj]
         ring = s % self.size
         other = self.kid[ring] != kid
