@@ -683,11 +683,14 @@ def _gather(Ha: np.ndarray, enc: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Encodings of the history's stored rows ``Ha`` (idx < m) or of the request's items
     ``enc`` (idx - m)."""
     m = len(Ha)
+    if m == 0:
+        return enc[idx]
+    # every index through the history (the request's own, clipped, are overwritten): one
+    # gather instead of two boolean-masked ones
+    out = stored_encodings(np.take(Ha, np.minimum(idx, m - 1), axis=0))
     own = idx >= m
-    out = np.empty(idx.shape + (enc.shape[1],), np.float32)
-    if m:
-        out[~own] = stored_encodings(Ha[idx[~own]])
-    out[own] = enc[idx[own] - m]
+    if own.any():
+        out[own] = enc[idx[own] - m]
     return out
 
 
@@ -801,7 +804,8 @@ def smallest_k(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         cols = np.concatenate([cols, np.broadcast_to(tail, (r, len(tail)))], axis=1)
     vals = np.take(s, cols + (np.arange(r) * m)[:, None])   # flat: faster than along an axis
     pick = _k_smallest_cols(vals, k)
-    return np.take_along_axis(vals, pick, axis=1), np.take_along_axis(cols, pick, axis=1)
+    pick += (np.arange(r) * vals.shape[1])[:, None]
+    return np.take(vals, pick), np.take(cols, pick)
 
 
 def _k_nearest(qa, Ha, own, own_idx, k: int, m: int):
