@@ -95,7 +95,6 @@ def test_a_model_answers_the_same_bits_on_any_thread(small_target, where):
     np.testing.assert_array_equal(out["p"], main)
 
 
-
 def test_the_served_model_gives_an_image_the_same_bits_whatever_it_is_sent_with(small_target):
     """The served target (float64, rounded once): each image's probabilities are the same bits
     alone, among 2 others, 39 others or 256 others, and close to the float32 model's. In float32
