@@ -330,12 +330,7 @@ class Ring:
         m = self.m
         cur = len(next(iter(self.cols.values())))
         if m + k > cur and cur < self.size:
-            cap = min(self.size, max(64, 2 * cur, m + k))
-            for c, a in self.cols.items():
-                b = np.zeros((cap,) + a.shape[1:], a.dtype)
-                b[:m] = a[:m]
-                self.cols[c] = b
-            self._nb = None
+            self._grow(min(self.size, max(64, 2 * cur, m + k)))
         cols = self.cols
         if k == 1 and FAST_PATHS:   # one row (a batch-1 request): a plain index, no slot array
             slot = self.n % self.size
@@ -346,6 +341,15 @@ class Ring:
             for c, v in rows.items():
                 cols[c][slots] = v
         self.n += k
+
+    def _grow(self, cap: int) -> None:
+        """Reallocate every column with room for ``cap`` rows, the used ones copied."""
+        m = self.m
+        for c, a in self.cols.items():
+            b = np.zeros((cap,) + a.shape[1:], a.dtype)
+            b[:m] = a[:m]
+            self.cols[c] = b
+        self._nb = None
 
     def get(self, *names: str) -> tuple[np.ndarray, ...]:
         """The used rows of the named columns, in storage order (views)."""
@@ -364,5 +368,13 @@ class Ring:
                                                           for c, a in self.cols.items()}}
 
     def __setstate__(self, st):
+        """Restored with the room the next add would make (twice the rows, up to ``size``):
+        a restore runs before the client's next request, off its path, and the regrowth of
+        every ring was that request's cost (measured in process, a client of 2,560 queries at
+        batch 64: the first request after a restore 3.3-4.5 ms, later ones 0.6-0.7; with the
+        room made at restore 0.6-0.9)."""
         self.size, self.n, self.cols = st["size"], st["n"], st["cols"]
         self._nb = None
+        m = self.m
+        if m < self.size:
+            self._grow(min(self.size, max(64, 2 * m)))

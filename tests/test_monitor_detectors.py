@@ -696,3 +696,48 @@ def test_smallest_k_finds_the_k_smallest_of_wide_rows(m):
     assert all(len(set(r)) == k for r in cols.tolist())    # k distinct columns per row
     np.testing.assert_array_equal(np.take_along_axis(s, cols, 1), vals)
     np.testing.assert_array_equal(np.sort(vals, 1), np.sort(s, 1)[:, :k])
+
+
+def test_a_restored_engine_has_room_for_its_next_request(fashion):
+    """A checkpoint holds only the used rows of each ring; restoring makes the room the next add
+    would make, so the client's first request after a restart adds its rows in place (no ring
+    reallocated on the request path), and the rows read back bit for bit."""
+    import pickle
+
+    from monitor.config import load_config
+    from monitor.engine import ClientEngine, det_view
+    from monitor.features import Ring
+    cfg = load_config(None)
+    x, y = fashion
+    xs = x[:300]
+    probs = np.full((300, 10), 0.01, np.float32)
+    probs[np.arange(300), y[:300]] = 0.91
+    eng = ClientEngine(cfg, "c")
+    for i in range(0, 299, 23):                          # 299 queries: no ring is full
+        xd, g = det_view(xs[i:i + 23])
+        eng.step(xd.reshape(len(xd), -1), probs[i:i + 23], float(i), g)
+
+    def rings(e):
+        out, stack = [], [e]
+        while stack:
+            o = stack.pop()
+            if isinstance(o, Ring):
+                out.append(o)
+            elif isinstance(o, (list, tuple)):
+                stack.extend(o)
+            elif isinstance(o, dict):
+                stack.extend(o.values())
+            elif hasattr(o, "__dict__") and not isinstance(o, (type, np.ndarray)):
+                stack.extend(vars(o).values())
+        return out
+
+    back = pickle.loads(pickle.dumps(eng)).restore(cfg)
+    before, after = rings(eng), rings(back)
+    assert len(after) == len(before) >= 3 and all(0 < r.m < r.size for r in after)
+    held = [{c: a for c, a in r.cols.items()} for r in after]
+    xd, g = det_view(xs[299:300])
+    back.step(xd.reshape(1, -1), probs[299:300], 400.0, g)
+    for r, cols, old in zip(after, held, before):
+        assert all(r.cols[c] is a for c, a in cols.items())          # written in place
+        for c in old.cols:
+            np.testing.assert_array_equal(r.cols[c][:old.m], old.cols[c][:old.m])
