@@ -327,10 +327,7 @@ class Ring:
             rows = {c: v[-self.size:] for c, v in rows.items()}
             self.n += k - self.size
             k = self.size
-        m = self.m
-        cur = len(next(iter(self.cols.values())))
-        if m + k > cur and cur < self.size:
-            self._grow(min(self.size, max(64, 2 * cur, m + k)))
+        self._make_room(self.m + k)
         cols = self.cols
         if k == 1 and FAST_PATHS:   # one row (a batch-1 request): a plain index, no slot array
             slot = self.n % self.size
@@ -342,8 +339,14 @@ class Ring:
                 cols[c][slots] = v
         self.n += k
 
-    def _grow(self, cap: int) -> None:
-        """Reallocate every column with room for ``cap`` rows, the used ones copied."""
+    def _make_room(self, rows: int) -> None:
+        """Room for ``rows`` rows: when the columns hold fewer (and fewer than ``size``), every
+        column is reallocated at twice its length (at least 64 and ``rows``, at most
+        ``size``), the used rows copied."""
+        cur = len(next(iter(self.cols.values())))
+        if rows <= cur or cur >= self.size:
+            return
+        cap = min(self.size, max(64, 2 * cur, rows))
         m = self.m
         for c, a in self.cols.items():
             b = np.zeros((cap,) + a.shape[1:], a.dtype)
@@ -375,6 +378,4 @@ class Ring:
         room made at restore 0.6-0.9)."""
         self.size, self.n, self.cols = st["size"], st["n"], st["cols"]
         self._nb = None
-        m = self.m
-        if m < self.size:
-            self._grow(min(self.size, max(64, 2 * m)))
+        self._make_room(self.m + 1)
