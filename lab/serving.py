@@ -452,6 +452,13 @@ def _first_latencies(lat: list[float]) -> dict:
             "max_ms": round(max(lat), 1) if lat else None}
 
 
+def _second_latencies(clients: list[dict]) -> dict:
+    """Median and maximum (ms) of the clients' second requests."""
+    two = [c["lat_ms"][1] for c in clients if len(c["lat_ms"]) > 1]
+    return {"second_requests": len(two), "second_request_median_ms": _pct(two, 50),
+            "second_request_max_ms": round(max(two), 1) if two else None}
+
+
 def drive(pool: ClientPool, address: str, keys: list[str], batch: int, *, fmt: str = "predictions",
           warmup: float = 0.0, seconds: float | None = None, max_requests: int = 10 ** 9,
           source: str = "pool", timeout: float = 60.0, stop_on_error: bool = False,
@@ -1006,11 +1013,14 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
             res["restart_ready_s"] = round(s2.wait_ready(), 2)
             log(f"  restarted on the same database: ServerReady true after "
                 f"{res['restart_ready_s']} s")
-        first = drive(pool, s2.address, keys[:nc], 1, max_requests=1,
+        # two requests each: the burst's second requests (every client restored by then) say
+        # what the burst itself costs, apart from restoring
+        first = drive(pool, s2.address, keys[:nc], 1, max_requests=2,
                       timeout=args.crash_timeout, max_total_s=args.crash_timeout)
         lat = [c["lat_ms"][0] for c in first["clients"] if c["lat_ms"]]
         res["first_request"] = {**_first_latencies(lat), "errors": first["errors"],
-                                "answers": first["answers"]}
+                                "answers": first["answers"],
+                                **_second_latencies(first["clients"])}
         # the others one at a time: what restoring costs a client, without the queue of a
         # burst; each client's second request right after is the reference
         one, two, errs = [], [], Counter()
@@ -1020,13 +1030,20 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
             one += [c["lat_ms"][0] for c in r["clients"] if c["lat_ms"]]
             two += [c["lat_ms"][1] for c in r["clients"] if len(c["lat_ms"]) > 1]
             errs.update(r["errors"])
+        # and once more on a new connection each: a first request of a client already in
+        # memory (what a new connection costs, apart from restoring)
+        again = [c["lat_ms"][0] for k in keys[nc:] for c in
+                 drive(pool, s2.address, [k], 1, max_requests=1, timeout=args.crash_timeout,
+                       max_total_s=args.crash_timeout)["clients"] if c["lat_ms"]]
         res["first_request_one_at_a_time"] = {**_first_latencies(one), "errors": dict(errs),
-                                              "second_request_median_ms": _pct(two, 50)}
+                                              "second_request_median_ms": _pct(two, 50),
+                                              "reconnected_median_ms": _pct(again, 50)}
         fresh = drive(pool, s2.address, [f"crash-new-{j}" for j in range(nc)], 1,
-                      max_requests=1, timeout=args.crash_timeout, max_total_s=args.crash_timeout)
+                      max_requests=2, timeout=args.crash_timeout, max_total_s=args.crash_timeout)
         lat2 = [c["lat_ms"][0] for c in fresh["clients"] if c["lat_ms"]]
         res["first_request_new_clients"] = {**_first_latencies(lat2),
-                                            "errors": fresh["errors"]}
+                                            "errors": fresh["errors"],
+                                            **_second_latencies(fresh["clients"])}
         # what the restarted monitor said about each client it restored (the wording is the
         # monitor's; counted by kind, with an example line)
         text = restored_log.read_text(errors="replace").splitlines()
@@ -1038,15 +1055,17 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         res["server_log"] = {"clients_restored_messages": len(restored),
                              "kinds": dict(kinds.most_common(5)),
                              "example": restored[0] if restored else None}
+        fr, fo, nf = (res[k] for k in ("first_request", "first_request_one_at_a_time",
+                                       "first_request_new_clients"))
         log(f"  first request of each of the {nc} clients (concurrently): median "
-            f"{res['first_request']['median_ms']} ms, max {res['first_request']['max_ms']} ms, "
-            f"errors {first['errors'] or 'none'}; {ns} others one at a time: median "
-            f"{res['first_request_one_at_a_time']['median_ms']} ms, max "
-            f"{res['first_request_one_at_a_time']['max_ms']} ms (their second requests: "
-            f"median {res['first_request_one_at_a_time']['second_request_median_ms']} ms); "
-            f"{nc} new clients: median "
-            f"{res['first_request_new_clients']['median_ms']} ms, max "
-            f"{res['first_request_new_clients']['max_ms']} ms; restored-client log lines: "
+            f"{fr['median_ms']} ms, max {fr['max_ms']} ms, errors {first['errors'] or 'none'} "
+            f"(second requests: median {fr['second_request_median_ms']}, max "
+            f"{fr['second_request_max_ms']} ms); {ns} others one at a time: median "
+            f"{fo['median_ms']} ms, max {fo['max_ms']} ms (their second requests: median "
+            f"{fo['second_request_median_ms']} ms; on a new connection after: median "
+            f"{fo['reconnected_median_ms']} ms); {nc} new clients: median {nf['median_ms']} ms, "
+            f"max {nf['max_ms']} ms (second requests: median {nf['second_request_median_ms']}, "
+            f"max {nf['second_request_max_ms']} ms); restored-client log lines: "
             f"{res['server_log']['clients_restored_messages']} "
             f"(e.g. {res['server_log']['example']!r})")
     finally:
@@ -1077,13 +1096,20 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
             sec += [f"- first request (batch 1) of every one of the {nc} clients, "
                     f"concurrently: median **{_f1(fr['median_ms'])} ms**, max "
                     f"**{_f1(fr['max_ms'])} ms** "
-                    f"({fr['n']} answered; errors {fr['errors'] or 'none'})",
+                    f"({fr['n']} answered; errors {fr['errors'] or 'none'}); their second "
+                    f"requests, sent as each first one was answered: median "
+                    f"{_f1(fr['second_request_median_ms'])} ms, max "
+                    f"{_f1(fr['second_request_max_ms'])} ms",
                     f"- first request of each of the {ns} other clients, one client at a time: "
                     f"median **{_f1(fo['median_ms'])} ms**, max **{_f1(fo['max_ms'])} ms** "
                     f"({fo['n']} answered; errors {fo['errors'] or 'none'}); their second "
-                    f"requests right after: median {_f1(fo['second_request_median_ms'])} ms",
-                    f"- for comparison, the first request of {nc} new clients right after: "
-                    f"median {_f1(nf['median_ms'])} ms, max {_f1(nf['max_ms'])} ms",
+                    f"requests right after: median {_f1(fo['second_request_median_ms'])} ms; "
+                    f"then each once more on a new connection (in memory by then): median "
+                    f"{_f1(fo['reconnected_median_ms'])} ms",
+                    f"- for comparison, the first request of {nc} new clients at once right "
+                    f"after: median {_f1(nf['median_ms'])} ms, max {_f1(nf['max_ms'])} ms "
+                    f"(second requests: median {_f1(nf['second_request_median_ms'])}, max "
+                    f"{_f1(nf['second_request_max_ms'])} ms)",
                     f"- the restarted server's monitor logged "
                     f"{res['server_log']['clients_restored_messages']} lines about restoring "
                     f"these clients, e.g. `{res['server_log']['example']}`"]

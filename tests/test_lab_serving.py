@@ -330,6 +330,9 @@ def test_crash_and_mixed_sections_against_a_real_server(small_target, tmp_path):
     fr, fo = c["first_request"], c["first_request_one_at_a_time"]
     assert (fr["n"], fr["errors"]) == (3, {}) and (fo["n"], fo["errors"]) == (2, {})
     assert fr["median_ms"] <= fr["max_ms"] and fo["second_request_median_ms"] > 0
+    # the references: the burst's second requests and the one-at-a-time clients reconnected
+    assert fr["second_requests"] == 3 and fo["reconnected_median_ms"] > 0
+    assert c["first_request_new_clients"]["second_requests"] == 3
     # all five loaded clients were restored (replayed from the log: none reached a checkpoint)
     assert c["server_log"]["clients_restored_messages"] == 5
     assert "replayed queries 1.." in c["server_log"]["example"]
