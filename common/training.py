@@ -97,6 +97,17 @@ def predict_proba(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np
     return torch.cat(out).numpy() if out else np.zeros((0, 10), np.float32)
 
 
+@torch.inference_mode()
+def predict_proba_f64(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """What a served model answers: ``model`` (eval, already ``.double()``) computes in float64
+    and the probabilities are rounded once to float32. In float32 an image's probabilities
+    depended on the batch it came in (matrix products pick kernels by row count), so the same
+    image got different last bits alone and among others; float64 rows differ by ~1e-14 at most,
+    below float32's rounding (docs/defences.md)."""
+    thread_ready()
+    return torch.softmax(model(to_tensor(x).double()), 1).float().numpy()
+
+
 def accuracy(pred_labels: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.asarray(pred_labels) == np.asarray(y)))
 

@@ -54,11 +54,8 @@ class TargetModel:
         meta.setdefault("version", hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12])
         return cls(module, meta)
 
-    @torch.inference_mode()
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        training.thread_ready()
-        x = torch.from_numpy(images).double()
-        return torch.softmax(self.module(x), 1).float().numpy()
+        return training.predict_proba_f64(self.module, images)
 
 
 @contextlib.contextmanager

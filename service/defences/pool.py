@@ -89,9 +89,9 @@ def _load_cached(path_str: str, mtime: float, name: str) -> PoolModel:
             clf = pickle.load(f)
 
         def proba(images, clf=clf):
-            x = _float_images(images).reshape(len(images), -1)
-            if len(x) == 0:
+            if len(images) == 0:
                 return np.zeros((0, NUM_CLASSES), np.float32)
+            x = _float_images(images).reshape(len(images), -1)
             out = np.zeros((len(x), NUM_CLASSES), np.float64)
             out[:, clf.classes_.astype(int)] = clf.predict_proba(x)
             return out.astype(np.float32)
@@ -99,7 +99,9 @@ def _load_cached(path_str: str, mtime: float, name: str) -> PoolModel:
     from common import training  # torch: imported lazily
 
     model, ck_meta = training.load_checkpoint(path)
-    return PoolModel(name, lambda images, m=model: training.predict_proba(m, _float_images(images)),
+    model = model.eval().double()   # served as the target is: the same bits in any batch
+    return PoolModel(name,
+                     lambda images, m=model: training.predict_proba_f64(m, _float_images(images)),
                      {**ck_meta, **meta})
 
 
