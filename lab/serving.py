@@ -1038,6 +1038,13 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         res["first_request_one_at_a_time"] = {**_first_latencies(one), "errors": dict(errs),
                                               "second_request_median_ms": _pct(two, 50),
                                               "reconnected_median_ms": _pct(again, 50)}
+        # the same burst again, each client on a new connection and in memory by now: what
+        # the burst costs without any restore
+        burst2 = drive(pool, s2.address, keys[:nc], 1, max_requests=1,
+                       timeout=args.crash_timeout, max_total_s=args.crash_timeout)
+        res["burst_again"] = {**_first_latencies([c["lat_ms"][0] for c in burst2["clients"]
+                                                  if c["lat_ms"]]),
+                              "errors": burst2["errors"]}
         fresh = drive(pool, s2.address, [f"crash-new-{j}" for j in range(nc)], 1,
                       max_requests=2, timeout=args.crash_timeout, max_total_s=args.crash_timeout)
         lat2 = [c["lat_ms"][0] for c in fresh["clients"] if c["lat_ms"]]
@@ -1055,12 +1062,13 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         res["server_log"] = {"clients_restored_messages": len(restored),
                              "kinds": dict(kinds.most_common(5)),
                              "example": restored[0] if restored else None}
-        fr, fo, nf = (res[k] for k in ("first_request", "first_request_one_at_a_time",
-                                       "first_request_new_clients"))
+        fr, fo, nf, ba = (res[k] for k in ("first_request", "first_request_one_at_a_time",
+                                           "first_request_new_clients", "burst_again"))
         log(f"  first request of each of the {nc} clients (concurrently): median "
             f"{fr['median_ms']} ms, max {fr['max_ms']} ms, errors {first['errors'] or 'none'} "
             f"(second requests: median {fr['second_request_median_ms']}, max "
-            f"{fr['second_request_max_ms']} ms); {ns} others one at a time: median "
+            f"{fr['second_request_max_ms']} ms; the same burst again later, new connections: "
+            f"median {ba['median_ms']}, max {ba['max_ms']} ms); {ns} others one at a time: median "
             f"{fo['median_ms']} ms, max {fo['max_ms']} ms (their second requests: median "
             f"{fo['second_request_median_ms']} ms; on a new connection after: median "
             f"{fo['reconnected_median_ms']} ms); {nc} new clients: median {nf['median_ms']} ms, "
@@ -1099,7 +1107,10 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
                     f"({fr['n']} answered; errors {fr['errors'] or 'none'}); their second "
                     f"requests, sent as each first one was answered: median "
                     f"{_f1(fr['second_request_median_ms'])} ms, max "
-                    f"{_f1(fr['second_request_max_ms'])} ms",
+                    f"{_f1(fr['second_request_max_ms'])} ms; the same {nc} clients at once "
+                    f"again after the one-at-a-time ones, each on a new connection (in memory "
+                    f"by then): median {_f1(res['burst_again']['median_ms'])} ms, max "
+                    f"{_f1(res['burst_again']['max_ms'])} ms",
                     f"- first request of each of the {ns} other clients, one client at a time: "
                     f"median **{_f1(fo['median_ms'])} ms**, max **{_f1(fo['max_ms'])} ms** "
                     f"({fo['n']} answered; errors {fo['errors'] or 'none'}); their second "

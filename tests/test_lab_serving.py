@@ -333,6 +333,7 @@ def test_crash_and_mixed_sections_against_a_real_server(small_target, tmp_path):
     # the references: the burst's second requests and the one-at-a-time clients reconnected
     assert fr["second_requests"] == 3 and fo["reconnected_median_ms"] > 0
     assert c["first_request_new_clients"]["second_requests"] == 3
+    assert (c["burst_again"]["n"], c["burst_again"]["errors"]) == (3, {})
     # all five loaded clients were restored (replayed from the log: none reached a checkpoint)
     assert c["server_log"]["clients_restored_messages"] == 5
     assert "replayed queries 1.." in c["server_log"]["example"]
