@@ -3,6 +3,7 @@ free pages back). Plain ctypes and /proc; every function is a harmless no-op or 
 platform has no such thing (not Linux, not glibc)."""
 from __future__ import annotations
 
+import gc
 import os
 
 
@@ -41,3 +42,18 @@ def trim_heap() -> None:
     """Give the C heap's free pages back to the system (glibc malloc_trim)."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+
+
+def freeze_startup_heap() -> int:
+    """Take what the process holds at the end of its start-up out of Python's full garbage
+    collections; returns how many objects that was. A full (generation 2) collection walks
+    every object the collector tracks, with the GIL held: after the imports (torch, numpy,
+    scipy, pydantic, grpc) a server holds ~350k of them, and each full collection took 40-85
+    ms, during which every request in flight waited (seen in a burst of first requests after a
+    restart). The modules, the model and the monitor's long-lived structures live as long as
+    the process: one collection first (start-up garbage goes), then ``gc.freeze`` moves the
+    survivors to the permanent generation, which later collections skip (a full one then took
+    0.01 ms in process). Objects created afterwards are collected as before."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

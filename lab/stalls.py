@@ -13,7 +13,8 @@ finds its client evicted: it is restored from its checkpoint and another one is 
 Every request slower than ``--slow`` ms is listed with the background work it overlapped:
 the checkpoint's pickle (under the client's lock), the log writer's and the checkpoint writer's
 transactions, a full (generation 2) garbage collection, the linking index's insert. Torch and
-BLAS run one thread each, as in the server. ``--json`` writes the figures.
+BLAS run one thread each, as in the server, and the start-up heap is frozen out of full
+collections as the server does (``--no-freeze``: not). ``--json`` writes the figures.
 """
 from __future__ import annotations
 
@@ -80,6 +81,9 @@ def main(argv=None) -> int:
     ap.add_argument("--slow", type=float, default=20.0, help="list requests slower than this (ms)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--no-freeze", dest="freeze", action="store_false",
+                    help="leave the start-up heap in Python's full garbage collections (the "
+                         "server freezes it: common.memory.freeze_startup_heap)")
     args = ap.parse_args(argv)
     if args.history < 0 or args.requests < 1 or args.batch < 1 or args.clients < 1:
         ap.error("--history must be >= 0, --requests, --batch and --clients >= 1")
@@ -117,6 +121,9 @@ def main(argv=None) -> int:
     _instrument(events, t0)
     with tempfile.TemporaryDirectory(prefix="modelguard-stalls-") as tmp:
         mon = Monitor(cfg, Path(tmp) / "monitor.db")
+        if args.freeze:                   # as `python -m service serve` does once started
+            from common.memory import freeze_startup_heap
+            freeze_startup_heap()
         try:
             filled = 0
             with tqdm(total=args.history * len(clients), desc="history", unit="q",
@@ -151,11 +158,16 @@ def main(argv=None) -> int:
            "p50_ms": round(float(np.percentile(lat, 50)), 2),
            "p99_ms": round(float(np.percentile(lat, 99)), 2),
            "p999_ms": round(float(np.percentile(lat, 99.9)), 2),
-           "max_ms": round(float(lat.max()), 1), "slow": []}
+           "max_ms": round(float(lat.max()), 1), "freeze": args.freeze,
+           "full_gcs": [round(b - a, 1) for a, b, w in events if w == "gc gen 2"],
+           "slow": []}
     print(f"{args.requests} requests of {args.batch} after {args.history:,} queries, "
           f"{args.clients} client(s) (max_clients {res['max_clients']}, checkpoint_every "
           f"{res['checkpoint_every']}): p50 {res['p50_ms']} ms, p99 "
-          f"{res['p99_ms']} ms, p99.9 {res['p999_ms']} ms, max {res['max_ms']} ms")
+          f"{res['p99_ms']} ms, p99.9 {res['p999_ms']} ms, max {res['max_ms']} ms; full "
+          f"garbage collections while timed: {len(res['full_gcs'])}"
+          + (f" (longest {max(res['full_gcs'])} ms)" if res["full_gcs"] else "")
+          + ("" if args.freeze else " (start-up heap not frozen)"))
     for i in np.flatnonzero(lat > args.slow):
         s, e = spans[i]
         with_ = sorted({f"{w} {round(b - a)} ms" for a, b, w in events if b >= s and a <= e})

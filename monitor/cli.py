@@ -358,7 +358,8 @@ def cmd_serve(a) -> int:
             "the link's key is only as strong as the secret", len(secret.encode()),
             MIN_SECRET_BYTES)
     try:
-        serve(cfg, a.db, address, link_key(secret), threads=a.threads, tls=tls)
+        serve(cfg, a.db, address, link_key(secret), threads=a.threads, tls=tls,
+              freeze_heap=True)   # the monitor's own process
     except ListenError as exc:
         raise CliError(str(exc)) from None
     return 0

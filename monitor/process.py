@@ -618,7 +618,7 @@ def _child_main(conn, config_json: str, db_path: str | None, warm: bool, threads
                         format="%(asctime)s %(levelname)s %(name)s[monitor]: %(message)s")
     try:
         cfg = MonitorConfig.model_validate_json(config_json)
-        mon = _start_monitor(cfg, db_path, warm, threads)
+        mon = _start_monitor(cfg, db_path, warm, threads, freeze_heap=True)
     except BaseException as exc:  # noqa: BLE001 - told to the parent, which fails closed
         try:
             conn.send(("fatal", repr(exc)))
@@ -639,19 +639,25 @@ def _child_main(conn, config_json: str, db_path: str | None, warm: bool, threads
         mon.close()
 
 
-def _start_monitor(cfg: MonitorConfig, db_path, warm: bool, threads: int):
-    """The real monitor, in this process, after deliberate thread counts and a warm-up."""
+def _start_monitor(cfg: MonitorConfig, db_path, warm: bool, threads: int,
+                   freeze_heap: bool = False):
+    """The real monitor, in this process, after deliberate thread counts and a warm-up.
+    ``freeze_heap``: the process is the monitor's own (common.memory.freeze_startup_heap)."""
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     from threadpoolctl import threadpool_limits
 
-    from common.memory import limit_heap_arenas
+    from common.memory import freeze_startup_heap, limit_heap_arenas
     from monitor.core import Monitor
 
     threadpool_limits(threads, user_api="blas")
     limit_heap_arenas()
     # in here the monitor runs synchronously (mode "process"): the serving process waits
     _warm_up(cfg)
-    return Monitor(cfg, db_path, warm=warm)
+    mon = Monitor(cfg, db_path, warm=warm)
+    if freeze_heap:
+        log.info("froze %d start-up objects out of Python's full garbage collections",
+                 freeze_startup_heap())
+    return mon
 
 
 class ListenError(OSError):
@@ -660,7 +666,8 @@ class ListenError(OSError):
 
 def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str, int],
           authkey: bytes, *, threads: int = 1, on_listening: Callable | None = None,
-          stop: threading.Event | None = None, tls: ssl.SSLContext | None = None) -> None:
+          stop: threading.Event | None = None, tls: ssl.SSLContext | None = None,
+          freeze_heap: bool = False) -> None:
     """``python -m monitor serve``: run the monitor on its own (this machine or another) for
     the servers whose ``execution.address`` names it. Each server that connects (authenticated
     with ``authkey``, see :func:`link_key`) is served as a child of its own would be; several
@@ -668,7 +675,9 @@ def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str,
     Returns on SIGTERM or SIGINT (from the main thread; else when ``stop`` is set), once every
     client is checkpointed and the log closed. ``on_listening(address)``: called with the
     bound address (port 0: the one chosen). ``tls``: serve TLS only
-    (:func:`monitor.tlslink.server_context`)."""
+    (:func:`monitor.tlslink.server_context`). ``freeze_heap``: this process is the monitor's
+    own (the command line): its start-up objects leave Python's full garbage collections
+    (common.memory.freeze_startup_heap)."""
     from multiprocessing.connection import Connection
 
     cfg = config.with_changes(execution={"mode": "process", "address": "", "tls_ca": ""})
@@ -678,7 +687,7 @@ def serve(config: MonitorConfig, db_path: str | Path | None, address: tuple[str,
         raise ListenError(f"cannot listen on {address[0]}:{address[1]}: "
                           f"{exc.strerror or exc}") from None
     try:
-        mon = _start_monitor(cfg, db_path, True, threads)
+        mon = _start_monitor(cfg, db_path, True, threads, freeze_heap)
     except BaseException:
         listener.close()
         raise
