@@ -612,9 +612,13 @@ def target_verdicts(data: dict) -> list[tuple[str, str, str]]:
     if fr.get("max_ms") is None:
         out.append((what, "–", "not measured"))
     else:
+        again = cr.get("burst_again") or {}
         got = (f"{fr['n']} at once: max {fr['max_ms']} ms (median {fr['median_ms']})"
                + (f"; {fo['n']} one at a time: max {fo['max_ms']} ms" if fo.get("max_ms")
-                  is not None else "") + f" ({cr.get('profile')} profile)")
+                  is not None else "") + f" ({cr.get('profile')} profile)"
+               # the reference that tells a restart's cost from a burst's
+               + (f"; the same burst with no restart: max {again['max_ms']} ms (median "
+                  f"{again['median_ms']})" if again.get("max_ms") is not None else ""))
         worst = max(v for v in (fr["max_ms"], fo.get("max_ms")) if v is not None)
         ok = worst <= 50.0 and not fr.get("errors") and not fo.get("errors")
         # at the section's default scale (a quick run's few short clients restore trivially)

@@ -383,3 +383,9 @@ def test_target_verdicts_read_each_target_from_the_sections_that_ran():
     assert verdicts(data)[4] == "not met"
     data["crash"]["clients"] = 8                 # --quick
     assert verdicts(data)[4] == "not measured"
+    # the burst without a restart, when measured, stands beside the figure (not in the verdict)
+    assert "no restart" not in target_verdicts(data)[4][1]
+    data["crash"]["burst_again"] = {"n": 32, "median_ms": 30.0, "max_ms": 45.0, "errors": {}}
+    assert "the same burst with no restart: max 45.0 ms (median 30.0)" in \
+        target_verdicts(data)[4][1]
+    assert verdicts(data)[4] == "not measured"
