@@ -1102,7 +1102,7 @@ def section_crash(args, pool: ClientPool, workdir: Path, rep: Report) -> None:
         if "restart_ready_s" in res:
             sec += [f"- restart: ServerReady true {res['restart_ready_s']} s after the process "
                     f"was spawned"]
-        if "first_request" in res:
+        if "first_request_new_clients" in res:   # set last: every figure below is there
             fr, nf = res["first_request"], res["first_request_new_clients"]
             fo = res["first_request_one_at_a_time"]
             sec += [f"- first request (batch 1) of every one of the {nc} clients, "
