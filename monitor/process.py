@@ -46,6 +46,7 @@ import queue
 import signal
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections import OrderedDict, deque
@@ -575,24 +576,65 @@ def _unreachable(address: str, exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return (f"the TLS handshake with the monitor at {address} failed ({exc.reason or exc}): "
                 f"is it serving TLS (monitor serve --tls-cert)?")
+    if isinstance(exc, NoHandshake):
+        return (f"the peer at {address} took the connection but did not complete the link's "
+                f"handshake ({exc}): is it a modelguard monitor (monitor serve), and not "
+                f"stalled?")
     if isinstance(exc, OSError):
         return f"cannot reach the monitor at {address} ({exc.strerror or exc!r})"
     return (f"the monitor at {address} closed the connection (one serving TLS needs "
             f"execution.tls_ca here, --monitor-tls-ca)")
 
 
-def _connect(address: tuple[str, int], authkey: bytes, tls: ssl.SSLContext | None = None):
+class NoHandshake(TimeoutError):
+    """A peer took the connection but did not complete the link's challenge in time."""
+
+
+def _io_timeout(sock: socket.socket, seconds: float) -> None:
+    """Reads and writes on ``sock``'s descriptor fail (EAGAIN) after ``seconds`` (0: never),
+    also through multiprocessing's Connection, which reads the descriptor itself."""
+    tv = struct.pack("ll", int(seconds), int(round(seconds % 1 * 1e6)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _connect(address: tuple[str, int], authkey: bytes, tls: ssl.SSLContext | None = None,
+             timeout: float | None = None):
     """A connection to a monitor that ``serve`` runs, both sides authenticated (HMAC
-    challenges both ways, as multiprocessing's Client does), over TLS with ``tls``."""
-    from multiprocessing.connection import Client, answer_challenge, deliver_challenge
-    if tls is None:
-        conn = Client(address, authkey=authkey)
-        _no_delay(conn)
-        return conn
+    challenges both ways, as multiprocessing's Client does), over TLS with ``tls``. A peer
+    that takes the connection but does not complete the challenge within ``timeout`` (default
+    the TLS handshake's) raises :class:`NoHandshake`: the link retries instead of waiting for
+    it for ever (a monitor that hangs, or another service at that address)."""
+    from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+
     from monitor.tlslink import HANDSHAKE_TIMEOUT_S, TLSConnection
-    sock = socket.create_connection(address, timeout=HANDSHAKE_TIMEOUT_S)
+    timeout = HANDSHAKE_TIMEOUT_S if timeout is None else timeout
+    if tls is None:
+        sock = socket.create_connection(address, timeout=timeout)
+        sock.settimeout(None)            # a blocking descriptor, which Connection reads
+        # small messages (acknowledgements, "taken") go out at once, not after the peer's
+        # delayed ACK (Nagle; measured: batch-1 requests over the loopback at half the pipe's
+        # rate without it)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _io_timeout(sock, timeout)
+        family = sock.family
+        conn = Connection(sock.detach())
+        try:
+            answer_challenge(conn, authkey)
+            deliver_challenge(conn, authkey)
+        except BlockingIOError:
+            conn.close()
+            raise NoHandshake(f"no handshake within {timeout:g} s") from None
+        except BaseException:
+            conn.close()
+            raise
+        with socket.fromfd(conn.fileno(), family, socket.SOCK_STREAM) as s:
+            _io_timeout(s, 0)            # linked: the receiving thread waits as long as it must
+        return conn
+    sock = socket.create_connection(address, timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    conn = TLSConnection(sock, tls, server_side=False, server_hostname=address[0])
+    conn = TLSConnection(sock, tls, server_side=False, server_hostname=address[0],
+                         timeout=timeout)
     try:
         answer_challenge(conn, authkey)
         deliver_challenge(conn, authkey)
@@ -600,14 +642,6 @@ def _connect(address: tuple[str, int], authkey: bytes, tls: ssl.SSLContext | Non
         conn.close()
         raise
     return conn
-
-
-def _no_delay(conn) -> None:
-    """TCP_NODELAY on a connection's socket: small messages (acknowledgements, "taken") go out
-    at once instead of waiting for the peer's delayed ACK (Nagle; measured: batch-1 requests
-    over the loopback at half the pipe's rate without it)."""
-    with socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # -- the monitor's side -------------------------------------------------------------------------

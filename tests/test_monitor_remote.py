@@ -218,6 +218,46 @@ def test_an_unreachable_monitor_keeps_the_server_not_ready(tmp_path):
         mon.close()
 
 
+def test_a_peer_that_takes_the_connection_and_stays_silent_is_said_and_retried(
+        streams, tmp_path, monkeypatch):
+    """A listener that never speaks (a stalled monitor, or another service at the address):
+    the link gives up on the handshake after its timeout, says so in health() and retries;
+    before the timeout it waited for ever. Once linked, the same timeout no longer applies:
+    an idle link outlives it (the reads of the linked connection block)."""
+    import socket
+
+    import monitor.tlslink as tlslink
+    monkeypatch.setattr(tlslink, "HANDSHAKE_TIMEOUT_S", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        cfg = _cfg(mode="process", address=f"127.0.0.1:{silent.getsockname()[1]}")
+        mon = MonitorProcess(cfg, authkey=link_key(SECRET))
+        try:
+            _until(lambda: "did not complete the link's handshake" in (mon.health() or ""),
+                   "the silent peer is said", timeout=20)
+            assert not mon.ready()
+            with pytest.raises(LogUnavailable, match="modelguard monitor"):
+                mon.level("a")
+            accepted = []      # it retries: more connections reach the listener
+            silent.settimeout(10)
+            for _ in range(2):
+                accepted.append(silent.accept()[0])
+            for c in accepted:
+                c.close()
+        finally:
+            mon.close()
+    served = Served(tmp_path / "m.db")
+    try:
+        with served.connect() as mon:
+            time.sleep(1.5)                # idle for three handshake timeouts
+            assert mon.ready() and mon.health() is None
+            x, p = streams["natural"]
+            assert mon.observe("a", "r0", x[:5], p[:5], _answer(p[:5]), mon.level("a")) \
+                == Level.NORMAL
+            assert mon.ready() and mon.health() is None
+    finally:
+        served.stop()
+
+
 @pytest.mark.parametrize("text, ok", [("10.0.0.5:7070", True), ("monitor.internal:1", True),
                                       ("10.0.0.5", False), (":7070", False),
                                       ("host:port", False), ("host:70000", False)])
