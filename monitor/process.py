@@ -609,38 +609,30 @@ def _connect(address: tuple[str, int], authkey: bytes, tls: ssl.SSLContext | Non
 
     from monitor.tlslink import HANDSHAKE_TIMEOUT_S, TLSConnection
     timeout = HANDSHAKE_TIMEOUT_S if timeout is None else timeout
-    if tls is None:
-        sock = socket.create_connection(address, timeout=timeout)
-        sock.settimeout(None)            # a blocking descriptor, which Connection reads
-        # small messages (acknowledgements, "taken") go out at once, not after the peer's
-        # delayed ACK (Nagle; measured: batch-1 requests over the loopback at half the pipe's
-        # rate without it)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _io_timeout(sock, timeout)
-        family = sock.family
-        conn = Connection(sock.detach())
-        try:
-            answer_challenge(conn, authkey)
-            deliver_challenge(conn, authkey)
-        except BlockingIOError:
-            conn.close()
-            raise NoHandshake(f"no handshake within {timeout:g} s") from None
-        except BaseException:
-            conn.close()
-            raise
-        with socket.fromfd(conn.fileno(), family, socket.SOCK_STREAM) as s:
-            _io_timeout(s, 0)            # linked: the receiving thread waits as long as it must
-        return conn
     sock = socket.create_connection(address, timeout=timeout)
+    # small messages (acknowledgements, "taken") go out at once, not after the peer's delayed
+    # ACK (Nagle; measured: batch-1 requests over the loopback at half the pipe's rate without)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    conn = TLSConnection(sock, tls, server_side=False, server_hostname=address[0],
-                         timeout=timeout)
+    family = sock.family
+    if tls is None:
+        sock.settimeout(None)            # a blocking descriptor, which Connection reads
+        _io_timeout(sock, timeout)
+        conn = Connection(sock.detach())
+    else:
+        conn = TLSConnection(sock, tls, server_side=False, server_hostname=address[0],
+                             timeout=timeout)
     try:
         answer_challenge(conn, authkey)
         deliver_challenge(conn, authkey)
+    except BlockingIOError:              # the plain socket's timeouts ran out
+        conn.close()
+        raise NoHandshake(f"no handshake within {timeout:g} s") from None
     except BaseException:
         conn.close()
         raise
+    if tls is None:
+        with socket.fromfd(conn.fileno(), family, socket.SOCK_STREAM) as s:
+            _io_timeout(s, 0)            # linked: the receiving thread waits as long as it must
     return conn
 
 
