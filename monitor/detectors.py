@@ -37,7 +37,7 @@ from monitor.config import (DETECTOR_NAMES, NearDuplicateConfig, OODConfig, Prad
                             SimilarityConfig, VolumeConfig)
 from monitor.features import (BASIS, DIM, LB_COLS, SQ_COLS, Ring, approx_sq,
                               attack_like_pairs, lb_queries, lb_rows, nonzero2d, pair_dist,
-                              pixel_dist, sq_norms, sq_queries, sq_rows, stored_encodings, to_u8,
+                              pixel_dist, sq_norms, sq_queries, sq_rows, stored_encodings, take_rows, to_u8,
                               total_variation)
 
 PIX = 28 * 28
@@ -221,66 +221,163 @@ class Items:
 
 
 class PixelRing(Ring):
-    """A Ring of items (v), their rows for lower-bound searches (a: monitor.features.lb_rows,
-    which hold the encodings, their squared norms and the residual norms), on-grid flags (g)
-    and squared pixel norms (p). Pickled compactly: items on the 0-255 grid (most of them) as uint8, the rest as
-    float16 when that holds them exactly (det_view rounds every off-grid item to float16, so
-    the items of a live or replayed stream always are), else float32; restored bit for bit
-    (k/255 in float32 exactly as det_view makes it)."""
+    """A Ring of items, each held as it was added, bit for bit: as grey levels (u: uint8, a
+    quarter of float32's bytes) while every item it holds is on the 0-255 grid (k/255: honest
+    clients' images, re-saved or resized copies too), as float32 (h) from its first item off
+    the grid on (perturbed or noise items: searches then read one float32 matrix as before).
+    The other column has no width. Beside them: their rows for lower-bound searches (a:
+    monitor.features.lb_rows, which hold the encodings, their squared norms and the residual
+    norms), on-grid flags (g) and squared pixel norms (p). :meth:`take` gives items as float32
+    (k/255 exactly as det_view makes it). Pickled compactly: the on-grid items as uint8 (a
+    copy of u; converted from h in cache-sized chunks), the others as float16 when that holds
+    them exactly (det_view rounds every off-grid item to float16, so the items of a live or
+    replayed stream always are), else float32."""
 
     def __init__(self, size: int):
-        super().__init__(size, v=((PIX,), np.float32), a=((LB_COLS,), np.float32),
-                         g=((), bool), p=((), np.float64))
+        super().__init__(size, u=((PIX,), np.uint8), h=((0,), np.float32),
+                         a=((LB_COLS,), np.float32), g=((), bool), p=((), np.float64))
+
+    @property
+    def wide(self) -> bool:
+        """Whether the items are held as float32 (h) rather than grey levels (u)."""
+        return self.cols["h"].shape[1] > 0
 
     def add_items(self, items: "Items", rows: np.ndarray | slice = slice(None)) -> None:
-        self.add(v=items.v[rows], a=items.lb_h[rows], g=items.grid[rows], p=items.pnorm[rows])
+        g = items.grid[rows]
+        cols = {"a": items.lb_h[rows], "g": g, "p": items.pnorm[rows]}
+        v = items.v[rows]
+        if self.wide or not g.all():
+            cols["h"] = v
+        else:
+            y = v * np.float32(255.0)
+            np.rint(y, out=y)             # k for an on-grid item k/255
+            cols["u"] = y.astype(np.uint8)
+        self.add(**cols)
 
-    _CHUNK = 256    # rows converted at once (a chunk's scratch stays in the CPU cache)
+    def add(self, **rows: np.ndarray) -> None:
+        """Ring.add of rows holding their items as grey levels (u) or as float32 (h): the
+        first float32 items widen the ring (its items converted to float32; from then on it
+        holds float32), a wide ring converts grey levels given to it."""
+        h = rows.pop("h", None)
+        u = rows.pop("u", None)
+        if h is not None and h.shape[1] and not self.wide:
+            m, cap = self.m, len(self.cols["u"])
+            wide = np.zeros((cap, PIX), np.float32)
+            wide[:m] = _grey(self.cols["u"][:m])
+            self.cols["h"], self.cols["u"] = wide, np.zeros((cap, 0), np.uint8)
+            self._nb = None
+        if self.wide:
+            rows["h"] = h if h is not None and h.shape[1] else _grey(u)
+        else:
+            rows["u"] = u
+        super().add(**rows)
+
+    def take(self, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Items ``idx`` (slots, an integer array) as float32 rows (len(idx), PIX), into
+        ``out`` when given."""
+        cols = self.cols
+        h = cols["h"]
+        if h.shape[1]:
+            return np.take(h, idx, axis=0, out=out)
+        u = cols["u"].take(idx, axis=0)
+        if out is None:
+            out = u.astype(np.float32)
+        else:
+            np.copyto(out, u)
+        out /= np.float32(255.0)          # k/255 exactly as det_view makes it
+        return out
+
+    def approx_sq(self, q: np.ndarray, qn: np.ndarray) -> np.ndarray:
+        """monitor.features.approx_sq(q, qn, self.items(), p), for candidate selection. Grey
+        levels enter the product as they are, scaled by 1/255 after (the same up to float32
+        rounding)."""
+        m = self.m
+        if self.wide:
+            return approx_sq(q, qn, self.cols["h"][:m], self.cols["p"][:m])
+        s = q @ self.cols["u"][:m].astype(np.float32).T
+        s *= np.float32(-2.0 / 255.0)
+        s += qn.astype(np.float32)[:, None]
+        s += self.cols["p"][:m].astype(np.float32)[None, :]
+        np.maximum(s, np.float32(0.0), out=s)
+        return s
+
+    def items(self) -> np.ndarray:
+        """Every item held, float32 (m, PIX), in storage order."""
+        return self.take(np.arange(self.m))
 
     def __getstate__(self):
-        # the checkpointer pickles under the client's lock: the float rows are converted in
-        # cache-sized chunks (~3x faster than whole-array passes) and never copied as floats
-        m, ch = self.m, self._CHUNK
-        cols = {c: a[:m].copy() for c, a in self.cols.items() if c != "v"}
-        v, grid = self.cols["v"][:m], cols["g"]
-        rows = np.flatnonzero(grid)
-        u8 = np.empty((len(rows), PIX), np.uint8)
-        tmp = np.empty((min(max(len(rows), m - len(rows)), ch), PIX), np.float32)
-        for i in range(0, len(rows), ch):
-            t = tmp[:min(ch, len(rows) - i)]
-            np.take(v, rows[i:i + ch], axis=0, out=t)
-            t *= np.float32(255.0)
-            np.rint(t, out=t)
-            np.copyto(u8[i:i + len(t)], t, casting="unsafe")
-        st = {"size": self.size, "n": self.n, "cols": cols, "v_u8": u8}
-        import torch       # its float16 conversions are ~5x numpy's
-        off = np.flatnonzero(~grid)
-        f16 = np.empty((len(off), PIX), np.float16)
-        back = torch.from_numpy(np.empty_like(tmp))
-        for i in range(0, len(off), ch):
-            t = tmp[:min(ch, len(off) - i)]
-            np.take(v, off[i:i + ch], axis=0, out=t)
-            h = torch.from_numpy(f16[i:i + len(t)]).copy_(torch.from_numpy(t))
-            if not torch.equal(back[:len(t)].copy_(h), torch.from_numpy(t)):
-                st["v_f32"] = v[off]         # not float16 values: kept as they are
-                return st
-        st["v_f16"] = f16
+        # the checkpointer pickles under the client's lock: grey levels are copied as they
+        # are; float32 items converted in cache-sized chunks, never copied as floats first
+        m = self.m
+        cols = {c: self.cols[c][:m].copy() for c in ("a", "g", "p")}
+        st = {"size": self.size, "n": self.n, "cols": cols}
+        if not self.wide:
+            st["v_u8"] = self.cols["u"][:m].copy()
+            st["v_f16"] = np.zeros((0, PIX), np.float16)
+            return st
+        h, g = self.cols["h"][:m], cols["g"]
+        st["v_u8"] = _grey_levels(h, np.flatnonzero(g))
+        off = h[~g]
+        f16 = _to_f16(off)
+        if f16 is None:
+            st["v_f32"] = off             # not float16 values: kept as they are
+        else:
+            st["v_f16"] = f16
         return st
 
     def __setstate__(self, st):
-        u8 = st.pop("v_u8")
-        off = st.pop("v_f16", None)
-        if off is None:
-            off = st.pop("v_f32")        # (and every checkpoint written before float16)
+        u = st.pop("v_u8")
+        off = st.pop("v_f16") if "v_f16" in st else st.pop("v_f32")
+        cols = st["cols"]
+        g = cols["g"]
+        if len(off) == 0:                 # every item on the grid: grey levels
+            cols["u"] = u
+            cols["h"] = np.zeros((len(g), 0), np.float32)
         else:
-            import torch
-            off = torch.from_numpy(off).float().numpy()
-        grid = st["cols"]["g"]
-        v = np.empty((len(grid), PIX), np.float32)
-        v[grid] = u8.astype(np.float32) / np.float32(255.0)
-        v[~grid] = off
-        st["cols"]["v"] = v
+            h = cols["h"] = np.empty((len(g), PIX), np.float32)
+            h[g] = _grey(u)
+            h[~g] = _to_f32(off)
+            cols["u"] = np.zeros((len(g), 0), np.uint8)
         super().__setstate__(st)
+
+
+_CHUNK_ROWS = 256   # rows converted at once (a chunk's scratch stays in the CPU cache)
+
+
+def _grey(u: np.ndarray) -> np.ndarray:
+    """Grey levels (uint8) as the float32 items k/255, exactly as det_view makes them."""
+    out = u.astype(np.float32)
+    out /= np.float32(255.0)
+    return out
+
+
+def _grey_levels(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The on-grid items v[rows] as their grey levels (uint8), in chunks of _CHUNK_ROWS."""
+    out = np.empty((len(rows), PIX), np.uint8)
+    tmp = np.empty((min(len(rows), _CHUNK_ROWS), PIX), np.float32)
+    for i in range(0, len(rows), _CHUNK_ROWS):
+        t = tmp[:min(_CHUNK_ROWS, len(rows) - i)]
+        np.take(v, rows[i:i + _CHUNK_ROWS], axis=0, out=t)
+        t *= np.float32(255.0)
+        np.rint(t, out=t)
+        np.copyto(out[i:i + len(t)], t, casting="unsafe")
+    return out
+
+
+def _to_f16(a: np.ndarray) -> np.ndarray | None:
+    """float32 rows as float16 when that holds every value exactly, else None (torch: its
+    float16 conversions are several times numpy's)."""
+    import torch
+    t = torch.from_numpy(a)
+    h = t.half()
+    return h.numpy() if torch.equal(h.float(), t) else None
+
+
+def _to_f32(a: np.ndarray) -> np.ndarray:
+    if a.dtype != np.float16:
+        return a.astype(np.float32, copy=False)
+    import torch
+    return torch.from_numpy(a).float().numpy()
 
 
 def _pixel_ring(size: int) -> Ring:
@@ -363,19 +460,20 @@ class Prada(Detector):
         When the bounds exclude little (items whose energy lies outside the 64 frequencies, such
         as noise), one pixel-space matrix product finds the candidates instead: the cost per
         item stays bounded by the set size either way."""
-        Gv, Ga, Gp = self.G[c].get("v", "a", "p")
-        if len(Gv) == 0:
+        G = self.G[c]
+        Ga, Gp = G.get("a", "p")
+        if len(Ga) == 0:
             self._nearest = np.zeros(len(idx), dtype=np.int64)
             return np.full(len(idx), np.inf)
         lb = items.lb_q[idx] @ Ga.T
         best = lb.argmin(1)
-        u = pair_dist(items.v, idx, Gv, best)
+        u = pair_dist(items.v, idx, G, best)
         cand = lb <= (u * u + SQ_TOL)[:, None].astype(np.float32)
         if np.count_nonzero(cand) > PIXEL_PAIRS_MAX_SHARE * cand.size:
-            s = approx_sq(items.v[idx], items.pnorm[idx], Gv, Gp)   # float32, pixel space
+            s = G.approx_sq(items.v[idx], items.pnorm[idx])     # float32, pixel space
             cand = s <= (s.min(1) + PIXEL_SQ_TOL)[:, None]
         ri, cj = nonzero2d(cand)
-        d = pair_dist(items.v, idx[ri], Gv, cj)
+        d = pair_dist(items.v, idx[ri], G, cj)
         out = u.copy()
         arg = best.copy()
         if len(ri) and len(idx) == 1 and _features.FAST_PATHS:
@@ -411,8 +509,8 @@ class Prada(Detector):
             return out
         near = np.flatnonzero((d > 0) & (d <= cfg.benign_radius))
         if len(near):
-            Gv = self.G[c].get("v")[0]
-            out[near] = ~attack_like_pairs(items.v[idx[near]], Gv[self._nearest[near]],
+            out[near] = ~attack_like_pairs(items.v[idx[near]],
+                                           self.G[c].take(self._nearest[near]),
                                            cfg.step, cfg.dense, cfg.peak)
         return out
 
@@ -857,7 +955,7 @@ class NearDuplicate(Detector):
         best = lb[rows].argmin(1)
         d = pair_dist(q, rows, h, best)
         hit = (d > cfg.duplicate) & (d < cfg.radius)
-        hit[hit] = self._attack_like(q[rows[hit]], h[best[hit]])
+        hit[hit] = self._attack_like(q[rows[hit]], take_rows(h, best[hit]))
         near[rows[hit]] = True
         cand[rows[hit]] = False
         cand[rows, best] = False
@@ -865,7 +963,7 @@ class NearDuplicate(Detector):
         if len(ri):
             d = pair_dist(q, ri, h, cj)
             hit = (d > cfg.duplicate) & (d < cfg.radius)
-            hit[hit] = self._attack_like(q[ri[hit]], h[cj[hit]])
+            hit[hit] = self._attack_like(q[ri[hit]], take_rows(h, cj[hit]))
             near[ri[hit]] = True
 
     def _attack_like(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -880,9 +978,9 @@ class NearDuplicate(Detector):
         n = len(items)
         near = np.zeros(n, dtype=bool)
         hi = np.float32(cfg.radius ** 2 + SQ_TOL)
-        Hv, Ha = self.hist.get("v", "a")
-        if len(Hv):
-            self._search(near, items.lb_q @ Ha.T, hi, items.v, Hv)
+        (Ha,) = self.hist.get("a")
+        if len(Ha):
+            self._search(near, items.lb_q @ Ha.T, hi, items.v, self.hist)
         if n > 1 or not _features.FAST_PATHS:   # earlier items of the request (one item has
             # none: its only pair, with itself, is +inf)
             self._search(near, items.intra_lb, hi, items.v, items.v)

@@ -153,21 +153,30 @@ _CHUNK = 256    # rows per block of pair_dist (a block's scratch stays in the CP
 _SMALL_PAIRS = 16   # up to this many pairs, pair_dist gathers them directly
 
 
-def pair_dist(a: np.ndarray, ia: np.ndarray | None, b: np.ndarray, ib: np.ndarray | None
-              ) -> np.ndarray:
+def take_rows(src, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``idx`` of ``src`` as float32: an array's rows, or the items of a ring that holds
+    them compactly (its ``take``: monitor.detectors.PixelRing), into ``out`` when given."""
+    if isinstance(src, np.ndarray):
+        return np.take(src, idx, axis=0, out=out)
+    return src.take(idx, out=out)
+
+
+def pair_dist(a: np.ndarray, ia: np.ndarray | None, b, ib: np.ndarray | None) -> np.ndarray:
     """pixel_dist(a[ia], b[ib]) (bit for bit: the same float32 difference and the same
     per-row einsum), without materialising the gathered rows: blocks of ``_CHUNK`` pairs are
-    gathered into one reused scratch buffer. ``ia``/``ib`` None: the rows in order."""
+    gathered into one reused scratch buffer. ``b``: an array, or a ring of items
+    (:func:`take_rows`). ``ia``/``ib`` None: the rows in order."""
     n = len(ia) if ia is not None else len(ib) if ib is not None else len(a)
     if n == 0:
         return np.empty(0, np.float64)
     ka = np.arange(n) if ia is None else np.asarray(ia, np.intp)
     kb = np.arange(n) if ib is None else np.asarray(ib, np.intp)
-    if n <= _SMALL_PAIRS and a.dtype == np.float32 and b.dtype == np.float32 and FAST_PATHS:
+    if n <= _SMALL_PAIRS and a.dtype == np.float32 and \
+            getattr(b, "dtype", np.float32) == np.float32 and FAST_PATHS:
         # a few pairs: the gathered rows are small, so no scratch buffers (the same float32
         # difference, the same per-row einsum and square root)
         x = a[ka]
-        x -= b[kb]
+        x -= take_rows(b, kb)
         r = np.einsum("ij,ij->i", x, x)
         np.sqrt(r, out=r)
         return r.astype(np.float64)
@@ -180,7 +189,7 @@ def pair_dist(a: np.ndarray, ia: np.ndarray | None, b: np.ndarray, ib: np.ndarra
         k = e - s
         x, y = buf[:k], tmp[:k]
         np.take(a, ka[s:e], axis=0, out=x)
-        np.take(b, kb[s:e], axis=0, out=y)
+        take_rows(b, kb[s:e], out=y)
         np.subtract(x, y, out=x)
         r = np.einsum("ij,ij->i", x, x)
         np.sqrt(r, out=r)

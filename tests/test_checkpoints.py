@@ -222,6 +222,43 @@ def test_deltas_restore_the_engine_bit_for_bit_and_a_gap_ends_the_chain():
     assert pickle_delta(eng) is None
 
 
+def test_a_chain_across_rings_switching_to_float_items_restores_bit_for_bit():
+    """Rings hold grey levels while their items are on the grid and float32 from the first
+    one off it: a full checkpoint taken before that and deltas after it (off-grid rows, then
+    on-grid rows again) restore the live engine bit for bit."""
+    from monitor.engine import ClientEngine, det_view
+    from monitor.log import mark_checkpointed, pickle_delta, pickle_state, restore_chain, _rings
+    cfg = _small_rings()
+    streams = three_streams(200)
+    eng = ClientEngine(cfg, "c")
+
+    def step(x, p):
+        for i in range(0, len(x), 20):
+            v, grid = det_view(x[i:i + 20])
+            eng.step(v.reshape(len(v), -1), p[i:i + 20], float(eng.qn), grid)
+
+    nx, npr = streams["natural"]
+    noisy = np.clip(nx[140:180] + np.random.default_rng(0).normal(0, 0.02, nx[140:180].shape),
+                    0, 1).astype(np.float32)          # off the grid
+    step(nx[:100], npr[:100])
+    assert not any(r.wide for r in _rings(eng) if hasattr(r, "wide"))   # grey levels only
+    base = pickle_state(eng)
+    mark_checkpointed(eng)
+    chain = []
+    for x, p in ((noisy, npr[140:180]), (nx[100:140], npr[100:140])):
+        step(x, p)
+        chain.append(pickle_delta(eng))
+        assert chain[-1] is not None
+        mark_checkpointed(eng)
+    assert any(r.wide for r in _rings(eng) if hasattr(r, "wide"))       # float32 since
+    back, whole = restore_chain(base, chain)
+    assert whole and back.qn == eng.qn == 180
+    assert _differences(back, pickle.loads(pickle_state(eng))) == []
+    for a, b in zip(_rings(back), _rings(eng)):
+        if hasattr(a, "items"):
+            assert a.items().tobytes() == b.items().tobytes()
+
+
 def test_a_restart_restores_from_the_full_checkpoint_and_its_deltas(stream, tmp_path,
                                                                     caplog):
     """A client's checkpoints after its first are deltas (the checkpoint file holds them beside

@@ -336,13 +336,13 @@ def test_prada_matches_the_definition_on_noise_where_the_dct_bounds_are_loose(ba
     exclude almost nothing and the detector falls back to a pixel-space product. Same answers."""
     import monitor.detectors as D
     calls = {"n": 0}
-    real = D.approx_sq
+    real = D.PixelRing.approx_sq
 
-    def spy(q, qn, h, hn):
-        calls["n"] += q.shape[1] == 784          # pixel-space products only
-        return real(q, qn, h, hn)
+    def spy(ring, q, qn):
+        calls["n"] += 1                          # the pixel-space product over a class's set
+        return real(ring, q, qn)
 
-    monkeypatch.setattr(D, "approx_sq", spy)
+    monkeypatch.setattr(D.PixelRing, "approx_sq", spy)
     rng = np.random.default_rng(7)
     xs = rng.random((600, 28, 28), dtype=np.float32)
     cls = rng.integers(0, 3, 600)
@@ -430,7 +430,7 @@ def test_prada_nearest_element_matches_a_brute_force_search(fashion, kind):
         items = Items.make(stream[i:i + 100], probs[i:i + 100])
         c = 1
         idx = np.flatnonzero(items.probs.argmax(1) == c)
-        Gv = det.G[c].get("v")[0].copy()
+        Gv = det.G[c].items()
         got = det._min_to_set(c, items, idx)
         if len(Gv):
             for j, a in enumerate(idx):
@@ -645,37 +645,56 @@ def test_items_norms_and_total_variation_match_their_definitions(fashion, monkey
     assert rings[True] == rings[False]
 
 
-def test_pixel_ring_pickles_its_items_compactly_and_restores_them_bit_for_bit(fashion):
-    """A checkpoint stores the on-grid items as uint8 (rint(v * 255)) and the others as
-    float16 when they are float16 values (what det_view makes of every off-grid item: half the
-    bytes of float32), else as float32; converted in chunks; restored bit for bit, also after
-    the ring wrapped around."""
+def test_pixel_ring_holds_items_compactly_and_gives_them_back_bit_for_bit(fashion):
+    """A ring of items holds them as uint8 grey levels while all are on the grid (one byte per
+    pixel), as float32 from the first one off it; either way it gives every item back bit for
+    bit (growing, wrapped around, before and after widening), also after a pickle, which keeps
+    the on-grid items as uint8 and the others as float16 when they are float16 values (what
+    det_view makes of every off-grid item), else float32."""
     import pickle
 
-    from monitor.detectors import PixelRing
+    from monitor.detectors import PIX, PixelRing
     from monitor.engine import det_view
+    from monitor.features import LB_COLS
     xs, probs = _mixed_stream(fashion, n=700)
     raw = xs.reshape(len(xs), -1)
-    viewed = det_view(xs)[0].reshape(len(xs), -1)
-    for v, kept in ((viewed, "v_f16"), (raw, "v_f32")):
-        for size, n in ((1000, 0), (1000, 700), (300, 700)):     # empty, growing, wrapped
+    viewed, grid = det_view(xs)
+    viewed = viewed.reshape(len(xs), -1)
+    assert 0 < grid.sum() < len(grid)                    # the stream holds both kinds
+    first_off = int(np.flatnonzero(~grid)[0])
+    assert first_off > 0                                 # on-grid items come first
+    on = viewed[grid]
+    for v, off_dtype in ((viewed, np.float16), (raw, np.float32), (on, None)):
+        for size, n in ((1000, 0), (1000, len(v)), (300, len(v))):  # empty, growing, wrapped
             ring = PixelRing(size)
             for i in range(0, n, 97):
-                ring.add_items(Items.make(v[i:i + 97], probs[i:i + 97]))
+                ring.add_items(Items.make(v[i:i + 97], probs[i:min(i + 97, n)]))
+                if off_dtype is not None and i + 97 <= first_off:
+                    assert not ring.wide                 # grey levels until the first
             m = ring.m
+            want = np.zeros((m, PIX), np.float32)
+            for i in range(n - m, n):
+                want[i % size] = v[i]
+            assert _bits(ring.items()) == _bits(want)
+            idx = np.random.default_rng(size + n).integers(0, max(m, 1), min(m, 40))
+            assert _bits(ring.take(idx)) == _bits(want[idx])
             st = ring.__getstate__()
-            vv, g = ring.cols["v"][:m], ring.cols["g"][:m]
-            assert 0 < g.sum() < m or n == 0               # the stream holds both kinds
-            want = np.rint(vv[g] * np.float32(255.0)).astype(np.uint8)
-            assert _bits(st["v_u8"]) == _bits(want)
-            key = kept if n else "v_f16"                   # (nothing off the grid: float16)
-            assert set(st) & {"v_f16", "v_f32"} == {key}
-            assert st[key].dtype == (np.float16 if key == "v_f16" else np.float32)
-            assert _bits(st[key].astype(np.float32)) == _bits(vv[~g])
+            g = ring.cols["g"][:m]
+            assert _bits(st["v_u8"]) == _bits(np.rint(want[g] * 255).astype(np.uint8))
+            if off_dtype is None or n == 0:
+                assert not ring.wide and ring.cols["h"].nbytes == 0
+                assert ring.nbytes() <= len(ring.cols["u"]) * (PIX + 4 * LB_COLS + 9)
+            else:
+                assert ring.wide and ring.cols["u"].nbytes == 0
+                key = "v_f16" if off_dtype is np.float16 else "v_f32"
+                assert st[key].dtype == off_dtype and len(st[key]) == m - g.sum()
             back = pickle.loads(pickle.dumps(ring))
-            assert back.n == ring.n
-            for c in ring.cols:
-                assert _bits(back.cols[c][:m]) == _bits(ring.cols[c][:m]), c
+            assert back.n == ring.n and back.wide == ring.wide
+            assert _bits(back.items()) == _bits(want)
+            nxt = Items.make(v[:3], probs[:3])           # and both go on taking items
+            back.add_items(nxt)
+            ring.add_items(nxt)
+            assert _bits(back.items()) == _bits(ring.items())
 
 
 @pytest.mark.parametrize("m", [3207, 4000, 10000])
