@@ -1149,22 +1149,30 @@ def section_cost(args, pool_x: np.ndarray, rep: Report) -> None:
     rng = np.random.default_rng(args.seed)
 
     def batch(n):
-        x = np.clip(pool[rng.integers(0, len(pool), n)] + rng.normal(0, 0.05, (n, 28, 28)),
-                    0, 1).astype(np.float32)
+        idx = rng.integers(0, len(pool), n)
+        if args.cost_items == "grid":
+            g = pool_x[idx].astype(np.int16) + rng.integers(-20, 21, (n, 28, 28))
+            x = (np.clip(g, 0, 255) / 255.0).astype(np.float32)
+        else:
+            x = np.clip(pool[idx] + rng.normal(0, 0.05, (n, 28, 28)), 0, 1).astype(np.float32)
         lg = rng.normal(0, 3, (n, 10))
         p = np.exp(lg - lg.max(1, keepdims=True))
         return x, (p / p.sum(1, keepdims=True)).astype(np.float32)
 
     header = ["history", "filled", "fill s", "fill items/s", "batch 1: ms/item",
-              "batch 256: ms/item", "client state (pickle)"]
+              "batch 256: ms/item", "client state (pickle)", "client state (memory)"]
+    items = ("pool images with +-20 grey levels of noise, on the 0-255 grid (the rings hold "
+             "them as grey levels)" if args.cost_items == "grid" else
+             "pool images + Gaussian noise 0.05, clipped: off the 0-255 grid (the rings hold "
+             "them as float32; `--cost-items grid`: as an honest client's images are)")
     sec = rep.md["cost"] = [
         "## Monitor cost per item at long client histories (in process)", "",
         f"`monitor.Monitor` with {args.monitor_config or 'monitor/default.toml'}, a temporary "
         f"database, FakeClock(step=0.001). One client's history filled with real observe() "
-        f"calls of 512 images (pool images + Gaussian noise 0.05, clipped; probabilities from "
-        f"a random softmax), then timed: {args.cost_calls1} calls of batch 1 and "
-        f"{args.cost_calls256} calls of batch 256. State size: "
-        f"len(pickle.dumps(engine)).", ""]
+        f"calls of 512 images ({items}; probabilities from a random softmax), then timed: "
+        f"{args.cost_calls1} calls of batch 1 and {args.cost_calls256} calls of batch 256. "
+        f"State size, after the timed calls: len(pickle.dumps(engine)); in memory: the "
+        f"engine's nbytes(), what execution.max_state_mb counts.", ""]
     sec += md_table(header, [])
     rows = rep.data["cost"] = []
     log(f"\n## Monitor cost per item (config {args.monitor_config or 'monitor/default.toml'})\n")
@@ -1199,6 +1207,7 @@ def section_cost(args, pool_x: np.ndarray, rep: Report) -> None:
                                                 4)
                 mon.flush()
             eng = mon._engines[client]
+            r["memory_bytes"] = eng.nbytes()
             try:
                 r["state_bytes"] = len(pickle.dumps(eng, protocol=pickle.HIGHEST_PROTOCOL))
             except Exception as exc:  # noqa: BLE001 - reported, not fatal
@@ -1212,7 +1221,8 @@ def section_cost(args, pool_x: np.ndarray, rep: Report) -> None:
                                       r["fill_items_s"], f"{r['ms_per_item_b1']:.4f}",
                                       f"{r['ms_per_item_b256']:.4f}",
                                       "–" if r["state_bytes"] is None
-                                      else f"{r['state_bytes'] / 2**20:,.1f} MiB"]])[2]
+                                      else f"{r['state_bytes'] / 2**20:,.1f} MiB",
+                                      f"{r['memory_bytes'] / 2**20:,.1f} MiB"]])[2]
             sec.append(line)
             log(line)
             rep.write()
@@ -1282,6 +1292,10 @@ def parse_args(argv=None):
                    help="--cost client histories (default 1000,10000,100000,1000000)")
     o.add_argument("--monitor-config", default=None,
                    help="--cost monitor TOML (default monitor/default.toml)")
+    o.add_argument("--cost-items", default="noisy", choices=("noisy", "grid"),
+                   help="--cost: pool images with Gaussian noise 0.05, off the 0-255 grid "
+                        "(default), or with +-20 grey levels of noise, on it (as an honest "
+                        "client's images are; the rings then hold grey levels)"),
     o.add_argument("--fill-timeout", type=float, default=3600.0,
                    help="bound (s) on any history fill or load phase (3600)")
     o.add_argument("--hl-history", type=int, default=None, help="--history-latency (100000)")
