@@ -37,8 +37,8 @@ from monitor.config import (DETECTOR_NAMES, NearDuplicateConfig, OODConfig, Prad
                             SimilarityConfig, VolumeConfig)
 from monitor.features import (BASIS, DIM, LB_COLS, SQ_COLS, Ring, approx_sq,
                               attack_like_pairs, lb_queries, lb_rows, nonzero2d, pair_dist,
-                              pixel_dist, sq_norms, sq_queries, sq_rows, stored_encodings, take_rows, to_u8,
-                              total_variation)
+                              pixel_dist, sq_norms, sq_queries, sq_rows, stored_encodings,
+                              take_rows, to_u8, total_variation)
 
 PIX = 28 * 28
 
