@@ -8,7 +8,8 @@ real server. Sections (all of them when none is chosen):
 
 ``--matrix``   img/s and request p50/p99 for batch x concurrent clients, per server profile:
                monitor-off (``serve --no-monitor``), detectors-off (every detector disabled, no
-               rules), default (monitor/default.toml: answers wait for their log rows'
+               rules; cross-client linking and the log still on), linking-off (default without
+               cross-client linking), default (monitor/default.toml: answers wait for their log rows'
                commit), fast (default with ``[log] durability = "fast"``), strict
                (monitor/strict.toml), async
                (default + ``[execution] mode = "async"``; skipped when the monitor config does
@@ -65,7 +66,7 @@ from lab.loadgen import FORMATS, ClientPool
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
-PROFILES = ("monitor-off", "detectors-off", "default", "fast", "strict", "async", "async-lag",
+PROFILES = ("monitor-off", "detectors-off", "linking-off", "default", "fast", "strict", "async", "async-lag",
             "process", "process-lag", "remote", "remote-lag", "remote-tls", "remote-lag-tls")
 ASYNC_LAG = 64      # the async-lag profile's [execution] max_lag
 READY_KEY = (("x-api-key", "bench-readiness"),)
@@ -393,6 +394,10 @@ def prepare_profiles(names: list[str], workdir: Path, step_threads: int | None =
             out[name] = ["--monitor-config", str(default_toml)]
         elif name == "strict":
             out[name] = ["--monitor-config", str(REPO / "monitor" / "strict.toml")]
+        elif name == "linking-off":   # default without cross-client linking
+            d = copy.deepcopy(base)
+            d.setdefault("linking", {})["enabled"] = False
+            out[name] = ["--monitor-config", str(write(name, d))]
         elif name == "fast":   # default, answers not waiting for their log rows' commit
             d = copy.deepcopy(base)
             d.setdefault("log", {})["durability"] = "fast"

@@ -117,6 +117,25 @@ def test_toml_writer_round_trips_the_monitor_config():
     assert tomllib.loads(tomlw.dumps(d)) == d
 
 
+def test_profiles_change_what_they_name_and_nothing_else(tmp_path):
+    """detectors-off keeps linking and the log, linking-off keeps every detector: between them
+    and default, a matrix run splits the monitor's cost into its parts."""
+    from lab.serving import prepare_profiles
+    from monitor.config import load_config
+
+    flags, notes = prepare_profiles(["detectors-off", "linking-off", "fast"], tmp_path, None)
+    assert not notes
+    cfg = {name: load_config(f[f.index("--monitor-config") + 1]) for name, f in flags.items()}
+    base = load_config(None)
+    assert base.linking.enabled and any(d.enabled for d in vars(base.detectors).values())
+    assert not any(d.enabled for d in vars(cfg["detectors-off"].detectors).values())
+    assert cfg["detectors-off"].rules == [] and cfg["detectors-off"].linking.enabled
+    assert not cfg["linking-off"].linking.enabled
+    assert cfg["linking-off"].model_dump() == base.with_changes(
+        linking={"enabled": False}).model_dump()
+    assert cfg["fast"].log.durability == "fast" and cfg["fast"].linking.enabled
+
+
 @pytest.mark.parametrize("fmt", ["predictions", "packed"])
 def test_echo_server_answers_raw_pre_encoded_requests(tmp_path, fmt):
     import grpc
