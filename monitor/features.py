@@ -374,10 +374,12 @@ class Ring:
             nb = self._nb = sum(a.nbytes for a in self.cols.values())
         return nb
 
-    def __getstate__(self):  # the used part, in storage order (slot arithmetic stays valid)
+    def __getstate__(self):
+        """The used part, in storage order (slot arithmetic stays valid). Views, not copies:
+        pickle writes a view's rows and nothing else, so a copy first would copy every row
+        twice under the client's lock (``copy.copy`` of a ring would share its arrays)."""
         m = self.m
-        return {"size": self.size, "n": self.n, "cols": {c: a[:m].copy()
-                                                          for c, a in self.cols.items()}}
+        return {"size": self.size, "n": self.n, "cols": {c: a[:m] for c, a in self.cols.items()}}
 
     def __setstate__(self, st):
         """Restored with the room the next add would make (twice the rows, up to ``size``):

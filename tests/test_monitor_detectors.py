@@ -697,6 +697,24 @@ def test_pixel_ring_holds_items_compactly_and_gives_them_back_bit_for_bit(fashio
             assert _bits(back.items()) == _bits(ring.items())
 
 
+def test_float16_conversion_is_exact_or_refused_across_its_chunks():
+    """A checkpoint keeps off-grid items as float16 only when that holds them exactly; the
+    conversion runs in chunks of rows, so a value float16 cannot hold refuses it from any chunk,
+    and a subset of rows comes out as those rows."""
+    from monitor.detectors import _CHUNK_ROWS, PIX, _to_f16
+    rng = np.random.default_rng(3)
+    n = 2 * _CHUNK_ROWS + 37
+    v = rng.random((n, PIX), dtype=np.float32).astype(np.float16).astype(np.float32)
+    rows = np.sort(rng.choice(n, _CHUNK_ROWS + 5, replace=False))
+    assert _bits(_to_f16(v)) == _bits(v.astype(np.float16))
+    assert _bits(_to_f16(v, rows)) == _bits(v[rows].astype(np.float16))
+    assert _to_f16(v, rows[:0]).shape == (0, PIX)
+    bad = v.copy()
+    bad[rows[-1], 5] = np.float32(0.1)                 # not a float16 value, in the last chunk
+    assert _to_f16(bad) is None and _to_f16(bad, rows) is None
+    assert _bits(_to_f16(bad, rows[:-1])) == _bits(v[rows[:-1]].astype(np.float16))
+
+
 @pytest.mark.parametrize("m", [3207, 4000, 10000])
 def test_smallest_k_finds_the_k_smallest_of_wide_rows(m):
     """The two-step top-k (block minima, then the kept blocks' columns) returns, per row, k
