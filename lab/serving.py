@@ -44,7 +44,6 @@ import copy
 import json
 import math
 import os
-import pickle
 import re
 import platform
 import signal
@@ -1144,6 +1143,7 @@ def section_cost(args, pool_x: np.ndarray, rep: Report) -> None:
 
     from common.types import Level
     from monitor import Monitor, load_config
+    from monitor.log import pickle_state
     from common.clock import FakeClock
     from lab.monitor_bench import fake_answer
 
@@ -1165,7 +1165,8 @@ def section_cost(args, pool_x: np.ndarray, rep: Report) -> None:
         return x, (p / p.sum(1, keepdims=True)).astype(np.float32)
 
     header = ["history", "filled", "fill s", "fill items/s", "batch 1: ms/item",
-              "batch 256: ms/item", "client state (pickle)", "client state (memory)"]
+              "batch 256: ms/item", "client state (pickle)", "full checkpoint pickle",
+              "client state (memory)"]
     items = ("pool images with +-20 grey levels of noise, on the 0-255 grid (the rings hold "
              "them as grey levels)" if args.cost_items == "grid" else
              "pool images + Gaussian noise 0.05, clipped: off the 0-255 grid (the rings hold "
@@ -1176,8 +1177,10 @@ def section_cost(args, pool_x: np.ndarray, rep: Report) -> None:
         f"database, FakeClock(step=0.001). One client's history filled with real observe() "
         f"calls of 512 images ({items}; probabilities from a random softmax), then timed: "
         f"{args.cost_calls1} calls of batch 1 and {args.cost_calls256} calls of batch 256. "
-        f"State size, after the timed calls: len(pickle.dumps(engine)); in memory: the "
-        f"engine's nbytes(), what execution.max_state_mb counts.", ""]
+        f"State size, after the timed calls: the full checkpoint's length "
+        f"(monitor.log.pickle_state) and the best of 3 times it took (what a full checkpoint "
+        f"holds the client's lock for); in memory: the engine's nbytes(), what "
+        f"execution.max_state_mb counts.", ""]
     sec += md_table(header, [])
     rows = rep.data["cost"] = []
     log(f"\n## Monitor cost per item (config {args.monitor_config or 'monitor/default.toml'})\n")
@@ -1214,9 +1217,15 @@ def section_cost(args, pool_x: np.ndarray, rep: Report) -> None:
             eng = mon._engines[client]
             r["memory_bytes"] = eng.nbytes()
             try:
-                r["state_bytes"] = len(pickle.dumps(eng, protocol=pickle.HIGHEST_PROTOCOL))
+                times = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    blob = pickle_state(eng)
+                    times.append(time.perf_counter() - t)
+                r["state_bytes"], r["pickle_ms"] = len(blob), round(min(times) * 1e3, 2)
+                del blob
             except Exception as exc:  # noqa: BLE001 - reported, not fatal
-                r["state_bytes"] = None
+                r["state_bytes"] = r["pickle_ms"] = None
                 r["state_error"] = repr(exc)
             rows.append(r)
             if filled < h:
@@ -1227,6 +1236,7 @@ def section_cost(args, pool_x: np.ndarray, rep: Report) -> None:
                                       f"{r['ms_per_item_b256']:.4f}",
                                       "–" if r["state_bytes"] is None
                                       else f"{r['state_bytes'] / 2**20:,.1f} MiB",
+                                      "–" if r["pickle_ms"] is None else f"{r['pickle_ms']} ms",
                                       f"{r['memory_bytes'] / 2**20:,.1f} MiB"]])[2]
             sec.append(line)
             log(line)

@@ -334,6 +334,9 @@ class PixelRing(Ring):
         if len(off) == 0:                 # every item on the grid: grey levels
             cols["u"] = u
             cols["h"] = np.zeros((len(g), 0), np.float32)
+        elif len(off) == len(g):          # every item off the grid: converted in place
+            cols["h"] = _to_f32(off)
+            cols["u"] = np.zeros((len(g), 0), np.uint8)
         else:
             h = cols["h"] = np.empty((len(g), PIX), np.float32)
             h[g] = _grey(u)

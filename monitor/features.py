@@ -332,11 +332,13 @@ class Ring:
         k = len(next(iter(rows.values())))
         if k == 0:
             return
-        if k >= self.size:  # only the last `size` survive
+        if k >= self.size:  # only the last `size` survive: every slot is written below
             rows = {c: v[-self.size:] for c, v in rows.items()}
+            self._make_room(self.size)     # (before n moves: it copies the rows held now)
             self.n += k - self.size
             k = self.size
-        self._make_room(self.m + k)
+        else:
+            self._make_room(self.m + k)
         cols = self.cols
         if k == 1 and FAST_PATHS:   # one row (a batch-1 request): a plain index, no slot array
             slot = self.n % self.size

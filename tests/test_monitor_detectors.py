@@ -218,6 +218,45 @@ def test_prada_memory_is_bounded_on_a_random_noise_stream():
     assert det.nbytes() == size
 
 
+@pytest.mark.parametrize("grid", [True, False])
+def test_a_request_larger_than_a_ring_keeps_its_last_rows(grid):
+    """A request may hold more items than a ring (--max-batch up to 4096 against PRADA's
+    max_set 1000 or a shorter near-copy history): it used to raise from the ring's regrowth
+    (ValueError: could not broadcast) and fail the request. The ring must end as if the rows
+    had come one at a time; the detectors take such requests and stay bounded."""
+    from monitor.detectors import PixelRing
+    from monitor.features import Ring
+
+    rng = np.random.default_rng(4)
+    x = rng.random((330, 28, 28), dtype=np.float32)
+    if grid:
+        x = np.round(x * 255) / np.float32(255)
+    p = np.eye(10, dtype=np.float32)[np.full(330, 3)]
+    flat = x.reshape(330, -1)
+    for make in (lambda: Ring(100, v=((4,), np.float32)), lambda: PixelRing(100)):
+        whole, one = make(), make()
+        if isinstance(whole, PixelRing):
+            add_whole = lambda a, b: whole.add_items(Items.make(flat[a:b], p[a:b]))
+            add_one = lambda a, b: one.add_items(Items.make(flat[a:b], p[a:b]))
+        else:
+            rows = flat[:, :4]
+            add_whole = lambda a, b: whole.add(v=rows[a:b])
+            add_one = lambda a, b: one.add(v=rows[a:b])
+        for a, b in ((0, 30), (30, 280), (280, 281), (281, 330)):   # 250 >= size in one call
+            add_whole(a, b)
+        for i in range(330):
+            add_one(i, i + 1)
+        assert whole.n == one.n == 330 and whole.m == 100
+        for c in whole.cols:
+            assert _bits(whole.cols[c][:100]) == _bits(one.cols[c][:100]), c
+    det = Prada(PradaConfig(max_set=100, window=500))
+    nd = NearDuplicate(NearDuplicateConfig(history=100))
+    for d in (det, nd):
+        scores, fires = d.observe_batch(Items.make(flat, p), 0.0)
+        assert len(scores) == 330
+    assert det.G[3].m == 100 and nd.hist.m == 100
+
+
 @pytest.mark.parametrize("batch", [1, 4, 25])
 def test_ood_rate_window_and_threshold(batch):
     det = OODRate(OODConfig(tau=0.9, window=10, min_queries=10, threshold=0.5))
@@ -664,12 +703,15 @@ def test_pixel_ring_holds_items_compactly_and_gives_them_back_bit_for_bit(fashio
     first_off = int(np.flatnonzero(~grid)[0])
     assert first_off > 0                                 # on-grid items come first
     on = viewed[grid]
-    for v, off_dtype in ((viewed, np.float16), (raw, np.float32), (on, None)):
+    assert (~grid).sum() > 300                          # the wrapped ring of off-grid items
+    for v, off_dtype in ((viewed, np.float16), (raw, np.float32), (on, None),
+                         (viewed[~grid], np.float16), (raw[~grid], np.float32)):
+        fo = first_off if len(v) == len(xs) else 0       # its first off-grid item
         for size, n in ((1000, 0), (1000, len(v)), (300, len(v))):  # empty, growing, wrapped
             ring = PixelRing(size)
             for i in range(0, n, 97):
                 ring.add_items(Items.make(v[i:i + 97], probs[i:min(i + 97, n)]))
-                if off_dtype is not None and i + 97 <= first_off:
+                if off_dtype is not None and i + 97 <= fo:
                     assert not ring.wide                 # grey levels until the first
             m = ring.m
             want = np.zeros((m, PIX), np.float32)
