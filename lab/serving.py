@@ -9,8 +9,8 @@ real server. Sections (all of them when none is chosen):
 ``--matrix``   img/s and request p50/p99 for batch x concurrent clients, per server profile:
                monitor-off (``serve --no-monitor``), detectors-off (every detector disabled, no
                rules; cross-client linking and the log still on), linking-off (default without
-               cross-client linking), default (monitor/default.toml: answers wait for their log rows'
-               commit), fast (default with ``[log] durability = "fast"``), strict
+               cross-client linking), default (monitor/default.toml: answers wait for their log
+               rows' commit), fast (default with ``[log] durability = "fast"``), strict
                (monitor/strict.toml), async
                (default + ``[execution] mode = "async"``; skipped when the monitor config does
                not know that key), async-lag (async with ``max_lag = 64``: a client's
@@ -65,8 +65,9 @@ from lab.loadgen import FORMATS, ClientPool
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
-PROFILES = ("monitor-off", "detectors-off", "linking-off", "default", "fast", "strict", "async", "async-lag",
-            "process", "process-lag", "remote", "remote-lag", "remote-tls", "remote-lag-tls")
+PROFILES = ("monitor-off", "detectors-off", "linking-off", "default", "fast", "strict", "async",
+            "async-lag", "process", "process-lag", "remote", "remote-lag", "remote-tls",
+            "remote-lag-tls")
 ASYNC_LAG = 64      # the async-lag profile's [execution] max_lag
 READY_KEY = (("x-api-key", "bench-readiness"),)
 

@@ -371,9 +371,9 @@ def _grey_levels(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def _to_f16(v: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray | None:
     """The float32 items v[rows] (every row: None) as float16 when that holds every value
     exactly, else None. Converted and checked in chunks of _CHUNK_ROWS rows with reused
-    scratch (the rows are never gathered, and the check's float32 copy never made, whole:
-    2-3x faster on a ring of 15,000 noise items) by torch (its float16 conversions are several
-    times numpy's)."""
+    scratch (the rows are never gathered, nor the check's float32 copy made, whole: an
+    off-grid client's rings at 100k queries in 11.4 ms instead of 13.5) by torch (its float16
+    conversions are several times numpy's)."""
     import torch
     n = len(v) if rows is None else len(rows)
     out = np.empty((n, v.shape[1]), np.float16)
