@@ -355,16 +355,27 @@ def _grey(u: np.ndarray) -> np.ndarray:
     return out
 
 
+def _row_chunks(v: np.ndarray, rows: np.ndarray | None):
+    """(start, end, float32 rows) of v[rows] (every row: None) in chunks of _CHUNK_ROWS: views
+    of v, or the rows gathered into one reused scratch array (valid until the next chunk)."""
+    n = len(v) if rows is None else len(rows)
+    scratch = None if rows is None else np.empty((min(n, _CHUNK_ROWS), v.shape[1]), v.dtype)
+    for i in range(0, n, _CHUNK_ROWS):
+        j = min(n, i + _CHUNK_ROWS)
+        if rows is None:
+            yield i, j, v[i:j]
+        else:
+            np.take(v, rows[i:j], axis=0, out=scratch[:j - i])
+            yield i, j, scratch[:j - i]
+
+
 def _grey_levels(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The on-grid items v[rows] as their grey levels (uint8), in chunks of _CHUNK_ROWS."""
     out = np.empty((len(rows), PIX), np.uint8)
-    tmp = np.empty((min(len(rows), _CHUNK_ROWS), PIX), np.float32)
-    for i in range(0, len(rows), _CHUNK_ROWS):
-        t = tmp[:min(_CHUNK_ROWS, len(rows) - i)]
-        np.take(v, rows[i:i + _CHUNK_ROWS], axis=0, out=t)
-        t *= np.float32(255.0)
+    for i, j, t in _row_chunks(v, rows):
+        t *= np.float32(255.0)           # (the scratch: v itself is never written)
         np.rint(t, out=t)
-        np.copyto(out[i:i + len(t)], t, casting="unsafe")
+        np.copyto(out[i:j], t, casting="unsafe")
     return out
 
 
@@ -377,17 +388,9 @@ def _to_f16(v: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray | None:
     import torch
     n = len(v) if rows is None else len(rows)
     out = np.empty((n, v.shape[1]), np.float16)
-    k = min(n, _CHUNK_ROWS)
-    picked = None if rows is None else np.empty((k, v.shape[1]), np.float32)
-    back = torch.empty((k, v.shape[1]), dtype=torch.float32)
     half = torch.from_numpy(out)
-    for i in range(0, n, _CHUNK_ROWS):
-        j = min(n, i + _CHUNK_ROWS)
-        if rows is None:
-            src = v[i:j]
-        else:
-            src = picked[:j - i]
-            np.take(v, rows[i:j], axis=0, out=src)
+    back = torch.empty((min(n, _CHUNK_ROWS), v.shape[1]), dtype=torch.float32)
+    for i, j, src in _row_chunks(v, rows):
         t = torch.from_numpy(src)
         h = half[i:j]
         h.copy_(t)
