@@ -364,6 +364,14 @@ class ExecutionConfig(_Strict):
                          "detectors as one step and logged as one row (up to 256 items): small "
                          "requests cost far less per item, and a new level applies at most "
                          "max_lag queries plus one request later")
+    merge_wait_ms: float = Field(20.0, ge=0.0, le=10000.0, description="async, process, with "
+                                 "max_lag above 0: after a request reaches the detectors they "
+                                 "wait up to this long for more requests to merge into their "
+                                 "step (small requests of a client that sends faster than one "
+                                 "per this time then run as one step instead of one by one); "
+                                 "they stop waiting at once when a client's queued queries "
+                                 "exceed max_lag (its next answer would wait) or half of "
+                                 "queue_limit requests wait. 0: run what already waits")
 
     address: str = Field("", description="process: HOST:PORT of a monitor started on its own "
                          "with `python -m monitor serve` (on this machine or another; "

@@ -129,6 +129,7 @@ class Monitor:
         # mode "process": this class runs in the monitor's child process (monitor/process.py),
         # synchronously; max_lag only relaxes what must be durable before the next answer
         self._max_lag = self._exec.max_lag
+        self._merge_wait = self._exec.merge_wait_ms / 1e3
         self._idle = threading.Condition()
         if self._exec.mode == "async":
             self._queue = queue.Queue(maxsize=self._exec.queue_limit)
@@ -568,6 +569,12 @@ class Monitor:
             return False
         return self._max_lag == 0 or self._pending_items.get(client_id, 0) > self._max_lag
 
+    def _any_lagging(self) -> bool:
+        """async: some client's next request waits for the detectors (_lagging)."""
+        with self._idle:
+            lag = self._max_lag
+            return any(v > lag for v in self._pending_items.values())
+
     def _enqueued(self, client_id: str, n: int) -> bool:
         """async: count a request of ``n`` items as queued for the client; False (nothing
         counted) when its query count is unknown here: nothing of it queued and not resident."""
@@ -750,12 +757,10 @@ class Monitor:
         while not stop:
             jobs = [q.get()]
             if self._max_lag:
-                # what else waits already (never waits for more): merged per client below
-                while jobs[-1] is not _STOP and len(jobs) < q.maxsize:
-                    try:
-                        jobs.append(q.get_nowait())
-                    except queue.Empty:
-                        break
+                # what else waits, and what arrives within the merge window: merged per client
+                # below
+                gather(q, jobs, q.maxsize, self._merge_wait, lambda j: j is _STOP,
+                       self._any_lagging)
             if jobs[-1] is _STOP:
                 stop = True
                 jobs.pop()
@@ -884,6 +889,24 @@ class Monitor:
 
     def __exit__(self, *a):
         self.close()
+
+
+def gather(q: queue.Queue, items: list, limit: int, wait_s: float, end: Callable,
+           hurry: Callable) -> None:
+    """Append to ``items`` (holding at least one) what else ``q`` holds, up to ``limit`` in
+    all, stopping after an item for which ``end(item)`` is true. With ``wait_s`` above 0 it
+    also waits for more to arrive, up to ``wait_s`` seconds from the call (the merge window of
+    steps with a lag), but never while ``hurry()`` says someone waits for these items or once
+    half of ``limit`` have come."""
+    deadline = time.monotonic() + wait_s
+    while len(items) < limit and not end(items[-1]):
+        left = deadline - time.monotonic() if wait_s > 0 else 0.0
+        if left > 0 and (2 * len(items) >= limit or hurry()):
+            left = 0.0
+        try:
+            items.append(q.get(timeout=left) if left > 0 else q.get_nowait())
+        except queue.Empty:
+            return
 
 
 def _merge_runs(jobs: list) -> list[list]:

@@ -60,6 +60,7 @@ import numpy as np
 from common.steps import Blocking, Steps, Waiting, run_steps
 from common.types import Answer, Level
 from monitor.config import MonitorConfig, parse_address
+from monitor.core import gather
 from monitor.log import LogUnavailable
 
 log = logging.getLogger("modelguard.monitor")
@@ -856,6 +857,7 @@ class _Child:
     def __init__(self, conn, mon, shared: bool = False):
         self.conn, self.mon, self.shared = conn, mon, shared
         self.merge = mon.config.execution.max_lag > 0
+        self.merge_wait = mon.config.execution.merge_wait_ms / 1e3 if self.merge else 0.0
         self.transitions: deque = deque()
         self._listener = self.transitions.append   # one object: off_transition finds it
         mon.on_transition(self._listener)
@@ -994,11 +996,9 @@ class _Child:
                 if self.transitions:      # other servers' requests changed levels
                     self.work([])
                 continue
-            while len(msgs) < READ_MAX_MESSAGES and msgs[-1] is not None:
-                try:
-                    msgs.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
+            # what else waits (and, merging, what arrives within the merge window)
+            gather(self.inbox, msgs, READ_MAX_MESSAGES, self.merge_wait, lambda m: m is None,
+                   lambda: self._hurry(msgs))
             end = msgs[-1] is None
             if end:
                 msgs.pop()
@@ -1018,6 +1018,21 @@ class _Child:
             self.work(jobs)
             if end:
                 return
+
+    def _hurry(self, msgs: list) -> bool:
+        """Whether the messages read so far must run now rather than wait for more to merge
+        with: one is not a request (a flush, stats or close), half of queue_limit requests
+        wait (the server sends no more beyond queue_limit), or a client's requests among them
+        hold more than max_lag queries (its next answer waits for them)."""
+        ex = self.mon.config.execution
+        items: dict[str, int] = {}
+        n = 0
+        for m in msgs:
+            if m is None or m[0] != "observe":
+                return True
+            n += 1
+            items[m[1]] = items.get(m[1], 0) + len(m[4])
+        return 2 * n >= ex.queue_limit or any(v > ex.max_lag for v in items.values())
 
     def work(self, jobs: list) -> None:
         """Run the jobs through the detectors; their acknowledgement leaves once the rows the

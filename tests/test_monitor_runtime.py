@@ -242,6 +242,66 @@ def test_async_lag_with_eviction_decides_the_same(streams, reference, tmp_path):
     _same(_decisions(db), reference)
 
 
+def _paced(mon, client, x, p, sizes, gap_s):
+    """Requests of ``sizes`` items of one client, ``gap_s`` apart (answered at the level the
+    monitor gives); returns the seconds they took in all."""
+    t0 = time.monotonic()
+    i = 0
+    for n in sizes:
+        lvl = mon.level(client)
+        mon.observe(client, f"{client}-{i}", x[i:i + n], p[i:i + n], _answer(p[i:i + n]), lvl)
+        i += n
+        if gap_s:
+            time.sleep(gap_s)
+    return time.monotonic() - t0
+
+
+def _rows(db, client):
+    with QueryLog(db) as q:
+        return [len(x) for _, _, x, _ in q.requests(client)]
+
+
+@pytest.mark.parametrize("wait_ms, merged", [(0, False), (2000, True)])
+def test_lag_merge_window_merges_requests_that_arrive_apart(streams, tmp_path, wait_ms,
+                                                            merged):
+    """execution.merge_wait_ms: with a lag, the detectors wait that long for more of a
+    client's requests, so single-item requests 50 ms apart (each step takes a few ms: without
+    the window every one ran alone) run as one step and one row, with the decisions of the
+    requests one by one."""
+    x, p = streams["jbda"]
+    db = tmp_path / "m.db"
+    cfg = _cfg(mode="async", max_lag=64, merge_wait_ms=wait_ms)
+    with Monitor(cfg, db, clock=FakeClock()) as mon:
+        _paced(mon, "warm", x, p, [1], 0)            # (first-call costs out of the way)
+        mon.flush()
+        _paced(mon, "c", x, p, [1] * 10, 0.05)
+        mon.flush()
+    rows = _rows(db, "c")
+    assert sum(rows) == 10
+    if merged:
+        assert len(rows) <= 2, rows
+    else:
+        assert len(rows) >= 8, rows
+    ref_db = tmp_path / "ref.db"
+    with Monitor(_cfg(), ref_db, clock=FakeClock()) as ref:
+        _paced(ref, "warm", x, p, [1], 0)
+        _paced(ref, "c", x, p, [1] * 10, 0)
+    _same({"c": _decisions(db)["c"]}, {"c": _decisions(ref_db)["c"]})
+
+
+def test_lag_merge_window_never_holds_a_client_that_waits(streams, tmp_path):
+    """The window ends as soon as a client's queued queries pass max_lag (its next answer waits
+    for them): requests of 3 items with max_lag 4 and a 5 s window do not wait 5 s each."""
+    x, p = streams["natural"]
+    db = tmp_path / "m.db"
+    with Monitor(_cfg(mode="async", max_lag=4, merge_wait_ms=5000), db,
+                 clock=FakeClock()) as mon:
+        took = _paced(mon, "c", x, p, [3] * 8, 0)
+        mon.flush()
+    assert took < 4.0, took
+    assert sum(_rows(db, "c")) == 24
+
+
 def test_process_mode_decides_the_same_and_applies_levels_from_the_next_request(streams,
                                                                                reference,
                                                                                tmp_path):
@@ -275,6 +335,26 @@ def test_process_mode_with_lag_decides_the_same_within_the_lag(streams, referenc
         mon.flush()
     _same(_decisions(db), reference)
     _within_lag(levels, streams, 9)
+
+
+def test_process_mode_merge_window_merges_and_never_holds_a_client_that_waits(streams,
+                                                                             tmp_path):
+    """The child's merge window (execution.merge_wait_ms, with max_lag): single-item requests
+    50 ms apart run as one step and one row; requests whose queries pass max_lag end the window
+    at once (a 3 s window, 6 requests of 5 items with max_lag 8: no 3 s waits)."""
+    from monitor.process import MonitorProcess
+    x, p = streams["natural"]
+    db = tmp_path / "m.db"
+    with MonitorProcess(_cfg(mode="process", max_lag=8, merge_wait_ms=3000), db,
+                        clock=FakeClock()) as mon:
+        _paced(mon, "a", x, p, [1] * 6, 0.05)
+        mon.flush()
+        took = _paced(mon, "b", x, p, [5] * 6, 0)
+        mon.flush()
+    assert took < 2.5, took
+    rows = _rows(db, "a")
+    assert sum(rows) == 6 and len(rows) <= 2, rows
+    assert sum(_rows(db, "b")) == 30
 
 
 def test_process_mode_fails_closed_when_the_child_dies(streams, tmp_path):
