@@ -27,13 +27,16 @@ from common.types import Level
 
 
 def run(mode: str, stream: np.ndarray, batch: int, target: Path, artifacts: Path,
-        client: str = "attacker", max_lag: int = 64) -> dict:
+        client: str = "attacker", max_lag: int = 64, merge_wait_ms: float | None = None
+        ) -> dict:
     from monitor import QueryLog, load_config
     from service.config import ServerConfig
     from service.dataplane import build_dataplane
 
     cfg_m = load_config(None)
     ex = {"mode": "async", "max_lag": max_lag} if mode == "async-lag" else {"mode": mode}
+    if mode == "async-lag" and merge_wait_ms is not None:
+        ex["merge_wait_ms"] = merge_wait_ms
     cfg_m = cfg_m.model_copy(update={"execution": cfg_m.execution.model_copy(update=ex)})
     tmp = Path(tempfile.mkdtemp(prefix="mg-lag-"))
     cfg = ServerConfig(port=0, target=target, artifacts=artifacts, monitor_db=tmp / "m.db",
@@ -55,7 +58,9 @@ def run(mode: str, stream: np.ndarray, batch: int, target: Path, artifacts: Path
     finally:
         plane.close()
     out = {"mode": mode, "batch": batch, "queries": qn, "seconds": round(elapsed, 2),
-           "max_lag": max_lag if mode == "async-lag" else 0, "levels": {}}
+           "max_lag": max_lag if mode == "async-lag" else 0,
+           "merge_wait_ms": cfg_m.execution.merge_wait_ms if mode == "async-lag" else None,
+           "levels": {}}
     for tr in trs:
         lvl = int(tr["to_level"])
         first = next((q0 for q0, n, l in served if l >= lvl), None)
@@ -81,6 +86,8 @@ def main(argv=None) -> int:
                     help="compared modes among sync, async, async-lag")
     ap.add_argument("--max-lag", type=int, default=64,
                     help="async-lag: [execution] max_lag (64)")
+    ap.add_argument("--merge-wait-ms", type=float, default=None,
+                    help="async-lag: [execution] merge_wait_ms (default: the config's)")
     ap.add_argument("--out", type=Path, default=Path("results/bench/async_lag.json"))
     a = ap.parse_args(argv)
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
@@ -102,7 +109,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, x in streams.items():
         for b in (int(v) for v in a.batches.split(",")):
-            per_mode = {m: run(m, x, b, a.target, a.artifacts, max_lag=a.max_lag)
+            per_mode = {m: run(m, x, b, a.target, a.artifacts, max_lag=a.max_lag,
+                               merge_wait_ms=a.merge_wait_ms)
                         for m in modes}
             results.append({"stream": name, **{m: r for m, r in per_mode.items()}})
             levels = sorted(set().union(*(r["levels"] for r in per_mode.values())),

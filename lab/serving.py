@@ -352,11 +352,13 @@ def _slots(args) -> str:
 
 
 # --- server profiles -----------------------------------------------------------------------------
-def prepare_profiles(names: list[str], workdir: Path, step_threads: int | None = None
+def prepare_profiles(names: list[str], workdir: Path, step_threads: int | None = None,
+                     merge_wait_ms: float | None = None
                      ) -> tuple[dict[str, list[str]], list[str]]:
     """{profile: extra `serve` arguments} for the profiles that can run today, and a note for
     each one skipped (and why). ``step_threads``: the monitor's execution.step_threads in the
-    process and remote profiles (None: the config's default)."""
+    process and remote profiles; ``merge_wait_ms``: its execution.merge_wait_ms in the -lag
+    profiles (None: the config's default)."""
     from monitor.config import ConfigError, config_from_dict
 
     default_toml = REPO / "monitor" / "default.toml"
@@ -410,6 +412,8 @@ def prepare_profiles(names: list[str], workdir: Path, step_threads: int | None =
             d["execution"] = {"mode": name.split("-")[0].replace("remote", "process")}
             if "-lag" in name:
                 d["execution"]["max_lag"] = ASYNC_LAG
+                if merge_wait_ms is not None:
+                    d["execution"]["merge_wait_ms"] = merge_wait_ms
             if step_threads is not None and not name.startswith("async"):
                 d["execution"]["step_threads"] = step_threads
             try:
@@ -426,7 +430,7 @@ def prepare_profiles(names: list[str], workdir: Path, step_threads: int | None =
 def profile_flags(prof: str, option: str, workdir: Path, args) -> list[str]:
     """The server flags of one profile a section asked for with ``option`` (--hl-profile,
     --crash-profile, --mixed-profile); exits with the reason when it cannot run here."""
-    extras, notes = prepare_profiles([prof], workdir, args.step_threads)
+    extras, notes = prepare_profiles([prof], workdir, args.step_threads, args.merge_wait_ms)
     if prof not in extras:
         raise SystemExit(f"{option} {prof}: {'; '.join(notes) or 'not a server profile'}")
     return extras[prof]
@@ -668,7 +672,7 @@ class Report:
 def section_matrix(args, pool: ClientPool, echo: ServerProcess, workdir: Path, rep: Report) -> None:
     # monitor-off right after the echo in every cell: the others are also given as a ratio to it
     profiles = sorted((p for p in args.profiles if p != "echo"), key=lambda p: p != "monitor-off")
-    extras, notes = prepare_profiles(profiles, workdir, args.step_threads)
+    extras, notes = prepare_profiles(profiles, workdir, args.step_threads, args.merge_wait_ms)
     for n in notes:
         rep.note(n)
     servers: dict[str, ServerProcess] = {"echo": echo}
@@ -1301,6 +1305,10 @@ def parse_args(argv=None):
     m.add_argument("--step-threads", dest="step_threads", type=int, default=None,
                    help="the monitor's execution.step_threads in the process and remote "
                         "profiles (default: the config's)")
+    m.add_argument("--merge-wait-ms", dest="merge_wait_ms", type=float, default=None,
+                   help="the monitor's execution.merge_wait_ms in the -lag profiles (default: "
+                        "the config's; 0: the detectors run what waits, without waiting for "
+                        "more)")
     m.add_argument("--settle-max", type=float, default=30.0,
                    help="max seconds to wait for a server to go idle after a cell")
     o = ap.add_argument_group("other sections")
