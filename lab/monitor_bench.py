@@ -77,6 +77,7 @@ def papernot_stream(target, n_seeds: int = 150, rounds: int = 6, lam: float = 0.
     stream = [X]
     Y = proba(target, X).argmax(1)
     for r in range(rounds):
+        training.seed_everything(seed + r)      # the surrogate's initial weights too
         sur = nets.build("mlp", hidden=64)
         training.train(sur, X, Y, training.TrainConfig(epochs=10, batch_size=32, seed=seed + r,
                                                        progress=False))
