@@ -896,13 +896,13 @@ def gather(q: queue.Queue, items: list, limit: int, wait_s: float, end: Callable
     """Append to ``items`` (holding at least one) what else ``q`` holds, up to ``limit`` in
     all, stopping after an item for which ``end(item)`` is true. With ``wait_s`` above 0 it
     also waits for more to arrive, up to ``wait_s`` seconds from the call (the merge window of
-    steps with a lag), but never while ``hurry()`` says someone waits for these items or once
-    half of ``limit`` have come."""
+    steps with a lag), until ``hurry()`` says someone waits for these items or half of
+    ``limit`` have come (then only what already waits is taken; ``hurry`` is not asked again)."""
     deadline = time.monotonic() + wait_s
     while len(items) < limit and not end(items[-1]):
         left = deadline - time.monotonic() if wait_s > 0 else 0.0
         if left > 0 and (2 * len(items) >= limit or hurry()):
-            left = 0.0
+            left = wait_s = 0.0
         try:
             items.append(q.get(timeout=left) if left > 0 else q.get_nowait())
         except queue.Empty:
