@@ -572,8 +572,7 @@ class Monitor:
     def _any_lagging(self) -> bool:
         """async: some client's next request waits for the detectors (_lagging)."""
         with self._idle:
-            lag = self._max_lag
-            return any(v > lag for v in self._pending_items.values())
+            return any(self._lagging(c) for c in self._pending)
 
     def _enqueued(self, client_id: str, n: int) -> bool:
         """async: count a request of ``n`` items as queued for the client; False (nothing

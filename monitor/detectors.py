@@ -309,14 +309,14 @@ class PixelRing(Ring):
         # the checkpointer pickles under the client's lock: views of the used rows (pickle
         # writes those rows alone, Ring.__getstate__), grey levels as they are; float32 items
         # converted in cache-sized chunks, never copied as floats first
-        m = self.m
-        cols = {c: self.cols[c][:m] for c in ("a", "g", "p")}
-        st = {"size": self.size, "n": self.n, "cols": cols}
+        st = super().__getstate__()
+        cols = st["cols"]
+        u, h = cols.pop("u"), cols.pop("h")
         if not self.wide:
-            st["v_u8"] = self.cols["u"][:m]
+            st["v_u8"] = u
             st["v_f16"] = np.zeros((0, PIX), np.float16)
             return st
-        h, g = self.cols["h"][:m], cols["g"]
+        m, g = self.m, cols["g"]
         st["v_u8"] = _grey_levels(h, np.flatnonzero(g))
         off = np.flatnonzero(~g)
         f16 = _to_f16(h, None if len(off) == m else off)
